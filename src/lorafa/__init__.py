@@ -1,3 +1,35 @@
-"""lorafa: memory-true LoRA-FA fine-tuning for Hugging Face models."""
+"""lorafa: memory-true LoRA-FA fine-tuning for Hugging Face models.
+
+The core idea lives in two files: `lorafa.autograd` (the linear function that keeps only u = A·dropout(x) for
+backward) and `lorafa.layer` (the LoRAFALinear module that wraps a frozen base layer).
+"""
+
+from lorafa.adapter import load_adapter, read_adapter_config, save_adapter
+from lorafa.autograd import lorafa_linear
+from lorafa.config import LoRAFAConfig
+from lorafa.inject import (
+    add_lorafa,
+    lorafa_layers,
+    merge_lorafa,
+    remove_lorafa,
+    trainable_parameters,
+    unmerge_lorafa,
+)
+from lorafa.layer import LoRAFALinear
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "LoRAFAConfig",
+    "LoRAFALinear",
+    "add_lorafa",
+    "load_adapter",
+    "lorafa_layers",
+    "lorafa_linear",
+    "merge_lorafa",
+    "read_adapter_config",
+    "remove_lorafa",
+    "save_adapter",
+    "trainable_parameters",
+    "unmerge_lorafa",
+]

@@ -1,0 +1,286 @@
+"""save_adapter / load_adapter in PEFT's file format (adapter_config.json + adapter_model.safetensors).
+
+Keys follow PEFT's layout: `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, and the full state of
+each modules_to_save module under `base_model.model.<module path>.<param>`. A is random and frozen, so it is saved
+like B. lorafa's own settings (method, init, projection, model type) go to a side file, lorafa_config.json, which
+PEFT ignores, so `PeftModel.from_pretrained` loads our folders unchanged.
+
+Loading is strict, unlike PEFT: missing or unexpected keys, wrong shapes and a config for another architecture
+raise an error naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorafa.config import LoRAFAConfig
+from lorafa.inject import _is_linear, _name_matches, add_lorafa, lorafa_layers
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LORAFA_NAME = "lorafa_config.json"
+
+# PEFT LoraConfig features that change the computation and that lorafa does not implement.
+_UNSUPPORTED: dict[str, Any] = {
+    "use_dora": True,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layers_to_transform": None,
+}
+
+
+def _task_type(model: nn.Module) -> str | None:
+    names = [type(model).__name__]
+    for n in names:
+        if n.endswith("ForSequenceClassification"):
+            return "SEQ_CLS"
+        if n.endswith("ForCausalLM") or n.endswith("LMHeadModel"):
+            return "CAUSAL_LM"
+        if n.endswith("ForConditionalGeneration") or n.endswith("ForSeq2SeqLM"):
+            return "SEQ_2_SEQ_LM"
+        if n.endswith("ForTokenClassification"):
+            return "TOKEN_CLS"
+    return None
+
+
+def _compact_targets(model: nn.Module, adapted: list[str], saved: list[str]) -> list[str]:
+    """Last name components if they select exactly the adapted set (PEFT's suffix matching), else full names."""
+    suffixes = sorted({n.split(".")[-1] for n in adapted})
+    selected = {
+        n
+        for n, m in model.named_modules()
+        if n
+        and _name_matches(n, suffixes)
+        and (_is_linear(m) or n in adapted)
+        and not any(n == s or n.startswith(s + ".") for s in saved)
+    }
+    return suffixes if selected == set(adapted) else sorted(adapted)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors save_adapter writes, keyed as PEFT keys them."""
+    layers = list(lorafa_layers(model))
+    if not layers:
+        raise ValueError("the model has no LoRA-FA adapters to save (call lorafa.add_lorafa first)")
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in layers:
+        state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+        state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+    for name in getattr(model, "lorafa_modules_to_save", []):
+        for k, v in model.get_submodule(name).state_dict().items():
+            state[f"{PREFIX}{name}.{k}"] = v
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def _atomic_write_dir(path: Path, write: Any) -> None:
+    """Write a folder under a temporary name next to `path`, then swap it in, so no half-written folder remains."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike[str], base_model_name_or_path: str | None = None
+) -> Path:
+    """Save the adapters (and modules_to_save) of `model` to `path` in PEFT's format.
+
+    Args:
+        model: a model prepared with `add_lorafa`.
+        path: output folder (replaced atomically if it exists).
+        base_model_name_or_path: recorded for PEFT; defaults to `model.config._name_or_path`.
+
+    Returns:
+        The folder path.
+    """
+    out = Path(path)
+    state = adapter_state_dict(model)
+    cfg: LoRAFAConfig = model.lorafa_config  # type: ignore[assignment]
+    layers = list(lorafa_layers(model))
+    saved = list(getattr(model, "lorafa_modules_to_save", []))
+    config = getattr(model, "config", None)
+    base = base_model_name_or_path or getattr(config, "_name_or_path", None) or None
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": base,
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": _compact_targets(model, [n for n, _ in layers], saved),
+        "modules_to_save": cfg.modules_to_save,
+        "use_rslora": cfg.use_rslora,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
+        "bias": "none",
+        "init_lora_weights": "gaussian" if cfg.init_lora_weights == "gaussian" else True,
+        "inference_mode": True,
+    }
+    lorafa_meta = {
+        "format_version": 1,
+        "model_type": getattr(config, "model_type", None),
+        "adapter": cfg.to_dict(),
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
+        (tmp / LORAFA_NAME).write_text(json.dumps(lorafa_meta, indent=2) + "\n")
+
+    _atomic_write_dir(out, write)
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file missing: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"adapter file {path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"adapter file {path} must hold a JSON object")
+    return data
+
+
+def read_adapter_config(
+    path: str | os.PathLike[str],
+) -> tuple[LoRAFAConfig, dict[str, Any], dict[str, Any] | None]:
+    """Read (LoRAFAConfig, PEFT config dict, lorafa side config or None) from an adapter folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder not found: {folder}")
+    peft = _read_json(folder / CONFIG_NAME)
+    meta = _read_json(folder / LORAFA_NAME) if (folder / LORAFA_NAME).exists() else None
+    if peft.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{folder / CONFIG_NAME}: peft_type {peft.get('peft_type')!r} is not LORA")
+    for key, neutral in _UNSUPPORTED.items():
+        value = peft.get(key, neutral)
+        if value not in (neutral, None, False, {}, []):
+            raise ValueError(f"{folder / CONFIG_NAME}: {key}={value!r} is not supported by lorafa")
+    if peft.get("bias", "none") != "none":
+        raise ValueError(f"{folder / CONFIG_NAME}: bias={peft.get('bias')!r} is not supported (only 'none')")
+    if meta is not None and isinstance(meta.get("adapter"), dict):
+        cfg = LoRAFAConfig.from_dict(meta["adapter"])
+    else:
+        missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in peft]
+        if missing:
+            raise ValueError(f"{folder / CONFIG_NAME}: missing field(s) {missing}")
+        init = peft.get("init_lora_weights", True)
+        cfg = LoRAFAConfig(
+            r=int(peft["r"]),
+            lora_alpha=float(peft["lora_alpha"]),
+            lora_dropout=float(peft.get("lora_dropout", 0.0) or 0.0),
+            target_modules=peft["target_modules"],
+            use_rslora=bool(peft.get("use_rslora", False)),
+            modules_to_save=peft.get("modules_to_save"),
+            init_lora_weights="gaussian" if init == "gaussian" else "kaiming",
+            method="lora-fa",  # a PEFT LoRA adapter continues as LoRA-FA: its A is loaded and frozen
+        )
+    return cfg, peft, meta
+
+
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    f = folder / WEIGHTS_NAME
+    if not f.is_file():
+        raise FileNotFoundError(f"adapter file missing: {f}")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"adapter file {f} is corrupt or not a safetensors file: {e}") from e
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike[str], method: str | None = None, is_trainable: bool = True
+) -> nn.Module:
+    """Load an adapter folder (ours or PEFT's) into `model`, strictly.
+
+    If `model` has no adapters yet, they are added from the folder's config first (a PEFT LoRA adapter is
+    continued as LoRA-FA unless `method="lora"`).
+
+    Args:
+        model: the base model (or one already prepared with a matching `add_lorafa`).
+        path: the adapter folder.
+        method: override the method recorded in the folder ("lora-fa" or "lora").
+        is_trainable: if False, lora_B and modules_to_save are frozen too (inference).
+
+    Returns:
+        The model, in place.
+
+    Raises:
+        FileNotFoundError: folder or file missing. ValueError: corrupt files, another architecture, missing or
+        unexpected keys, shape mismatches, a merged model.
+    """
+    folder = Path(path)
+    cfg, _, meta = read_adapter_config(folder)
+    state = _load_weights(folder)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if meta is not None and meta.get("model_type") and model_type and meta["model_type"] != model_type:
+        raise ValueError(
+            f"adapter {folder} was saved for model_type {meta['model_type']!r}, but this model is {model_type!r}"
+        )
+    if method is not None:
+        cfg = LoRAFAConfig(
+            **{**cfg.to_dict(), "method": method, "projection": cfg.projection and method == "lora-fa"}
+        )
+    if not any(True for _ in lorafa_layers(model)):
+        if cfg.modules_to_save:
+            # PEFT records its task's usual head names (e.g. ["classifier", "score"]); keep those that exist.
+            present = [
+                m for m in cfg.modules_to_save if any(_name_matches(n, [m]) for n, _ in model.named_modules())
+            ]
+            cfg = LoRAFAConfig(**{**cfg.to_dict(), "modules_to_save": present or None})
+        add_lorafa(model, cfg)
+    layers = dict(lorafa_layers(model))
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("cannot load an adapter into a merged model; call lorafa.unmerge_lorafa first")
+
+    expected: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        expected[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+        expected[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+    for name in getattr(model, "lorafa_modules_to_save", []):
+        for k, v in model.get_submodule(name).state_dict(keep_vars=True).items():
+            expected[f"{PREFIX}{name}.{k}"] = v
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter {folder} does not match the model: missing keys {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''} ({len(missing)}), unexpected keys {unexpected[:10]}"
+            f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)})"
+        )
+    bad = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if state[k].shape != v.shape
+    ]
+    if bad:
+        raise ValueError(f"adapter {folder} has wrong shapes: {bad[:10]}")
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(state[k].to(device=v.device, dtype=v.dtype))
+    if not is_trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model

@@ -1,0 +1,194 @@
+"""The LoRA-FA linear operation as one autograd Function that keeps only the rank-r projection for backward.
+
+For a frozen linear layer (W: d_out×d_in, optional bias b) and a LoRA pair (A: r×d_in, B: d_out×r, s = scaling):
+
+    y = W·x + b + s·B·A·dropout(x)
+
+Plain autograd (and PEFT) keeps x, the dropout output and the dropout mask of every adapted layer for backward.
+LoRA-FA freezes A, so B's gradient only needs u = A·dropout(x), r numbers per token (Zhang et al. 2023, §3).
+The dropout mask is regenerated in backward from a seed drawn in forward, so it costs no memory either. The seed
+comes from torch's default CPU generator, which non-reentrant activation checkpointing saves and restores, so a
+recomputed forward draws the same seed and hence the same mask.
+
+`method="lora"` (A trainable) goes through the same Function; it then also keeps x (not the dropout output,
+not the mask) because dA needs it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# The mask is drawn as 16-bit integers, four per 64-bit random number: on CPU this is ~5x cheaper than
+# `bernoulli_` (whose cost is comparable to a 512x512 matmul per token block). The keep probability is thus
+# quantised to 1/65536; `keep_probability` returns the exact value used and the output is scaled by its inverse,
+# so dropout stays unbiased.
+_LEVELS = 65536
+
+
+def keep_probability(p: float) -> float:
+    """The exact keep probability of the dropout mask for a requested dropout probability `p`."""
+    return 1.0 - round(p * _LEVELS) / _LEVELS
+
+
+def dropout_mask(shape: torch.Size, seed: int, p: float, device: torch.device) -> Tensor:
+    """The boolean keep-mask for `shape`, a pure function of (seed, p, shape, device type)."""
+    n = 1
+    for size in shape:
+        n *= size
+    if device.type == "meta":
+        return torch.empty(shape, dtype=torch.bool, device=device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    words = (n + 3) // 4
+    bits = torch.randint(-(2**63), 2**63 - 1, (words,), dtype=torch.int64, generator=gen, device=device)
+    r16 = bits.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
+    threshold = round(p * _LEVELS) - _LEVELS // 2  # P(r16 >= threshold) == keep_probability(p)
+    return r16 >= threshold
+
+
+def _draw_seed() -> int:
+    # From the default CPU generator: seeded by torch.manual_seed and restored by checkpoint's preserve_rng_state.
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+class LoRAFALinearFunction(torch.autograd.Function):
+    """y = x·Wᵀ + b + s·u·Bᵀ with u = (m ⊙ x)·Aᵀ / q, m ~ Bernoulli(q)^{d_in}, q = keep probability.
+
+    Shapes: x (N, d_in), W (d_out, d_in), b (d_out,), A (r, d_in), B (d_out, r), u (N, r), y (N, d_out).
+
+    Forward saves u (and x only when A needs a gradient, i.e. method "lora"); never the mask or m ⊙ x.
+    Backward, with g = ∂L/∂y (N, d_out) and h = s·g·B (N, r):
+        ∂L/∂x = g·W + (m ⊙ (h·A)) / q            (the mask m regenerated from the forward's seed)
+        ∂L/∂B = s·gᵀ·u                            (then ·P when a gradient projection P (r, r) is given)
+        ∂L/∂A = hᵀ·(m ⊙ x) / q                    (method "lora" only)
+        ∂L/∂b = Σ_n g                             (only if b requires grad)
+    W never gets a gradient: the base layer is frozen.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora_A: Tensor,
+        lora_B: Tensor,
+        scaling: float,
+        dropout_p: float,
+        projection: Tensor | None,
+    ) -> Tensor:
+        dt = x.dtype
+        w = weight.to(dt)  # no copy when the base weight already has the activation dtype
+        a = lora_A.to(dt)  # (r, d_in): small
+        bm = lora_B.to(dt)  # (d_out, r): small
+        seed = _draw_seed() if dropout_p > 0 else 0
+        q = keep_probability(dropout_p)
+
+        if dropout_p > 0:
+            mask = dropout_mask(x.shape, seed, dropout_p, x.device)
+            u = (x * mask) @ a.t()  # (N, r); the masked copy of x is transient
+            u.mul_(1.0 / q)
+        else:
+            u = x @ a.t()  # (N, r)
+
+        if dropout_p == 0 and dt in (torch.float32, torch.float64):
+            # Fold the adapter into a transient weight: one (N, d_in)x(d_in, d_out) matmul instead of three.
+            # Only in fp32/fp64: in bf16/fp16 the small s·B·A would be rounded away when added to W.
+            y = x @ torch.addmm(w, bm, a, alpha=scaling).t()
+        else:
+            y = x @ w.t()  # (N, d_out)
+            y.addmm_(u, bm.t(), alpha=scaling)
+        if bias is not None:
+            y.add_(bias.to(dt))
+
+        save_x = ctx.needs_input_grad[3]
+        ctx.save_for_backward(u, x if save_x else None, weight, lora_A, lora_B, projection)
+        ctx.seed, ctx.p, ctx.q, ctx.scaling = seed, dropout_p, q, scaling
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        # Backward may run inside a user's autocast region; the math below picks its dtypes explicitly.
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            return LoRAFALinearFunction._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g: Tensor):
+        u, x, weight, lora_A, lora_B, projection = ctx.saved_tensors
+        dt = g.dtype
+        a, bm = lora_A.to(dt), lora_B.to(dt)
+        need_x, _, need_b, need_a, need_bm = ctx.needs_input_grad[:5]
+        mask = None
+        if ctx.p > 0 and (need_x or need_a):
+            mask = dropout_mask(torch.Size((g.shape[0], a.shape[1])), ctx.seed, ctx.p, g.device)
+
+        h = (g @ bm).mul_(ctx.scaling) if (need_x or need_a) else None  # (N, r)
+
+        dx = None
+        if need_x:
+            assert h is not None
+            w = weight.to(dt)
+            if mask is None and dt in (torch.float32, torch.float64):
+                dx = g @ torch.addmm(w, bm, a, alpha=ctx.scaling)  # same fold as forward
+            else:
+                dx = g @ w  # (N, d_in)
+                lora_dx = h @ a  # (N, d_in)
+                if mask is not None:
+                    lora_dx.mul_(mask).mul_(1.0 / ctx.q)
+                dx.add_(lora_dx)
+
+        # dB = s·gᵀ·u; computed in the activation dtype, accumulated into B's dtype.
+        dB = None
+        if need_bm:
+            dB = (g.t() @ u).mul_(ctx.scaling)  # (d_out, r)
+            if projection is not None:
+                dB = dB @ projection.to(dt)
+            dB = dB.to(lora_B.dtype)
+
+        dA = None
+        if need_a:
+            assert h is not None and x is not None
+            xd = x if mask is None else x * mask * (1.0 / ctx.q)
+            dA = (h.t() @ xd).to(lora_A.dtype)  # (r, d_in)
+
+        db = g.sum(0) if ctx.has_bias and need_b else None
+        return dx, None, db, dA, dB, None, None, None
+
+
+def lorafa_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    projection: Tensor | None = None,
+) -> Tensor:
+    """Apply y = W·x + b + s·B·A·dropout(x) over the last dim of `x`, keeping only (..., r) for backward.
+
+    Args:
+        x: input (..., d_in), in the compute dtype (parameters are cast to it).
+        weight: frozen base weight (d_out, d_in). Pass `w.t()` for a GPT-2 `Conv1D` weight (d_in, d_out).
+        bias: base bias (d_out,) or None.
+        lora_A: (r, d_in); frozen for LoRA-FA (no gradient computed unless it requires grad).
+        lora_B: (d_out, r).
+        scaling: s = lora_alpha / r (or / sqrt(r) for rsLoRA).
+        dropout_p: dropout probability on the adapter's input; 0 disables dropout.
+        projection: optional (r, r) matrix right-multiplied onto B's gradient (see `lorafa.projection`).
+
+    Returns:
+        y of shape (..., d_out).
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Do what autocast would do for a linear layer (compute in its dtype), then run with autocast off so that
+        # the Function's dtypes are explicit. Casting x costs the same copy autocast itself would make.
+        x = x.to(torch.get_autocast_dtype(device_type))
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+    with torch.autocast(device_type=device_type, enabled=False):
+        y = LoRAFALinearFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, projection)
+    return y.view(*lead, y.shape[-1])

@@ -1,0 +1,94 @@
+"""LoRAFAConfig: the adapter configuration (PEFT's names where PEFT has the concept), validated on creation."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lorafa.layer import INITS, METHODS
+
+
+@dataclass
+class LoRAFAConfig:
+    """Configuration of LoRA-FA (or LoRA) adapters. Invalid values raise ValueError naming the field."""
+
+    r: int = 8
+    """Rank of the adapter."""
+    lora_alpha: float = 16.0
+    """Scale numerator: s = lora_alpha / r (or lora_alpha / √r with use_rslora)."""
+    lora_dropout: float = 0.0
+    """Dropout probability on the adapter's input, in [0, 1)."""
+    target_modules: list[str] | str | None = None
+    """Module names/suffixes (list), a regex matched against full module names (str), "all-linear", or None
+    for the architecture's default (see `lorafa.inject.DEFAULT_TARGETS`)."""
+    method: str = "lora-fa"
+    """"lora-fa" (A frozen, only B trained; keeps r numbers per token) or "lora" (A and B trained)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling s = lora_alpha / √r."""
+    modules_to_save: list[str] | None = None
+    """Modules (names/suffixes) trained fully and saved with the adapter, e.g. a classification head."""
+    init_lora_weights: str = "kaiming"
+    """Initialisation of A: "kaiming" (uniform, PEFT's default), "gaussian" (N(0, 1/r²)) or "orthogonal"."""
+    init_seed: int | None = 0
+    """Seed for A; each layer uses (init_seed, its module name). None draws from the global RNG."""
+    projection: bool = False
+    """Apply the LoRA-FA gradient projection g_B ← g_B·(A·Aᵀ)⁻¹/s² (method "lora-fa" only)."""
+    exclude_modules: list[str] = field(default_factory=list)
+    """Module names/suffixes never adapted, even when target_modules matches them."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.lora_alpha, int | float) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, int | float) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.init_lora_weights not in INITS:
+            raise ValueError(
+                f"init_lora_weights must be one of {list(INITS)}, got {self.init_lora_weights!r}"
+            )
+        if self.projection and self.method != "lora-fa":
+            raise ValueError("projection=True needs method='lora-fa' (the projection assumes a frozen A)")
+        tm = self.target_modules
+        if isinstance(tm, str):
+            if tm != "all-linear":
+                try:
+                    re.compile(tm)
+                except re.error as e:
+                    raise ValueError(f"target_modules is not a valid regex: {tm!r} ({e})") from e
+        elif tm is not None:
+            if isinstance(tm, tuple | set):
+                self.target_modules = tm = sorted(tm) if isinstance(tm, set) else list(tm)
+            if not isinstance(tm, list) or not tm or not all(isinstance(t, str) and t for t in tm):
+                raise ValueError(
+                    f"target_modules must be a non-empty list of names, a regex or 'all-linear', got {tm!r}"
+                )
+        if self.modules_to_save is not None and (
+            not isinstance(self.modules_to_save, list | tuple)
+            or not all(isinstance(m, str) for m in self.modules_to_save)
+        ):
+            raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        if self.init_seed is not None and not isinstance(self.init_seed, int):
+            raise ValueError(f"init_seed must be an int or None, got {self.init_seed!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r**0.5 if self.use_rslora else self.lora_alpha / self.r
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoRAFAConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown LoRAFAConfig field(s): {unknown}")
+        return cls(**d)

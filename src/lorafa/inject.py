@@ -1,0 +1,211 @@
+"""add_lorafa / merge_lorafa / unmerge_lorafa / remove_lorafa: swap target linear layers of a model by name and type."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from lorafa.config import LoRAFAConfig
+from lorafa.layer import LoRAFALinear, is_conv1d
+
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Every linear layer of the transformer blocks (attention and MLP) of the paper's families, and GPT-2. LoRA-FA's
+# activation saving grows with the number of adapted layers and QLoRA (Dettmers et al. 2023) found adapting all
+# block linears matters for quality, so that is the default. Heads and poolers are not adapted.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "xlm-roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+# Heads that a task model adds on top of the backbone; trained and saved via modules_to_save, never adapted.
+HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head")
+
+
+def lorafa_layers(model: nn.Module) -> Iterator[tuple[str, LoRAFALinear]]:
+    """Yield (module name, layer) for every LoRAFALinear in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRAFALinear):
+            yield name, module
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _name_matches(name: str, keys: list[str]) -> bool:
+    return any(name == k or name.endswith("." + k) for k in keys)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    heads: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if out is not None and module is out:
+            heads.add(name)
+        if name.split(".")[-1] in HEAD_NAMES and _is_linear(module):
+            heads.add(name)
+    return heads
+
+
+def classification_head_names(model: nn.Module) -> list[str]:
+    """Top-level task heads of a transformers model (e.g. ["classifier"], ["score"]) for modules_to_save."""
+    return [name for name, _ in model.named_children() if name in HEAD_NAMES and name != "lm_head"]
+
+
+def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
+    """Names of the modules `cfg` adapts in `model`; raises ValueError when nothing matches or a match isn't linear."""
+    tm = cfg.target_modules
+    if tm is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        tm = DEFAULT_TARGETS.get(str(model_type), "all-linear")
+    heads = _output_head_names(model)
+    saved = _resolve_modules_to_save(model, cfg.modules_to_save or [])
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if not name or _name_matches(name, cfg.exclude_modules):
+            continue
+        if any(name == s or name.startswith(s + ".") for s in saved):
+            continue  # a module trained fully (modules_to_save) is not adapted
+        if tm == "all-linear":
+            hit = _is_linear(module) and name not in heads
+        elif isinstance(tm, str):
+            hit = re.fullmatch(tm, name) is not None
+        else:
+            hit = _name_matches(name, tm)
+        if not hit:
+            continue
+        if isinstance(module, LoRAFALinear):
+            raise ValueError(f"module {name!r} already has a LoRA-FA adapter: add_lorafa was applied twice")
+        if not _is_linear(module):
+            raise ValueError(
+                f"target module {name!r} is a {type(module).__name__}, not an nn.Linear or Conv1D; "
+                "name the linear layers inside it instead"
+            )
+        names.append(name)
+    if not names:
+        if any(True for _ in lorafa_layers(model)):
+            raise ValueError("the model already has LoRA-FA adapters: add_lorafa was applied twice")
+        linear = [n for n, m in model.named_modules() if _is_linear(m)]
+        raise ValueError(
+            f"no module matched target_modules={tm!r}; linear modules in this model include: {linear[:8]}"
+        )
+    return names
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _resolve_modules_to_save(model: nn.Module, keys: list[str]) -> list[str]:
+    found = [n for n, _ in model.named_modules() if n and _name_matches(n, keys)]
+    missing = [k for k in keys if not any(_name_matches(n, [k]) for n in found)]
+    if missing:
+        top = [n for n, _ in model.named_children()]
+        raise ValueError(f"modules_to_save {missing} matched no module; top-level modules are {top}")
+    return found
+
+
+def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
+    """Add LoRA-FA (or LoRA) adapters to `model` in place and freeze everything but the adapters' trainable part.
+
+    Args:
+        model: any torch model, typically a transformers `PreTrainedModel`.
+        cfg: the adapter configuration.
+
+    Returns:
+        The same model object, with target layers replaced by `LoRAFALinear` and `model.lorafa_config` set.
+
+    Raises:
+        ValueError: adapters already present, nothing matched, a match that is not a linear layer, an invalid r.
+    """
+    cfg.validate()
+    if getattr(model, "lorafa_config", None) is not None or any(True for _ in lorafa_layers(model)):
+        raise ValueError("the model already has LoRA-FA adapters: add_lorafa was applied twice")
+    names = resolve_targets(model, cfg)
+    saved = _resolve_modules_to_save(model, cfg.modules_to_save or [])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        base = model.get_submodule(name)
+        layer = LoRAFALinear(
+            base,
+            r=cfg.r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            method=cfg.method,
+            use_rslora=cfg.use_rslora,
+            init_lora_weights=cfg.init_lora_weights,
+            init_seed=cfg.init_seed,
+            projection=cfg.projection,
+            name=name,
+        )
+        _set_submodule(model, name, layer)
+    for name in saved:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    model.lorafa_config = cfg  # type: ignore[assignment]
+    model.lorafa_modules_to_save = saved  # type: ignore[assignment]
+    return model
+
+
+def _require_adapters(model: nn.Module) -> list[tuple[str, LoRAFALinear]]:
+    layers = list(lorafa_layers(model))
+    if not layers:
+        raise ValueError("the model has no LoRA-FA adapters (call lorafa.add_lorafa first)")
+    return layers
+
+
+def merge_lorafa(model: nn.Module) -> nn.Module:
+    """Fold s·B·A into every adapted base weight (idempotent); the adapters stay attached for unmerge."""
+    for _, layer in _require_adapters(model):
+        layer.merge()
+    return model
+
+
+def unmerge_lorafa(model: nn.Module) -> nn.Module:
+    """Undo `merge_lorafa` (idempotent)."""
+    for _, layer in _require_adapters(model):
+        layer.unmerge()
+    return model
+
+
+def remove_lorafa(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Put the base layers back, merged with their adapters when `merge` (a plain model to `save_pretrained`).
+
+    Parameters' requires_grad flags are left as they are (all frozen after add_lorafa).
+    """
+    for name, layer in _require_adapters(model):
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        _set_submodule(model, name, layer.base_layer)
+    for attr in ("lorafa_config", "lorafa_modules_to_save"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,194 @@
+"""LoRAFALinear: a frozen base linear layer plus a LoRA pair (lora_A frozen for LoRA-FA, lora_B trained).
+
+The layer holds its base layer (composition, as litgpt/torchtune do) and calls `lorafa.autograd.lorafa_linear`,
+which keeps only the rank-r projection u = A·dropout(x) for backward. Merging folds s·B·A into the base weight by
+an explicit, idempotent call; `.train()`/`.eval()` never touch weights.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import Tensor, nn
+
+from lorafa.autograd import lorafa_linear
+from lorafa.projection import projection_matrix
+
+METHODS = ("lora-fa", "lora")
+INITS = ("kaiming", "gaussian", "orthogonal")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 style `Conv1D` (a linear layer whose weight is stored as (d_in, d_out))."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an `nn.Linear` or `Conv1D`."""
+    if is_conv1d(module):
+        d_in, d_out = module.weight.shape
+        return int(d_in), int(d_out)
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    raise TypeError(f"{type(module).__name__} is not an nn.Linear or transformers Conv1D")
+
+
+def init_lora_A(weight: Tensor, init: str, seed: int | None, name: str) -> None:
+    """Initialise A (r, d_in) in place.
+
+    "kaiming": Kaiming-uniform with a=√5 (nn.Linear's and PEFT's default), U(-1/√d_in, 1/√d_in).
+    "gaussian": N(0, 1/r²) (PEFT's "gaussian").
+    "orthogonal": orthogonal rows of norm 1/√3 (kaiming's expected row norm), so A·Aᵀ = I/3 and the
+      gradient projection (A·Aᵀ)⁻¹ is a plain rescale.
+    With a seed, each layer draws from its own generator seeded by (seed, crc32(module name)), so A does not
+    depend on the order in which layers are created or on the global RNG.
+    """
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    r, d_in = weight.shape
+    with torch.no_grad():
+        if init == "kaiming":
+            bound = 1.0 / math.sqrt(d_in)
+            value = torch.rand(r, d_in, generator=gen, dtype=torch.float64) * (2 * bound) - bound
+        elif init == "gaussian":
+            value = torch.randn(r, d_in, generator=gen, dtype=torch.float64) / r
+        elif init == "orthogonal":
+            g = torch.randn(d_in, r, generator=gen, dtype=torch.float64)
+            q, _ = torch.linalg.qr(g)  # (d_in, r) orthonormal columns
+            value = q.t() * math.sqrt(1.0 / 3.0)  # kaiming rows have E‖a‖² = d_in·b²/3 = 1/3
+        else:
+            raise ValueError(f"init_lora_weights must be one of {INITS}, got {init!r}")
+        weight.copy_(value.to(device=weight.device, dtype=weight.dtype))
+
+
+class LoRAFALinear(nn.Module):
+    """y = base_layer(x) + s·B·A·dropout(x), with A (lora_A.weight) frozen for LoRA-FA.
+
+    Attributes:
+        base_layer: the original `nn.Linear` or `Conv1D` (frozen).
+        lora_A: `nn.Linear(d_in, r, bias=False)` holding A (r, d_in).
+        lora_B: `nn.Linear(r, d_out, bias=False)` holding B (d_out, r), zero at init.
+        scaling: s = lora_alpha / r, or lora_alpha / √r with rsLoRA.
+        merged: whether s·B·A is currently folded into the base weight.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        method: str = "lora-fa",
+        use_rslora: bool = False,
+        init_lora_weights: str = "kaiming",
+        init_seed: int | None = 0,
+        projection: bool = False,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        d_in, d_out = linear_dims(base_layer)
+        if not 0 < r <= min(d_in, d_out):
+            raise ValueError(
+                f"r={r} must satisfy 0 < r <= min(d_in, d_out) = {min(d_in, d_out)} for module {name!r}"
+            )
+        self.base_layer = base_layer
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, lora_dropout
+        self.method, self.use_rslora, self.projection = method, use_rslora, projection
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.merged = False
+
+        weight = base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else None}
+        # Adapters are kept in fp32 when the base is fp16/bf16: mixed precision needs fp32 master weights.
+        if factory["dtype"] in (torch.float16, torch.bfloat16):
+            factory["dtype"] = torch.float32
+        self.lora_A = nn.Linear(d_in, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, d_out, bias=False, **factory)
+        init_lora_A(self.lora_A.weight, init_lora_weights, init_seed, name)
+        nn.init.zeros_(self.lora_B.weight)
+
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        self.lora_A.weight.requires_grad_(method == "lora")
+        self.lora_B.weight.requires_grad_(True)
+        self._proj_key: tuple[int, int] | None = None
+        self._proj: Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return linear_dims(self.base_layer)[0]
+
+    @property
+    def out_features(self) -> int:
+        return linear_dims(self.base_layer)[1]
+
+    @property
+    def weight(self) -> Tensor:
+        """The base weight, so code that inspects `module.weight` (dtype/device) keeps working."""
+        return self.base_layer.weight
+
+    def base_weight(self) -> Tensor:
+        """The base weight as (d_out, d_in) (a transposed view for `Conv1D`)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def projection_matrix(self) -> Tensor:
+        """(A·Aᵀ)⁻¹ / s² for the gradient projection, computed once per A (A is frozen) and cached."""
+        A = self.lora_A.weight
+        key = (A.data_ptr(), A._version)
+        if self._proj is None or self._proj_key != key or self._proj.device != A.device:
+            self._proj = projection_matrix(A, self.scaling)
+            self._proj_key = key
+        return self._proj
+
+    def delta_weight(self) -> Tensor:
+        """s·B·A as (d_out, d_in), in the base weight's dtype."""
+        delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        return delta.to(self.base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold s·B·A into the base weight. Idempotent."""
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        self.base_layer.weight.add_(delta.t() if self.fan_in_fan_out else delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract s·B·A from the base weight again (exact up to floating-point rounding). Idempotent."""
+        if not self.merged:
+            return
+        delta = self.delta_weight()
+        self.base_layer.weight.sub_(delta.t() if self.fan_in_fan_out else delta)
+        self.merged = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        p = self.lora_dropout if self.training else 0.0
+        proj = self.projection_matrix() if self.projection and self.lora_B.weight.requires_grad else None
+        return lorafa_linear(
+            x,
+            self.base_weight(),
+            self.base_layer.bias,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.scaling,
+            p,
+            proj,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"method={self.method!r}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
+            f"lora_dropout={self.lora_dropout}, projection={self.projection}, merged={self.merged}"
+        )
