@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -25,10 +26,18 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
+def _weight(module: nn.Module) -> Tensor:
+    return cast(Tensor, module.weight)
+
+
+def _bias(module: nn.Module) -> Tensor | None:
+    return cast("Tensor | None", getattr(module, "bias", None))
+
+
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an `nn.Linear` or `Conv1D`."""
     if is_conv1d(module):
-        d_in, d_out = module.weight.shape
+        d_in, d_out = _weight(module).shape
         return int(d_in), int(d_out)
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
@@ -104,7 +113,7 @@ class LoRAFALinear(nn.Module):
         self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.merged = False
 
-        weight = base_layer.weight
+        weight = _weight(base_layer)
         factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else None}
         # Adapters are kept in fp32 when the base is fp16/bf16: mixed precision needs fp32 master weights.
         if factory["dtype"] in (torch.float16, torch.bfloat16):
@@ -132,11 +141,11 @@ class LoRAFALinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The base weight, so code that inspects `module.weight` (dtype/device) keeps working."""
-        return self.base_layer.weight
+        return _weight(self.base_layer)
 
     def base_weight(self) -> Tensor:
         """The base weight as (d_out, d_in) (a transposed view for `Conv1D`)."""
-        w = self.base_layer.weight
+        w = _weight(self.base_layer)
         return w.t() if self.fan_in_fan_out else w
 
     def projection_matrix(self) -> Tensor:
@@ -151,7 +160,7 @@ class LoRAFALinear(nn.Module):
     def delta_weight(self) -> Tensor:
         """s·B·A as (d_out, d_in), in the base weight's dtype."""
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-        return delta.to(self.base_layer.weight.dtype)
+        return delta.to(_weight(self.base_layer).dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -159,7 +168,7 @@ class LoRAFALinear(nn.Module):
         if self.merged:
             return
         delta = self.delta_weight()
-        self.base_layer.weight.add_(delta.t() if self.fan_in_fan_out else delta)
+        _weight(self.base_layer).add_(delta.t() if self.fan_in_fan_out else delta)
         self.merged = True
 
     @torch.no_grad()
@@ -168,7 +177,7 @@ class LoRAFALinear(nn.Module):
         if not self.merged:
             return
         delta = self.delta_weight()
-        self.base_layer.weight.sub_(delta.t() if self.fan_in_fan_out else delta)
+        _weight(self.base_layer).sub_(delta.t() if self.fan_in_fan_out else delta)
         self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -179,7 +188,7 @@ class LoRAFALinear(nn.Module):
         return lorafa_linear(
             x,
             self.base_weight(),
-            self.base_layer.bias,
+            _bias(self.base_layer),
             self.lora_A.weight,
             self.lora_B.weight,
             self.scaling,
