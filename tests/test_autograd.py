@@ -119,7 +119,9 @@ def test_only_rank_r_projection_is_saved(dtype, p):
     g = torch.randn_like(y)
     y.backward(g)
     expected = layer.scaling * (g.reshape(-1, 48).float().t() @ u.float())
-    torch.testing.assert_close(layer.lora_B.weight.grad, expected, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+    torch.testing.assert_close(
+        layer.lora_B.weight.grad, expected, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2
+    )
 
 
 def test_autocast_keeps_no_fp32_copy_of_x():

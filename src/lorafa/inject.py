@@ -157,6 +157,7 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
             projection=cfg.projection,
             name=name,
         )
+        layer.train(base.training)  # a new module defaults to training mode; keep the model's mode
         _set_submodule(model, name, layer)
     for name in saved:
         for p in model.get_submodule(name).parameters():

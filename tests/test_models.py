@@ -1,0 +1,176 @@
+"""add_lorafa on tiny real transformers models: what trains, what stays frozen, merging."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _tiny import FAMILIES, HEADS, batch, tiny
+
+import lorafa
+
+
+def _nonzero_B(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lorafa.lorafa_layers(model):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["lora-fa", "lora"])
+def test_only_adapters_and_saved_modules_train(family, method):
+    model = tiny(family)
+    cfg = lorafa.LoRAFAConfig(
+        r=4, lora_alpha=8, lora_dropout=0.1, method=method, modules_to_save=HEADS.get(family)
+    )
+    lorafa.add_lorafa(model, cfg)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        loss = model(**batch(family, seed=step)).loss
+        loss.backward()
+        for n, p in model.named_parameters():
+            allowed = ".lora_B." in n or (method == "lora" and ".lora_A." in n)
+            allowed = allowed or any(n.startswith(h + ".") for h in HEADS.get(family, []))
+            assert (p.grad is not None) == allowed, n
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p, before[n])
+        if ".lora_A." in n:
+            assert changed == (method == "lora"), n
+        elif ".lora_B." in n or any(n.startswith(h + ".") for h in HEADS.get(family, [])):
+            assert changed, n
+        else:
+            assert not changed, n  # base weights (W), embeddings, norms
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_equals_unmerged_and_unmerge_restores(family):
+    model = tiny(family)
+    plain = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lorafa.add_lorafa(
+        model, lorafa.LoRAFAConfig(r=4, lora_alpha=8, lora_dropout=0.2, modules_to_save=HEADS.get(family))
+    )
+    _nonzero_B(model)
+    inputs = {k: v for k, v in batch(family).items() if k != "labels"}
+    if family == "t5":
+        inputs["decoder_input_ids"] = batch(family)["labels"]
+    with torch.no_grad():
+        unmerged = model(**inputs).logits
+        lorafa.merge_lorafa(model)
+        once = model(**inputs).logits
+        lorafa.merge_lorafa(model)
+        twice = model(**inputs).logits
+        lorafa.unmerge_lorafa(model)
+        restored = model(**inputs).logits
+    torch.testing.assert_close(once, unmerged, atol=1e-5, rtol=1e-4)
+    assert torch.equal(once, twice)
+    torch.testing.assert_close(restored, unmerged, atol=1e-5, rtol=1e-4)
+    for name, layer in lorafa.lorafa_layers(model):
+        torch.testing.assert_close(layer.base_layer.weight, plain[name + ".weight"], atol=1e-6, rtol=0)
+    # remove_lorafa(merge=True) gives back a plain model with the same function.
+    lorafa.remove_lorafa(model, merge=True)
+    assert not list(lorafa.lorafa_layers(model))
+    assert set(n for n, _ in model.named_parameters()) == set(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, unmerged, atol=1e-5, rtol=1e-4)
+
+
+def test_eval_mode_never_touches_weights():
+    model = tiny("llama")
+    lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=4))
+    _nonzero_B(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    model.eval()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_target_module_forms():
+    model = tiny("llama")
+    lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert sorted({n.split(".")[-1] for n, _ in lorafa.lorafa_layers(model)}) == ["q_proj", "v_proj"]
+    model = tiny("llama")
+    lorafa.add_lorafa(
+        model, lorafa.LoRAFAConfig(r=2, target_modules=r"model\.layers\.1\.mlp\.(up|down)_proj")
+    )
+    assert [n for n, _ in lorafa.lorafa_layers(model)] == [
+        "model.layers.1.mlp.up_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+    model = tiny("llama")
+    lorafa.add_lorafa(
+        model, lorafa.LoRAFAConfig(r=2, target_modules="all-linear", exclude_modules=["o_proj"])
+    )
+    names = [n for n, _ in lorafa.lorafa_layers(model)]
+    assert len(names) == 12 and "lm_head" not in names and not any(n.endswith("o_proj") for n in names)
+    model = tiny("bert")
+    lorafa.add_lorafa(
+        model, lorafa.LoRAFAConfig(r=2, target_modules="all-linear", modules_to_save=["classifier"])
+    )
+    names = [n for n, _ in lorafa.lorafa_layers(model)]
+    assert "classifier" not in names and "bert.pooler.dense" in names
+
+
+def test_init_is_seeded_and_documented_options_differ():
+    a = tiny("llama")
+    b = tiny("llama")
+    lorafa.add_lorafa(a, lorafa.LoRAFAConfig(r=4, init_seed=5))
+    torch.manual_seed(999)  # the global RNG must not matter when init_seed is set
+    lorafa.add_lorafa(b, lorafa.LoRAFAConfig(r=4, init_seed=5))
+    for (_, la), (_, lb) in zip(lorafa.lorafa_layers(a), lorafa.lorafa_layers(b), strict=True):
+        assert torch.equal(la.lora_A.weight, lb.lora_A.weight)
+        assert torch.count_nonzero(la.lora_B.weight) == 0
+    c = tiny("llama")
+    lorafa.add_lorafa(c, lorafa.LoRAFAConfig(r=4, init_seed=6))
+    assert not torch.equal(
+        next(lorafa.lorafa_layers(a))[1].lora_A.weight, next(lorafa.lorafa_layers(c))[1].lora_A.weight
+    )
+    for init in ("kaiming", "gaussian", "orthogonal"):
+        m = tiny("llama")
+        lorafa.add_lorafa(m, lorafa.LoRAFAConfig(r=4, init_lora_weights=init))
+        A = next(lorafa.lorafa_layers(m))[1].lora_A.weight
+        d_in = A.shape[1]
+        if init == "kaiming":
+            assert A.abs().max() <= 1 / d_in**0.5
+        elif init == "orthogonal":
+            torch.testing.assert_close(A @ A.t(), torch.eye(4) / 3, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"r": 0}, "r must be"),
+        ({"r": -2}, "r must be"),
+        ({"lora_alpha": 0}, "lora_alpha"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"lora_dropout": -0.1}, "lora_dropout"),
+        ({"method": "qlora"}, "method"),
+        ({"init_lora_weights": "zeros"}, "init_lora_weights"),
+        ({"target_modules": "("}, "target_modules"),
+        ({"target_modules": []}, "target_modules"),
+        ({"method": "lora", "projection": True}, "projection"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lorafa.LoRAFAConfig(**kwargs)
+
+
+def test_injection_errors():
+    model = tiny("llama")
+    with pytest.raises(ValueError, match=r"no module matched.*q_proj"):
+        lorafa.add_lorafa(model, lorafa.LoRAFAConfig(target_modules=["query"]))
+    with pytest.raises(ValueError, match="r=64 must satisfy"):
+        lorafa.add_lorafa(tiny("llama"), lorafa.LoRAFAConfig(r=64))
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        lorafa.add_lorafa(tiny("llama"), lorafa.LoRAFAConfig(target_modules=["mlp"]))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        lorafa.add_lorafa(tiny("llama"), lorafa.LoRAFAConfig(modules_to_save=["classifier"]))
+    lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=2))
+    with pytest.raises(ValueError, match="applied twice"):
+        lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=2))
+    with pytest.raises(ValueError, match="no LoRA-FA adapters"):
+        lorafa.merge_lorafa(tiny("llama"))
