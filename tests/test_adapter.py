@@ -1,0 +1,172 @@
+"""Adapter files: PEFT's format both ways, strict loading, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _tiny import HEADS, batch, tiny
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import lorafa
+import lorafa.adapter as adapter_mod
+
+
+def _randomise_trainables(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _inputs(family):
+    b = batch(family)
+    inputs = {"input_ids": b["input_ids"]}
+    if family == "t5":
+        inputs["decoder_input_ids"] = b["labels"]
+    return inputs
+
+
+def _trained(family, **kw):
+    model = tiny(family)
+    lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=4, lora_alpha=8, modules_to_save=HEADS.get(family), **kw))
+    _randomise_trainables(model)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2", "t5"])
+def test_peft_loads_our_adapter_with_same_logits(family, tmp_path):
+    model = _trained(family)
+    with torch.no_grad():
+        ours = model(**_inputs(family)).logits
+    lorafa.save_adapter(model, tmp_path / "a")
+    peft_model = PeftModel.from_pretrained(tiny(family), tmp_path / "a")
+    with torch.no_grad():
+        theirs = peft_model(**_inputs(family)).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
+def test_our_round_trip_and_loading_peft_adapter(family, tmp_path):
+    model = _trained(family, target_modules="all-linear")
+    with torch.no_grad():
+        ours = model(**_inputs(family)).logits
+    lorafa.save_adapter(model, tmp_path / "a")
+    fresh = lorafa.load_adapter(tiny(family), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**_inputs(family)).logits, ours, atol=0, rtol=0)
+
+    # An adapter written by PEFT itself: same logits, and it continues as LoRA-FA (A frozen, B trainable).
+    targets = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "gpt2": ["c_attn"]}[family]
+    peft_cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        modules_to_save=HEADS.get(family),
+        fan_in_fan_out=family == "gpt2",
+    )
+    peft_model = get_peft_model(tiny(family), peft_cfg)
+    _randomise_trainables(peft_model, seed=1)
+    with torch.no_grad():
+        expected = peft_model(**_inputs(family)).logits
+    peft_model.save_pretrained(tmp_path / "p")
+    loaded = lorafa.load_adapter(tiny(family), tmp_path / "p")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**_inputs(family)).logits, expected, atol=1e-5, rtol=1e-4)
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable and not any("lora_A" in n for n in trainable)
+    assert all("lora_B" in n or any(n.startswith(h + ".") for h in HEADS.get(family, [])) for n in trainable)
+
+
+def test_saved_keys_follow_peft_layout(tmp_path):
+    model = _trained("bert")
+    lorafa.save_adapter(model, tmp_path / "a")
+    keys = set(load_file(str(tmp_path / "a" / "adapter_model.safetensors")))
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in keys
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight" in keys
+    assert "base_model.model.classifier.weight" in keys and "base_model.model.classifier.bias" in keys
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "SEQ_CLS" and cfg["r"] == 4
+
+
+def test_strict_loading_errors(tmp_path):
+    model = _trained("llama")
+    good = tmp_path / "good"
+    lorafa.save_adapter(model, good)
+    weights = load_file(str(good / "adapter_model.safetensors"))
+
+    def variant(name, mutate):
+        folder = tmp_path / name
+        lorafa.save_adapter(model, folder)
+        state = dict(weights)
+        mutate(state)
+        save_file(state, str(folder / "adapter_model.safetensors"))
+        return folder
+
+    missing = variant("missing", lambda s: s.pop(next(k for k in s if "lora_B" in k)))
+    with pytest.raises(ValueError, match="missing keys.*lora_B"):
+        lorafa.load_adapter(tiny("llama"), missing)
+    extra = variant(
+        "extra",
+        lambda s: s.__setitem__("base_model.model.model.layers.0.mlp.up_proj.lora_C.weight", torch.zeros(1)),
+    )
+    with pytest.raises(ValueError, match="unexpected keys.*lora_C"):
+        lorafa.load_adapter(tiny("llama"), extra)
+    key = next(k for k in weights if "lora_A" in k)
+    shape = variant("shape", lambda s: s.__setitem__(key, torch.zeros(3, s[key].shape[1])))
+    with pytest.raises(ValueError, match="wrong shapes"):
+        lorafa.load_adapter(tiny("llama"), shape)
+    with pytest.raises(ValueError, match="model_type 'llama'.*'qwen2'"):
+        lorafa.load_adapter(tiny("qwen2"), good)
+    with pytest.raises(ValueError, match="does not match the model"):
+        lorafa.load_adapter(tiny("gpt2"), _peft_style(good, tmp_path))
+    with pytest.raises(FileNotFoundError, match="adapter folder not found"):
+        lorafa.load_adapter(tiny("llama"), tmp_path / "nope")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        lorafa.load_adapter(tiny("llama"), tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt"):
+        lorafa.load_adapter(tiny("llama"), tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        lorafa.load_adapter(tiny("llama"), tmp_path / "corrupt")
+    with pytest.raises(ValueError, match="no LoRA-FA adapters to save"):
+        lorafa.save_adapter(tiny("llama"), tmp_path / "x")
+
+
+def _peft_style(folder, tmp_path):
+    """The same adapter without lorafa's side file, as PEFT would have written it (no model_type recorded)."""
+    out = tmp_path / "peft_style"
+    out.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (out / name).write_bytes((folder / name).read_bytes())
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["c_attn"]  # a GPT-2 target so injection succeeds and the key check must catch it
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    model = _trained("llama")
+    out = tmp_path / "adapter"
+    lorafa.save_adapter(model, out)
+    before = (out / "adapter_model.safetensors").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(adapter_mod, "save_file", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        lorafa.save_adapter(model, out)
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary folder left behind
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="disk full"):
+        monkeypatch.setattr(adapter_mod, "save_file", boom)
+        lorafa.save_adapter(model, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
