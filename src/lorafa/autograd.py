@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# The mask is drawn as 16-bit integers, four per 64-bit random number: on CPU this is ~5x cheaper than
-# `bernoulli_` (whose cost is comparable to a 512x512 matmul per token block). The keep probability is thus
-# quantised to 1/65536; `keep_probability` returns the exact value used and the output is scaled by its inverse,
+# The mask is drawn as 16-bit integers, four per 64-bit random number: on CPU this is several times cheaper than
+# `bernoulli_` (whose cost is comparable to a 512x512 matmul per token block). It is applied as a float multiply
+# (`mask.to(dtype)`): multiplying by a bool tensor directly takes a much slower type-promotion path on CPU.
+# The keep probability is thus quantised to 1/65536; `keep_probability` returns the exact value used and the output is scaled by its inverse,
 # so dropout stays unbiased.
 _LEVELS = 65536
 
@@ -87,7 +88,7 @@ class LoRAFALinearFunction(torch.autograd.Function):
 
         if dropout_p > 0:
             mask = dropout_mask(x.shape, seed, dropout_p, x.device)
-            u = (x * mask) @ a.t()  # (N, r); the masked copy of x is transient
+            u = (x * mask.to(dt)) @ a.t()  # (N, r); the masked copy of x is transient
             u.mul_(1.0 / q)
         else:
             u = x @ a.t()  # (N, r)
@@ -136,7 +137,7 @@ class LoRAFALinearFunction(torch.autograd.Function):
                 dx = g @ w  # (N, d_in)
                 lora_dx = h @ a  # (N, d_in)
                 if mask is not None:
-                    lora_dx.mul_(mask).mul_(1.0 / ctx.q)
+                    lora_dx.mul_(mask.to(dt)).mul_(1.0 / ctx.q)
                 dx.add_(lora_dx)
 
         # dB = s·gᵀ·u; computed in the activation dtype, accumulated into B's dtype.
@@ -150,7 +151,7 @@ class LoRAFALinearFunction(torch.autograd.Function):
         dA = None
         if need_a:
             assert h is not None and x is not None
-            xd = x if mask is None else x * mask * (1.0 / ctx.q)
+            xd = x if mask is None else x * mask.to(dt) * (1.0 / ctx.q)
             dA = (h.t() @ xd).to(lora_A.dtype)  # (r, d_in)
 
         db = g.sum(0) if ctx.has_bias and need_b else None
