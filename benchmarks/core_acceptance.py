@@ -94,7 +94,7 @@ def interleaved_medians(
     models: dict[str, torch.nn.Module], ids: torch.Tensor, steps: int
 ) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in models}
-    for k, m in models.items():  # warm-up
+    for m in models.values():  # warm-up
         step(m, ids)
     for i in range(steps):
         order = list(models) if i % 2 == 0 else list(reversed(models))
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|",
         *rows,
         "",
-        "| step time (forward+backward, median of %d) | lorafa LoRA-FA (s) | PEFT LoRA (s) |" % args.steps,
+        f"| step time (forward+backward, median of {args.steps}) | lorafa LoRA-FA (s) | PEFT LoRA (s) |",
         "|---|---:|---:|",
         *[f"| dropout {p} | {m['lorafa']:.3f} | {m['peft']:.3f} |" for p, m in timing.items()],
         "",
