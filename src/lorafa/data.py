@@ -1,0 +1,641 @@
+"""Local data files → tokenized Hugging Face datasets and a padding collator, for each training task (issue 3).
+
+`build_datasets(cfg, tokenizer, task)` reads a CSV / TSV / JSON / JSONL / Parquet / text file (optionally
+compressed: .gz, .bz2, .xz) or a `save_to_disk` folder through `datasets`, checks it (missing file or column,
+empty set, labels that do not parse, eval labels unseen in training), holds out a seeded eval split when no eval
+file is given, and tokenizes it for one task:
+
+- `classification`: one text or a text pair → input_ids, attention_mask (token_type_ids), labels = class id
+- `regression`: the same with a float label
+- `sft`: prompt/response → input_ids with labels = -100 on the prompt (only the response is learned)
+- `seq2seq`: source → input_ids, target → labels (encoder–decoder models)
+- `clm`: raw text → concatenated and cut into `block_size` blocks, labels = input_ids
+
+`make_collator(task, tokenizer)` pads a list of such examples into a batch (right padding; labels with -100).
+Datasets are processed in memory: nothing is written next to the user's files, and DDP ranks cannot race on
+cache files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafa.assets import resolve
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("classification", "regression", "sft", "seq2seq", "clm")
+IGNORE_INDEX = -100
+"""Label value that Hugging Face losses skip (prompt tokens in sft, padding)."""
+
+# File type → the `datasets.Dataset.from_*` reader. These build the packaged builders directly; `load_dataset`
+# would also ping the Hub to count downloads, which stalls for seconds without a network.
+_READERS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+_COMPRESSIONS = (".gz", ".bz2", ".xz")
+_EVAL_SPLITS = ("validation", "eval", "test")
+# Inputs of each task get private names so that a user's column called e.g. "labels" cannot collide with ours.
+_ROLES = {
+    "classification": ("text_column", "text_pair_column", "label_column"),
+    "regression": ("text_column", "text_pair_column", "label_column"),
+    "sft": ("prompt_column", "response_column"),
+    "seq2seq": ("source_column", "target_column"),
+    "clm": ("text_column",),
+}
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how to read it. `validate()` raises ValueError naming the first invalid field."""
+
+    train_file: str = ""
+    """Training data: a .csv/.tsv/.json/.jsonl/.parquet/.txt file (.gz/.bz2/.xz too), a `save_to_disk` folder,
+    or `asset:NAME` (see `lorafa.assets`)."""
+    eval_file: str | None = None
+    """Evaluation data in the same forms; None holds out `eval_split` of the training data instead."""
+    eval_split: float = 0.1
+    """Fraction of train_file held out (seeded) for evaluation when eval_file is None; 0 means no evaluation."""
+    text_column: str = "text"
+    """Input text (classification, regression) or raw text (clm)."""
+    text_pair_column: str | None = None
+    """Second text of a sentence pair (GLUE-style pair tasks); None for single sentences."""
+    label_column: str = "label"
+    """Class (string or integer) for classification, number for regression."""
+    label_names: list[str] | None = None
+    """Classes in id order; rows with any other label are dropped. None: the sorted labels found in train_file."""
+    prompt_column: str = "prompt"
+    """Instruction / user turn (sft)."""
+    response_column: str = "response"
+    """Answer the model learns to produce (sft)."""
+    source_column: str = "source"
+    """Encoder input (seq2seq)."""
+    target_column: str = "target"
+    """Decoder output the model learns to produce (seq2seq)."""
+    max_length: int = 256
+    """Tokens kept per example (the source, for seq2seq); longer examples are truncated on the right."""
+    max_target_length: int | None = None
+    """Tokens kept per seq2seq target; None uses max_length."""
+    use_chat_template: bool = True
+    """sft: format with the tokenizer's chat template when it has one; else "prompt\\nresponse<eos>"."""
+    block_size: int = 128
+    """clm: tokens per training block."""
+    max_train_samples: int | None = None
+    """Keep a seeded random subset of this many training rows (blocks, for clm); None keeps all."""
+    max_eval_samples: int | None = None
+    """Keep a seeded random subset of this many eval rows (blocks, for clm); None keeps all."""
+    seed: int = 0
+    """Seed of the eval split and of the subsets."""
+    cache_dir: str | None = None
+    """Where `datasets` keeps its Arrow copy of data files; None uses its default (~/.cache/huggingface)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        if not isinstance(self.train_file, str) or not self.train_file:
+            raise ValueError(f"train_file must be a path or asset:NAME, got {self.train_file!r}")
+        if self.eval_file is not None and (not isinstance(self.eval_file, str) or not self.eval_file):
+            raise ValueError(f"eval_file must be a path, asset:NAME or None, got {self.eval_file!r}")
+        if isinstance(self.eval_split, bool) or not isinstance(self.eval_split, int | float):
+            raise ValueError(f"eval_split must be a number in [0, 1), got {self.eval_split!r}")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ValueError(f"eval_split must be in [0, 1), got {self.eval_split!r}")
+        for name in (
+            "text_column",
+            "label_column",
+            "prompt_column",
+            "response_column",
+            "source_column",
+            "target_column",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty column name, got {value!r}")
+        if self.text_pair_column is not None and (
+            not isinstance(self.text_pair_column, str) or not self.text_pair_column
+        ):
+            raise ValueError(f"text_pair_column must be a column name or None, got {self.text_pair_column!r}")
+        if self.label_names is not None:
+            names = self.label_names
+            if not isinstance(names, list | tuple) or not all(
+                isinstance(n, str | int) and not isinstance(n, bool) for n in names
+            ):
+                raise ValueError(f"label_names must be a list of labels or None, got {names!r}")
+            keys = [_label_key(n) for n in names]
+            if len(keys) < 2 or None in keys or len(set(keys)) != len(keys):
+                raise ValueError(
+                    f"label_names must hold at least 2 distinct, non-empty labels, got {names!r}"
+                )
+        for name in ("max_length", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_target_length", "max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not isinstance(self.use_chat_template, bool):
+            raise ValueError(f"use_chat_template must be true or false, got {self.use_chat_template!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise ValueError(f"cache_dir must be a path or None, got {self.cache_dir!r}")
+
+
+@dataclass
+class PreparedData:
+    """Tokenized datasets ready for `make_collator`, plus what the model head needs."""
+
+    train: Any
+    """`datasets.Dataset` of training examples."""
+    eval: Any | None
+    """`datasets.Dataset` of evaluation examples, or None (eval_split 0 and no eval_file)."""
+    label_names: list[str] | None
+    """Classification only: class names in id order (label id i is label_names[i]); save it with the output."""
+    num_labels: int | None
+    """Classification: len(label_names); regression: 1; other tasks: None."""
+
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        """The `id2label` a Hugging Face config expects, or None outside classification."""
+        return None if self.label_names is None else dict(enumerate(self.label_names))
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def load_table(path: str, field: str = "train_file", cache_dir: str | None = None) -> Any:
+    """Read one data file or `save_to_disk` folder into a `datasets.Dataset`.
+
+    Args:
+        path: A file path, a folder written by `save_to_disk`, or `asset:NAME`.
+        field: The config field that named it, for error messages.
+        cache_dir: Forwarded to `datasets.load_dataset`.
+
+    Raises:
+        FileNotFoundError: nothing exists at `path`.
+        ValueError: unknown file type, unreadable or empty file.
+    """
+    import datasets
+
+    resolved = Path(resolve(path)).expanduser()
+    if not resolved.exists():
+        raise FileNotFoundError(f"{field}: no such file or folder: {resolved}")
+    if resolved.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(resolved))
+        except FileNotFoundError as e:
+            raise ValueError(
+                f"{field}: {resolved} is a folder but not one written by Dataset.save_to_disk ({e})"
+            ) from e
+        ds = _pick_split(loaded, field, resolved) if isinstance(loaded, datasets.DatasetDict) else loaded
+    else:
+        name = resolved.name.lower()
+        stem = next((name[: -len(c)] for c in _COMPRESSIONS if name.endswith(c)), name)
+        reader = _READERS.get(Path(stem).suffix)
+        if reader is None:
+            supported = ", ".join(list(_READERS) + [f"(+{c})" for c in _COMPRESSIONS])
+            raise ValueError(f"{field}: cannot read {resolved}: supported file types are {supported}")
+        if resolved.stat().st_size == 0:
+            raise ValueError(f"{field}: {resolved} is empty")
+        kwargs = {"sep": "\t"} if Path(stem).suffix == ".tsv" else {}
+        try:
+            ds = getattr(datasets.Dataset, f"from_{reader}")(str(resolved), cache_dir=cache_dir, **kwargs)
+        except Exception as e:  # datasets wraps parser errors in several types; all mean "bad file" here
+            raise ValueError(
+                f"{field}: could not read {resolved} as {reader} (is it empty or malformed?): {e}"
+            ) from e
+    if len(ds) == 0:
+        raise ValueError(f"{field}: {resolved} holds no rows")
+    return ds
+
+
+def _pick_split(dataset_dict: Any, field: str, path: Path) -> Any:
+    """The split of a DatasetDict folder that `field` means: train for train_file, validation/test for eval_file."""
+    wanted = ("train",) if field == "train_file" else _EVAL_SPLITS
+    for split in wanted:
+        if split in dataset_dict:
+            return dataset_dict[split]
+    if len(dataset_dict) == 1:
+        return next(iter(dataset_dict.values()))
+    raise ValueError(f"{field}: {path} has splits {list(dataset_dict)}; expected one of {list(wanted)}")
+
+
+def _required_columns(cfg: DataConfig, task: str) -> dict[str, str]:
+    """Config field → column name, for the columns `task` reads."""
+    return {role: getattr(cfg, role) for role in _ROLES[task] if getattr(cfg, role) is not None}
+
+
+def _check_columns(ds: Any, columns: dict[str, str], field: str) -> None:
+    for role, column in columns.items():
+        if column not in ds.column_names:
+            raise ValueError(
+                f"{field}: column {column!r} ({role}) not found; the columns are {ds.column_names}"
+            )
+
+
+def _check_texts(ds: Any, columns: dict[str, str], field: str, label_ids: list[int] | None) -> None:
+    """ValueError for missing text values, ignoring rows that label_names drops (label id -1)."""
+    for role, column in columns.items():
+        if role == "label_column":
+            continue  # labels get their own checks
+        empty = [
+            i for i, v in enumerate(ds[column]) if v is None and (label_ids is None or label_ids[i] >= 0)
+        ]
+        if empty:
+            raise ValueError(
+                f"{field}: column {column!r} ({role}) is empty in {len(empty)} rows, e.g. rows {empty[:5]}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------- labels
+
+
+def _label_key(value: Any) -> str | None:
+    """Canonical string of a class label (1, 1.0 and "1" agree); None when it is missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    key = str(value).strip()
+    return key or None
+
+
+def _label_keys(ds: Any, column: str) -> list[str | None]:
+    """Label keys of every row; integer ClassLabel values become their names (as load_from_disk stores them)."""
+    import datasets
+
+    feature = ds.features[column]
+    values = list(ds[column])
+    if isinstance(feature, datasets.ClassLabel):
+        values = [
+            feature.int2str(v) if isinstance(v, int) and 0 <= v < feature.num_classes else v for v in values
+        ]
+    return [_label_key(v) for v in values]
+
+
+def _sorted_labels(keys: set[str]) -> list[str]:
+    """Integers in numeric order (so 0..K-1 keep their ids), anything else alphabetically."""
+    if all(re.fullmatch(r"-?\d+", k) for k in keys):
+        return sorted(keys, key=int)
+    return sorted(keys)
+
+
+def _class_ids(
+    cfg: DataConfig, train: Any, eval_ds: Any | None
+) -> tuple[list[str], list[int], list[int] | None]:
+    """Label names in id order and each row's label id (-1 for labels outside a given label_names)."""
+    column = cfg.label_column
+    keys = {"train_file": _label_keys(train, column)}
+    if eval_ds is not None:
+        keys["eval_file"] = _label_keys(eval_ds, column)
+    for field, ks in keys.items():
+        missing = [i for i, k in enumerate(ks) if k is None]
+        if missing:
+            raise ValueError(
+                f"{field}: label_column {column!r} is empty in {len(missing)} rows, e.g. rows {missing[:5]}"
+            )
+    if cfg.label_names is not None:
+        names = [str(_label_key(n)) for n in cfg.label_names]
+    else:
+        names = _sorted_labels({k for k in keys["train_file"] if k is not None})
+        unseen = sorted({k for k in keys.get("eval_file", []) if k is not None} - set(names))
+        if unseen:
+            raise ValueError(
+                f"eval_file: labels {unseen} never occur in train_file, whose labels are {names}"
+            )
+        if len(names) < 2:
+            raise ValueError(
+                f"train_file: label_column {column!r} needs at least 2 distinct labels, found {names}"
+            )
+    ids = {name: i for i, name in enumerate(names)}
+    train_ids = [ids.get(k, -1) for k in keys["train_file"]]  # type: ignore[arg-type]
+    eval_ids = [ids.get(k, -1) for k in keys["eval_file"]] if "eval_file" in keys else None  # type: ignore[arg-type]
+    return names, train_ids, eval_ids
+
+
+def _drop_unlisted(ds: Any, field: str, names: list[str]) -> Any:
+    """Drop rows whose label id is -1 (not in label_names); ValueError when none is left."""
+    kept = ds.filter(lambda x: x >= 0, input_columns="label_column", **_in_memory())
+    if len(kept) < len(ds):
+        logger.info(
+            "%s: dropped %d rows whose label is not in label_names %s", field, len(ds) - len(kept), names
+        )
+    if len(kept) == 0:
+        raise ValueError(f"{field}: no row has a label in label_names {names}")
+    return kept
+
+
+def _float_labels(ds: Any, column: str, field: str) -> list[float]:
+    """Each row's label as a float; ValueError listing rows whose label is not a finite number."""
+    values: list[float] = []
+    bad: list[tuple[int, Any]] = []
+    for i, v in enumerate(ds[column]):
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            x = math.nan
+        if isinstance(v, bool) or not math.isfinite(x):
+            bad.append((i, v))
+        values.append(x)
+    if bad:
+        raise ValueError(
+            f"{field}: label_column {column!r} must hold numbers for regression; {len(bad)} rows do not, "
+            f"e.g. (row, value) {bad[:5]}"
+        )
+    return values
+
+
+def _select_roles(ds: Any, columns: dict[str, str], labels: list[Any] | None) -> Any:
+    """A dataset whose only columns are the roles ("text_column", ..., "label_column") the task reads.
+
+    Naming columns by role keeps user column names (which may be "labels" or "input_ids") away from the
+    tokenizer's outputs: `datasets.map` casts an output back to the type of a same-named input column.
+    """
+    texts = {role: column for role, column in columns.items() if role != "label_column"}
+    ds = ds.select_columns(list(dict.fromkeys(texts.values())))
+    # A map copies rather than renames, because two roles may read one column.
+    ds = ds.map(
+        lambda b: {role: b[column] for role, column in texts.items()},
+        batched=True,
+        remove_columns=ds.column_names,
+        **_in_memory(),
+    )
+    return ds if labels is None else ds.add_column("label_column", labels)
+
+
+# ----------------------------------------------------------------------------------------------- tokenization
+
+
+def _in_memory() -> dict[str, Any]:
+    # A fresh fingerprint skips datasets' hashing of the tokenizer (slow, and warns for some); nothing is cached
+    # because everything stays in memory.
+    return {"keep_in_memory": True, "new_fingerprint": uuid.uuid4().hex}
+
+
+def _texts(batch: dict[str, list[Any]], role: str) -> list[str]:
+    return [str(v) for v in batch[role]]
+
+
+def _tokenize_classification(tokenizer: Any, cfg: DataConfig, pair: bool):
+    def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        pairs = _texts(batch, "text_pair_column") if pair else None
+        enc = tokenizer(_texts(batch, "text_column"), pairs, truncation=True, max_length=cfg.max_length)
+        return {**enc, "labels": batch["label_column"]}
+
+    return fn
+
+
+def _sft_format(tokenizer: Any, cfg: DataConfig):
+    """Function (prompts, responses) → (prompt token ids, response token ids) per example."""
+    if cfg.use_chat_template and getattr(tokenizer, "chat_template", None):
+
+        def chat(prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+            heads, tails = [], []
+            for prompt, response in zip(prompts, responses, strict=True):
+                user = [{"role": "user", "content": prompt}]
+                head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+                full = tokenizer.apply_chat_template(
+                    [*user, {"role": "assistant", "content": response}], tokenize=False
+                )
+                if not full.startswith(head):
+                    raise ValueError(
+                        "use_chat_template: this tokenizer's chat template renders the prompt differently with "
+                        "and without the answer, so the prompt cannot be masked; set use_chat_template: false"
+                    )
+                heads.append(head)
+                tails.append(full[len(head) :])
+            # The template writes the special tokens (BOS, turn markers, EOS) itself. Prompt and answer are
+            # tokenized apart so the mask boundary is exact and the prompt tokens match those seen at generation.
+            enc_heads = tokenizer(heads, add_special_tokens=False)["input_ids"]
+            enc_tails = tokenizer(tails, add_special_tokens=False)["input_ids"]
+            return enc_heads, enc_tails
+
+        return chat
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("use_chat_template: sft without a chat template needs a tokenizer with an eos_token")
+    # Start with BOS exactly when the tokenizer itself starts sequences with it (Llama yes, GPT-2 no).
+    probe = tokenizer("a")["input_ids"]
+    bos = (
+        [tokenizer.bos_token_id]
+        if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+        else []
+    )
+
+    def plain(prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+        heads = tokenizer([p + "\n" for p in prompts], add_special_tokens=False)["input_ids"]
+        tails = tokenizer(responses, add_special_tokens=False)["input_ids"]
+        return [bos + h for h in heads], [t + [eos] for t in tails]
+
+    return plain
+
+
+def _tokenize_sft(tokenizer: Any, cfg: DataConfig):
+    fmt = _sft_format(tokenizer, cfg)
+
+    def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        heads, tails = fmt(_texts(batch, "prompt_column"), _texts(batch, "response_column"))
+        input_ids = [(h + t)[: cfg.max_length] for h, t in zip(heads, tails, strict=True)]
+        labels = [([IGNORE_INDEX] * len(h) + t)[: cfg.max_length] for h, t in zip(heads, tails, strict=True)]
+        return {"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids], "labels": labels}
+
+    return fn
+
+
+def _tokenize_seq2seq(tokenizer: Any, cfg: DataConfig):
+    def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        enc = tokenizer(_texts(batch, "source_column"), truncation=True, max_length=cfg.max_length)
+        target_length = cfg.max_target_length or cfg.max_length
+        targets = tokenizer(
+            text_target=_texts(batch, "target_column"), truncation=True, max_length=target_length
+        )
+        return {**enc, "labels": targets["input_ids"]}
+
+    return fn
+
+
+def _tokenize_clm(tokenizer: Any, cfg: DataConfig):
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+    def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        # Documents are joined with EOS and cut into equal blocks; the tail of each 1000-row batch that does not
+        # fill a block is dropped, as in Hugging Face's run_clm.py.
+        texts = [t for t in _texts(batch, "text_column") if t.strip()]
+        stream = [tok for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for tok in ids + eos]
+        n = len(stream) // cfg.block_size * cfg.block_size
+        blocks = [stream[i : i + cfg.block_size] for i in range(0, n, cfg.block_size)]
+        return {
+            "input_ids": blocks,
+            "attention_mask": [[1] * len(b) for b in blocks],
+            "labels": [list(b) for b in blocks],
+        }
+
+    return fn
+
+
+_TOKENIZERS = {
+    "classification": lambda tok, cfg: _tokenize_classification(tok, cfg, cfg.text_pair_column is not None),
+    "regression": lambda tok, cfg: _tokenize_classification(tok, cfg, cfg.text_pair_column is not None),
+    "sft": _tokenize_sft,
+    "seq2seq": _tokenize_seq2seq,
+    "clm": _tokenize_clm,
+}
+
+
+def _subset(ds: Any, n: int | None, seed: int) -> Any:
+    return ds if n is None or n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
+
+
+def _prepare(ds: Any, cfg: DataConfig, tokenizer: Any, task: str, field: str, cap: int | None) -> Any:
+    """Cap the rows, tokenize, and check that something is left."""
+    if task != "clm":
+        ds = _subset(ds, cap, cfg.seed)
+    ds = ds.map(
+        _TOKENIZERS[task](tokenizer, cfg), batched=True, remove_columns=ds.column_names, **_in_memory()
+    )
+    if task == "sft":
+        # An example whose prompt fills max_length has no answer token left to learn from.
+        before = len(ds)
+        ds = ds.filter(
+            lambda labels: any(x != IGNORE_INDEX for x in labels), input_columns="labels", **_in_memory()
+        )
+        if len(ds) < before:
+            logger.info("%s: dropped %d sft examples whose prompt fills max_length", field, before - len(ds))
+    if task == "clm":
+        ds = _subset(ds, cap, cfg.seed)
+    if len(ds) == 0:
+        reason = {"sft": "every prompt fills max_length", "clm": "too few tokens for one block of block_size"}
+        raise ValueError(f"{field}: no examples left after tokenization ({reason.get(task, 'no rows')})")
+    return ds
+
+
+def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
+    """Read, check, split and tokenize the data of `cfg` for `task`.
+
+    Args:
+        cfg: Data configuration (validated here).
+        tokenizer: A Hugging Face tokenizer.
+        task: One of `TASKS`.
+
+    Returns:
+        PreparedData with tokenized train/eval datasets (columns input_ids, attention_mask, labels and, when the
+        tokenizer makes them, token_type_ids) and, for classification, the label names in id order.
+
+    Raises:
+        FileNotFoundError: train_file or eval_file does not exist (or is a missing asset).
+        ValueError: an invalid config field, unknown task, missing column, empty data, labels that do not parse,
+            eval labels unseen in training, or nothing left after tokenization.
+    """
+    cfg.validate()
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    train = load_table(cfg.train_file, "train_file", cfg.cache_dir)
+    eval_ds = load_table(cfg.eval_file, "eval_file", cfg.cache_dir) if cfg.eval_file is not None else None
+    columns = _required_columns(cfg, task)
+    _check_columns(train, columns, "train_file")
+    if eval_ds is not None:
+        _check_columns(eval_ds, columns, "eval_file")
+
+    label_names: list[str] | None = None
+    num_labels: int | None = None
+    train_labels: list[Any] | None = None
+    eval_labels: list[Any] | None = None
+    if task == "classification":
+        label_names, train_labels, eval_labels = _class_ids(cfg, train, eval_ds)
+        num_labels = len(label_names)
+    elif task == "regression":
+        train_labels = _float_labels(train, cfg.label_column, "train_file")
+        eval_labels = _float_labels(eval_ds, cfg.label_column, "eval_file") if eval_ds is not None else None
+        num_labels = 1
+    _check_texts(train, columns, "train_file", train_labels if task == "classification" else None)
+    if eval_ds is not None:
+        _check_texts(eval_ds, columns, "eval_file", eval_labels if task == "classification" else None)
+    train = _select_roles(train, columns, train_labels)
+    eval_ds = _select_roles(eval_ds, columns, eval_labels) if eval_ds is not None else None
+    if label_names is not None:
+        train = _drop_unlisted(train, "train_file", label_names)
+        eval_ds = _drop_unlisted(eval_ds, "eval_file", label_names) if eval_ds is not None else None
+
+    if eval_ds is None and cfg.eval_split > 0:
+        n_eval = math.ceil(len(train) * cfg.eval_split)
+        if n_eval >= len(train):
+            raise ValueError(
+                f"eval_split: holding out {cfg.eval_split} of {len(train)} rows leaves none to train on"
+            )
+        split = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
+        train, eval_ds = split["train"], split["test"]
+
+    train = _prepare(train, cfg, tokenizer, task, "train_file", cfg.max_train_samples)
+    if eval_ds is not None:
+        eval_ds = _prepare(eval_ds, cfg, tokenizer, task, "eval_file", cfg.max_eval_samples)
+    return PreparedData(train=train, eval=eval_ds, label_names=label_names, num_labels=num_labels)
+
+
+# -------------------------------------------------------------------------------------------------- collation
+
+
+@dataclass
+class DataCollator:
+    """Pads a list of tokenized examples into a batch of tensors, on the right.
+
+    Sequence fields are padded to the longest in the batch (rounded up to `pad_to_multiple_of`): input_ids with
+    `pad_token_id`, labels with -100 (ignored by the loss), everything else (attention_mask, token_type_ids) with
+    0. Scalar labels are stacked: float32 for regression, int64 otherwise. Right padding keeps position ids of real
+    tokens at 0..n-1, which training needs; left padding is for batched generation only.
+    """
+
+    pad_token_id: int
+    """Id written into padded input_ids positions (they are masked out, so its value does not matter)."""
+    float_labels: bool = False
+    """Scalar labels are floats (regression)."""
+    pad_to_multiple_of: int | None = None
+    """Round padded lengths up to a multiple of this (tensor-core friendly shapes); None pads to the longest."""
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        for key in features[0]:
+            values = [f[key] for f in features]
+            if not isinstance(values[0], list | tuple):
+                batch[key] = torch.tensor(values, dtype=torch.float32 if self.float_labels else torch.long)
+                continue
+            length = max(len(v) for v in values)
+            if self.pad_to_multiple_of:
+                length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            pad = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
+            batch[key] = torch.tensor([list(v) + [pad] * (length - len(v)) for v in values], dtype=torch.long)
+        return batch
+
+
+def make_collator(task: str, tokenizer: Any, pad_to_multiple_of: int | None = None) -> DataCollator:
+    """The batch collator for examples made by `build_datasets(..., task)`.
+
+    Args:
+        task: One of `TASKS`.
+        tokenizer: The tokenizer used to build the data; its pad token (else its EOS token) pads input_ids.
+        pad_to_multiple_of: Optional multiple for padded lengths.
+
+    Raises:
+        ValueError: unknown task, or a tokenizer with neither a pad nor an EOS token.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad_token nor an eos_token to pad input_ids with")
+    return DataCollator(
+        pad_token_id=pad, float_labels=task == "regression", pad_to_multiple_of=pad_to_multiple_of
+    )

@@ -1,0 +1,625 @@
+"""Tests of lorafa.data: local files → tokenized datasets per task, every bad-data error, and the collator.
+
+The tokenizers are built here from a word-level vocabulary, so every expected token sequence is computed in the
+test by looking words up in that vocabulary, independently of the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from lorafa.data import IGNORE_INDEX, DataConfig, build_datasets, load_table, make_collator
+
+WORDS = [
+    "user",
+    "assistant",
+    "good",
+    "bad",
+    "fine",
+    "great",
+    "awful",
+    "movie",
+    "plot",
+    "was",
+    "is",
+    "the",
+    "a",
+    "an",
+    "film",
+    "really",
+    "not",
+    "very",
+]
+SPECIALS = ["[PAD]", "[UNK]", "<s>", "</s>"]
+VOCAB = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+PAD, BOS, EOS = VOCAB["[PAD]"], VOCAB["<s>"], VOCAB["</s>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant {% endif %}"
+)
+
+
+def ids(text: str) -> list[int]:
+    """Reference tokenization: one id per whitespace-separated word."""
+    return [VOCAB[w] for w in text.split()]
+
+
+def make_tokenizer(bert_like: bool, pad: bool = True, eos: bool = True):
+    """A word-level fast tokenizer; `bert_like` wraps sequences as <s> A </s> (B </s>) with token_type_ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    kwargs = {}
+    if bert_like:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> $B:1 </s>:1", special_tokens=[("<s>", BOS), ("</s>", EOS)]
+        )
+        kwargs["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        bos_token="<s>",
+        pad_token="[PAD]" if pad else None,
+        eos_token="</s>" if eos else None,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def bert_tok():
+    return make_tokenizer(bert_like=True)
+
+
+@pytest.fixture(scope="module")
+def gpt_tok():
+    return make_tokenizer(bert_like=False)
+
+
+def cfg(tmp_path: Path, train_file: Path | str, **kw) -> DataConfig:
+    kw.setdefault("eval_split", 0.0)
+    return DataConfig(train_file=str(train_file), cache_dir=str(tmp_path / "hf-cache"), **kw)
+
+
+SENTIMENT = pd.DataFrame(
+    {
+        "text": ["good movie", "bad plot", "great film", "awful movie", "the film was fine", "not very good"],
+        "label": ["pos", "neg", "pos", "neg", "pos", "neg"],
+    }
+)
+
+
+def write(df: pd.DataFrame, path: Path) -> Path:
+    name = path.name
+    if ".csv" in name or ".tsv" in name:
+        df.to_csv(path, index=False, sep="\t" if ".tsv" in name else ",")
+    elif ".jsonl" in name:
+        df.to_json(path, orient="records", lines=True)
+    elif ".json" in name:
+        df.to_json(path, orient="records")
+    elif name.endswith(".parquet"):
+        df.to_parquet(path)
+    else:
+        raise AssertionError(name)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ classification
+
+
+def test_classification_string_labels(tmp_path, bert_tok):
+    train = write(SENTIMENT, tmp_path / "train.csv")
+    evals = write(SENTIMENT.iloc[:2], tmp_path / "eval.jsonl")
+    data = build_datasets(cfg(tmp_path, train, eval_file=str(evals)), bert_tok, "classification")
+    assert data.label_names == ["neg", "pos"] and data.num_labels == 2
+    assert data.id2label == {0: "neg", 1: "pos"}
+    assert data.train.column_names == ["input_ids", "token_type_ids", "attention_mask", "labels"]
+    for row, example in zip(SENTIMENT.itertuples(), data.train, strict=True):
+        assert example["input_ids"] == [BOS, *ids(row.text), EOS]
+        assert example["labels"] == data.label_names.index(row.label)
+    assert data.eval["labels"] == [1, 0]
+
+
+def test_sentence_pairs_and_truncation(tmp_path, bert_tok):
+    df = pd.DataFrame({"a": ["good movie", "the plot was bad"], "b": ["great film", "awful"], "y": [1, 0]})
+    data = build_datasets(
+        cfg(tmp_path, write(df, tmp_path / "p.csv"), text_column="a", text_pair_column="b", label_column="y"),
+        bert_tok,
+        "classification",
+    )
+    first = data.train[0]
+    assert first["input_ids"] == [BOS, *ids("good movie"), EOS, *ids("great film"), EOS]
+    assert first["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]
+    short = build_datasets(
+        cfg(
+            tmp_path,
+            tmp_path / "p.csv",
+            text_column="a",
+            text_pair_column="b",
+            label_column="y",
+            max_length=5,
+        ),
+        bert_tok,
+        "classification",
+    )
+    assert max(len(x) for x in short.train["input_ids"]) == 5
+
+
+def test_integer_labels_keep_their_ids(tmp_path, bert_tok):
+    # Integers sort numerically (10 after 2) and 1.0 / "1" / 1 are the same class.
+    df = pd.DataFrame({"text": ["good", "bad", "fine", "great"], "label": [2, 0, 10, 1]})
+    data = build_datasets(cfg(tmp_path, write(df, tmp_path / "t.csv")), bert_tok, "classification")
+    assert data.label_names == ["0", "1", "2", "10"]
+    assert data.train["labels"] == [2, 0, 3, 1]
+    evals = pd.DataFrame({"text": ["good"], "label": ["1"]})
+    data = build_datasets(
+        cfg(tmp_path, tmp_path / "t.csv", eval_file=str(write(evals, tmp_path / "e.json"))),
+        bert_tok,
+        "classification",
+    )
+    assert data.eval["labels"] == [1]
+
+
+def test_label_names_fix_order_and_drop_other_rows(tmp_path, bert_tok):
+    # Like Rotten Tomatoes: "plot" rows (one with no text) are not reviews and are dropped by label_names.
+    df = pd.DataFrame(
+        {"text": ["good", None, "bad", "the plot"], "category": ["fresh", "plot", "rotten", "plot"]}
+    )
+    data = build_datasets(
+        cfg(
+            tmp_path, write(df, tmp_path / "rt.csv"), label_column="category", label_names=["rotten", "fresh"]
+        ),
+        bert_tok,
+        "classification",
+    )
+    assert data.label_names == ["rotten", "fresh"]
+    assert data.train["labels"] == [1, 0]
+    assert data.train["input_ids"] == [[BOS, *ids("good"), EOS], [BOS, *ids("bad"), EOS]]
+
+
+def test_user_column_named_labels(tmp_path, bert_tok):
+    # A user column called "labels" must not leak its string type into our integer labels.
+    df = SENTIMENT.rename(columns={"label": "labels"})
+    data = build_datasets(
+        cfg(tmp_path, write(df, tmp_path / "t.csv"), label_column="labels"), bert_tok, "classification"
+    )
+    assert data.train["labels"] == [1, 0, 1, 0, 1, 0]
+
+
+def test_regression_float_labels(tmp_path, bert_tok):
+    df = pd.DataFrame(
+        {"s1": ["good", "bad", "fine"], "s2": ["great", "awful", "fine"], "score": [4.5, 0.25, 5]}
+    )
+    data = build_datasets(
+        cfg(
+            tmp_path,
+            write(df, tmp_path / "sts.parquet"),
+            text_column="s1",
+            text_pair_column="s2",
+            label_column="score",
+        ),
+        bert_tok,
+        "regression",
+    )
+    assert data.num_labels == 1 and data.label_names is None
+    assert data.train["labels"] == [4.5, 0.25, 5.0]
+    batch = make_collator("regression", bert_tok)([data.train[i] for i in range(3)])
+    assert batch["labels"].dtype == torch.float32
+    assert torch.equal(batch["labels"], torch.tensor([4.5, 0.25, 5.0]))
+
+
+# --------------------------------------------------------------------------------------------- formats and splits
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "d.csv",
+        "d.tsv",
+        "d.csv.gz",
+        "d.csv.bz2",
+        "d.json",
+        "d.jsonl",
+        "d.jsonl.gz",
+        "d.parquet",
+        "disk",
+        "dict",
+    ],
+)
+def test_every_format_reads_the_same(tmp_path, bert_tok, name):
+    import datasets
+
+    path = tmp_path / name
+    if name == "disk":
+        datasets.Dataset.from_pandas(SENTIMENT).save_to_disk(str(path))
+    elif name == "dict":
+        ds = datasets.Dataset.from_pandas(SENTIMENT)
+        datasets.DatasetDict({"train": ds, "validation": ds.select([0, 1])}).save_to_disk(str(path))
+    else:
+        write(SENTIMENT, path)
+    data = build_datasets(cfg(tmp_path, path), bert_tok, "classification")
+    assert data.train["input_ids"] == [[BOS, *ids(t), EOS] for t in SENTIMENT.text]
+    assert data.train["labels"] == [1, 0, 1, 0, 1, 0]
+
+
+def test_dataset_dict_folder_splits_and_class_label(tmp_path, bert_tok):
+    import datasets
+
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    train = datasets.Dataset.from_dict(
+        {"text": ["good", "bad", "great"], "label": [1, 0, 1]}, features=features
+    )
+    valid = datasets.Dataset.from_dict({"text": ["awful"], "label": [0]}, features=features)
+    datasets.DatasetDict({"train": train, "validation": valid}).save_to_disk(str(tmp_path / "glue"))
+    data = build_datasets(
+        cfg(tmp_path, tmp_path / "glue", eval_file=str(tmp_path / "glue")), bert_tok, "classification"
+    )
+    assert data.label_names == ["neg", "pos"]  # names come from the ClassLabel feature, not its integers
+    assert data.train["labels"] == [1, 0, 1] and data.eval["labels"] == [0]
+    assert data.eval["input_ids"] == [[BOS, *ids("awful"), EOS]]
+
+
+def test_seeded_split_is_reproducible(tmp_path, bert_tok):
+    n = 40
+    df = pd.DataFrame(
+        {
+            "text": [" ".join(WORDS[i % 7 : i % 7 + 1 + i % 5]) for i in range(n)],
+            "label": [i % 2 for i in range(n)],
+        }
+    )
+    df["text"] = df["text"] + [f" {'very ' * (i // 8)}" for i in range(n)]  # rows become distinguishable
+    path = write(df, tmp_path / "t.jsonl")
+
+    def split(seed):
+        d = build_datasets(cfg(tmp_path, path, eval_split=0.25, seed=seed), bert_tok, "classification")
+        return list(d.train["input_ids"]), list(d.eval["input_ids"])
+
+    train_a, eval_a = split(0)
+    train_b, eval_b = split(0)
+    _, eval_c = split(1)
+    assert (train_a, eval_a) == (train_b, eval_b)
+    assert eval_a != eval_c
+    assert len(eval_a) == math.ceil(0.25 * n) and len(train_a) + len(eval_a) == n
+    everything = sorted(map(tuple, train_a + eval_a))
+    assert everything == sorted(tuple([BOS, *ids(t), EOS]) for t in df.text)
+
+
+def test_sample_caps_are_seeded_subsets(tmp_path, bert_tok):
+    path = write(SENTIMENT, tmp_path / "t.csv")
+    full = build_datasets(cfg(tmp_path, path), bert_tok, "classification").train["input_ids"]
+
+    def capped(seed):
+        return build_datasets(
+            cfg(tmp_path, path, max_train_samples=3, seed=seed), bert_tok, "classification"
+        ).train["input_ids"]
+
+    assert capped(0) == capped(0) and len(capped(0)) == 3
+    assert all(x in full for x in capped(0))
+    evals = build_datasets(
+        cfg(tmp_path, path, eval_file=str(path), max_eval_samples=2), bert_tok, "classification"
+    ).eval
+    assert len(evals) == 2
+
+
+# ------------------------------------------------------------------------------------------------------ sft etc.
+
+
+def _sft_file(tmp_path: Path) -> Path:
+    rows = [
+        {"prompt": "was the movie good", "response": "the movie was great"},
+        {"prompt": "the plot", "response": "not very good"},
+    ]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("bert_like", [False, True])
+def test_sft_plain_format_masks_the_prompt(tmp_path, bert_like):
+    tok = make_tokenizer(bert_like=bert_like)
+    data = build_datasets(cfg(tmp_path, _sft_file(tmp_path), use_chat_template=False), tok, "sft")
+    # BOS only when the tokenizer itself starts sequences with it; the answer always ends with EOS.
+    bos = [BOS] if bert_like else []
+    prompt = bos + ids("was the movie good")
+    answer = ids("the movie was great") + [EOS]
+    first = data.train[0]
+    assert first["input_ids"] == prompt + answer
+    assert first["labels"] == [IGNORE_INDEX] * len(prompt) + answer
+    assert first["attention_mask"] == [1] * len(prompt + answer)
+
+
+def test_sft_chat_template_masks_the_prompt(tmp_path):
+    tok = make_tokenizer(bert_like=False)
+    tok.chat_template = CHAT_TEMPLATE
+    data = build_datasets(cfg(tmp_path, _sft_file(tmp_path)), tok, "sft")
+    prompt = ids("<s> user the plot </s> <s> assistant")
+    answer = ids("not very good </s>")
+    second = data.train[1]
+    assert second["input_ids"] == prompt + answer
+    assert second["labels"] == [IGNORE_INDEX] * len(prompt) + answer
+    # The flag turns the template off.
+    plain = build_datasets(cfg(tmp_path, _sft_file(tmp_path), use_chat_template=False), tok, "sft")
+    assert plain.train[1]["input_ids"] == ids("the plot not very good </s>")
+
+
+def test_sft_truncation_drops_examples_without_answer_tokens(tmp_path, gpt_tok):
+    # Prompt 1 has 4 tokens, prompt 2 has 2: with max_length 4 only example 2 keeps answer tokens.
+    data = build_datasets(cfg(tmp_path, _sft_file(tmp_path), max_length=4), gpt_tok, "sft")
+    assert len(data.train) == 1
+    assert data.train[0]["input_ids"] == ids("the plot not very")
+    assert data.train[0]["labels"] == [IGNORE_INDEX] * 2 + ids("not very")
+
+
+def test_sft_template_that_is_not_prefix_consistent(tmp_path):
+    tok = make_tokenizer(bert_like=False)
+    tok.chat_template = (
+        "{% if add_generation_prompt %}a {% endif %}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    )
+    with pytest.raises(ValueError, match="use_chat_template"):
+        build_datasets(cfg(tmp_path, _sft_file(tmp_path)), tok, "sft")
+
+
+def test_seq2seq_source_and_target(tmp_path, gpt_tok):
+    df = pd.DataFrame({"src": ["the movie was good", "bad"], "tgt": ["great film", "not very good"]})
+    path = write(df, tmp_path / "s.csv")
+    data = build_datasets(
+        cfg(tmp_path, path, source_column="src", target_column="tgt", max_target_length=2), gpt_tok, "seq2seq"
+    )
+    assert data.train[0]["input_ids"] == ids("the movie was good")
+    assert data.train["labels"] == [ids("great film"), ids("not very")]
+
+
+def test_clm_blocks(tmp_path, gpt_tok):
+    lines = ["the movie was good", "", "bad plot", "a film", "not very good really"]
+    path = tmp_path / "raw.txt"
+    path.write_text("\n".join(lines) + "\n")
+    data = build_datasets(cfg(tmp_path, path, block_size=4), gpt_tok, "clm")
+    stream = [t for line in lines if line for t in ids(line) + [EOS]]  # empty lines add nothing
+    blocks = [stream[i : i + 4] for i in range(0, len(stream) // 4 * 4, 4)]
+    assert data.train["input_ids"] == blocks
+    assert data.train["labels"] == blocks
+    capped = build_datasets(cfg(tmp_path, path, block_size=4, max_train_samples=2), gpt_tok, "clm")
+    assert len(capped.train) == 2 and all(b in blocks for b in capped.train["input_ids"])
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_files(tmp_path, bert_tok):
+    with pytest.raises(FileNotFoundError, match="train_file"):
+        build_datasets(cfg(tmp_path, tmp_path / "nope.csv"), bert_tok, "classification")
+    train = write(SENTIMENT, tmp_path / "t.csv")
+    with pytest.raises(FileNotFoundError, match="eval_file"):
+        build_datasets(cfg(tmp_path, train, eval_file=str(tmp_path / "nope.csv")), bert_tok, "classification")
+
+
+def test_unreadable_and_empty_inputs(tmp_path, bert_tok):
+    (tmp_path / "d.xlsx").write_text("x")
+    with pytest.raises(ValueError, match="supported file types"):
+        load_table(str(tmp_path / "d.xlsx"))
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        load_table(str(tmp_path / "empty.csv"))
+    (tmp_path / "header.csv").write_text("text,label\n")
+    with pytest.raises(ValueError, match="header.csv"):
+        load_table(str(tmp_path / "header.csv"))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="save_to_disk"):
+        load_table(str(tmp_path / "folder"))
+
+
+def test_missing_column_lists_existing_columns(tmp_path, bert_tok):
+    path = write(SENTIMENT, tmp_path / "t.csv")
+    with pytest.raises(ValueError, match=r"'sentence' \(text_column\).*\['text', 'label'\]"):
+        build_datasets(cfg(tmp_path, path, text_column="sentence"), bert_tok, "classification")
+    with pytest.raises(ValueError, match=r"'prompt' \(prompt_column\)"):
+        build_datasets(cfg(tmp_path, path), bert_tok, "sft")
+
+
+def test_empty_text_values(tmp_path, bert_tok):
+    df = pd.DataFrame({"text": ["good", None, "bad"], "label": ["a", "b", "a"]})
+    with pytest.raises(ValueError, match=r"'text' \(text_column\) is empty in 1 rows.*\[1\]"):
+        build_datasets(cfg(tmp_path, write(df, tmp_path / "t.jsonl")), bert_tok, "classification")
+
+
+def test_labels_that_do_not_parse(tmp_path, bert_tok):
+    df = pd.DataFrame({"text": ["good", "bad", "fine"], "label": ["0.5", "high", "1"]})
+    with pytest.raises(ValueError, match=r"must hold numbers.*\(1, 'high'\)"):
+        build_datasets(cfg(tmp_path, write(df, tmp_path / "r.csv")), bert_tok, "regression")
+    df = pd.DataFrame({"text": ["good", "bad", "fine"], "label": ["pos", None, "neg"]})
+    with pytest.raises(ValueError, match=r"label_column 'label' is empty.*\[1\]"):
+        build_datasets(cfg(tmp_path, write(df, tmp_path / "c.jsonl")), bert_tok, "classification")
+
+
+def test_eval_labels_unseen_in_training(tmp_path, bert_tok):
+    train = write(SENTIMENT, tmp_path / "t.csv")
+    evals = write(pd.DataFrame({"text": ["fine", "good"], "label": ["neutral", "pos"]}), tmp_path / "e.csv")
+    with pytest.raises(ValueError, match=r"eval_file: labels \['neutral'\] never occur in train_file"):
+        build_datasets(cfg(tmp_path, train, eval_file=str(evals)), bert_tok, "classification")
+
+
+def test_label_problems(tmp_path, bert_tok):
+    one = write(pd.DataFrame({"text": ["good", "bad"], "label": ["pos", "pos"]}), tmp_path / "one.csv")
+    with pytest.raises(ValueError, match="at least 2 distinct labels"):
+        build_datasets(cfg(tmp_path, one), bert_tok, "classification")
+    path = write(SENTIMENT, tmp_path / "t.csv")
+    with pytest.raises(ValueError, match=r"no row has a label in label_names \['fresh', 'rotten'\]"):
+        build_datasets(cfg(tmp_path, path, label_names=["fresh", "rotten"]), bert_tok, "classification")
+
+
+def test_nothing_left_after_split_or_tokenization(tmp_path, gpt_tok):
+    one = write(SENTIMENT.iloc[:1], tmp_path / "one.csv")
+    with pytest.raises(ValueError, match="eval_split"):
+        build_datasets(cfg(tmp_path, one, eval_split=0.5), gpt_tok, "clm")
+    with pytest.raises(ValueError, match="block_size"):
+        build_datasets(cfg(tmp_path, one, block_size=64), gpt_tok, "clm")
+    with pytest.raises(ValueError, match="prompt fills max_length"):
+        build_datasets(cfg(tmp_path, _sft_file(tmp_path), max_length=2), gpt_tok, "sft")
+    with pytest.raises(ValueError, match="task must be one of"):
+        build_datasets(cfg(tmp_path, one), gpt_tok, "translation")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("train_file", ""),
+        ("eval_file", ""),
+        ("eval_split", 1.0),
+        ("eval_split", -0.1),
+        ("text_column", ""),
+        ("text_pair_column", ""),
+        ("label_names", ["only"]),
+        ("label_names", ["a", "a"]),
+        ("max_length", 0),
+        ("max_target_length", -1),
+        ("block_size", 1.5),
+        ("max_train_samples", 0),
+        ("max_eval_samples", True),
+        ("use_chat_template", "yes"),
+        ("seed", None),
+    ],
+)
+def test_config_validation_names_the_field(field, value):
+    config = DataConfig(train_file="x.csv")
+    config.validate()
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=field):
+        config.validate()
+
+
+# --------------------------------------------------------------------------------------------------- collator
+
+
+def test_collator_pads_right(bert_tok):
+    features = [
+        {"input_ids": [2, 5, 3], "attention_mask": [1, 1, 1], "token_type_ids": [0, 0, 0], "labels": 1},
+        {"input_ids": [2, 3], "attention_mask": [1, 1], "token_type_ids": [0, 0], "labels": 0},
+    ]
+    batch = make_collator("classification", bert_tok, pad_to_multiple_of=4)(features)
+    assert batch["input_ids"].tolist() == [[2, 5, 3, PAD], [2, 3, PAD, PAD]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+    assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.long
+
+
+def test_collator_pads_token_labels_with_ignore_index(tmp_path):
+    tok = make_tokenizer(bert_like=False, pad=False)  # no pad token: EOS pads (masked out anyway)
+    data = build_datasets(cfg(tmp_path, _sft_file(tmp_path)), tok, "sft")
+    long, short = data.train[0], data.train[1]
+    n, k = len(long["input_ids"]), len(long["input_ids"]) - len(short["input_ids"])
+    assert k > 0
+    batch = make_collator("sft", tok)([long, short])
+    assert batch["input_ids"].tolist() == [long["input_ids"], short["input_ids"] + [EOS] * k]
+    assert batch["labels"].tolist() == [long["labels"], short["labels"] + [IGNORE_INDEX] * k]
+    assert batch["attention_mask"].tolist() == [[1] * n, [1] * (n - k) + [0] * k]
+    # seq2seq: labels are padded to their own longest length, not the inputs'.
+    s2s = make_collator("seq2seq", tok)(
+        [
+            {"input_ids": [4, 5, 6], "attention_mask": [1, 1, 1], "labels": [7]},
+            {"input_ids": [4], "attention_mask": [1], "labels": [7, 8]},
+        ]
+    )
+    assert s2s["input_ids"].tolist() == [[4, 5, 6], [4, EOS, EOS]]
+    assert s2s["labels"].tolist() == [[7, IGNORE_INDEX], [7, 8]]
+
+
+def test_collator_needs_a_pad_or_eos_token():
+    with pytest.raises(ValueError, match="pad_token"):
+        make_collator("clm", make_tokenizer(bert_like=False, pad=False, eos=False))
+    with pytest.raises(ValueError, match="task"):
+        make_collator("nope", make_tokenizer(bert_like=False))
+
+
+def test_collated_batch_runs_a_model(tmp_path, bert_tok):
+    """The batch's keys and dtypes are what a Hugging Face model takes: its loss equals a per-example reference."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+        pad_token_id=PAD,
+    )
+    model = BertForSequenceClassification(config).eval()
+    data = build_datasets(cfg(tmp_path, write(SENTIMENT, tmp_path / "t.csv")), bert_tok, "classification")
+    batch = make_collator("classification", bert_tok)([data.train[i] for i in range(4)])
+    with torch.no_grad():
+        loss = model(**batch).loss
+        singles = [model(**make_collator("classification", bert_tok)([data.train[i]])).loss for i in range(4)]
+    torch.testing.assert_close(loss, torch.stack(singles).mean(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- the offline assets
+
+
+@pytest.mark.assets
+def test_rotten_tomatoes_with_minilm(tmp_path):
+    """The offline default's data: fresh/rotten reviews only, a 10% seeded eval split, MiniLM's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from lorafa import assets
+
+    try:
+        tok = AutoTokenizer.from_pretrained(assets.minilm_path())
+        csv = assets.rotten_tomatoes_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    reviews = pd.read_csv(csv)
+    reviews = reviews[reviews.category.isin(["rotten", "fresh"])]
+    config = DataConfig(
+        train_file="asset:rotten-tomatoes",
+        label_column="category",
+        label_names=["rotten", "fresh"],
+        max_length=64,
+        cache_dir=str(tmp_path / "hf-cache"),
+    )
+    data = build_datasets(config, tok, "classification")
+    assert data.label_names == ["rotten", "fresh"]
+    assert len(data.eval) == math.ceil(0.1 * len(reviews))
+    assert len(data.train) + len(data.eval) == len(reviews)
+    labels = list(data.train["labels"]) + list(data.eval["labels"])
+    assert sum(labels) == (reviews.category == "fresh").sum()
+    assert max(len(x) for x in data.train["input_ids"]) <= 64
+
+
+@pytest.mark.assets
+def test_chatterbot_sft_with_smollm2_chat_template(tmp_path):
+    """The LLaMA example's data: masked positions are exactly the rendered prompt, the rest the answer turn."""
+    from transformers import AutoTokenizer
+
+    from lorafa import assets
+
+    try:
+        gguf = assets.smollm2_gguf_path()
+        pairs = assets.chatterbot_pairs_path(cache_dir=tmp_path)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()[:8]]
+    small = tmp_path / "pairs.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = build_datasets(cfg(tmp_path, small, max_length=512), tok, "sft")
+    for row, example in zip(rows, data.train, strict=True):
+        user = [{"role": "user", "content": row["prompt"]}]
+        head = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(
+            [*user, {"role": "assistant", "content": row["response"]}], tokenize=False
+        )
+        assert full == head + row["response"] + "<|im_end|>\n"
+        # Tokenizing prompt and answer apart gives the same ids as tokenizing the whole conversation.
+        assert example["input_ids"] == tok(full, add_special_tokens=False)["input_ids"]
+        n_prompt = len(tok(head, add_special_tokens=False)["input_ids"])
+        assert example["labels"] == [IGNORE_INDEX] * n_prompt + example["input_ids"][n_prompt:]
