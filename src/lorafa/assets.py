@@ -158,12 +158,13 @@ def _chatterbot_pairs(data_dir: Path) -> list[dict[str, str]]:
     pairs: list[dict[str, str]] = []
     for path in sorted(data_dir.glob("*.yml")):
         with path.open(encoding="utf-8") as f:
-            doc = yaml.safe_load(f) or {}
+            # BaseLoader keeps every scalar as written: safe_load would turn the answer "Yes" into True.
+            doc = yaml.load(f, Loader=yaml.BaseLoader) or {}
         for conversation in doc.get("conversations") or []:
             # trivia.yml holds one malformed entry that is a bare string instead of a list of turns.
             if not isinstance(conversation, list):
                 continue
-            turns = [str(turn).strip() for turn in conversation if turn is not None]
+            turns = [turn.strip() for turn in conversation if isinstance(turn, str)]
             for prompt, response in zip(turns, turns[1:], strict=False):
                 if prompt and response:
                     pairs.append({"prompt": prompt, "response": response})
