@@ -260,12 +260,15 @@ def test_dataset_dict_folder_splits_and_class_label(tmp_path, bert_tok):
     )
     valid = datasets.Dataset.from_dict({"text": ["awful"], "label": [0]}, features=features)
     datasets.DatasetDict({"train": train, "validation": valid}).save_to_disk(str(tmp_path / "glue"))
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "glue").rglob("*"))
     data = build_datasets(
         cfg(tmp_path, tmp_path / "glue", eval_file=str(tmp_path / "glue")), bert_tok, "classification"
     )
     assert data.label_names == ["neg", "pos"]  # names come from the ClassLabel feature, not its integers
     assert data.train["labels"] == [1, 0, 1] and data.eval["labels"] == [0]
     assert data.eval["input_ids"] == [[BOS, *ids("awful"), EOS]]
+    # Processing stays in memory: no cache files appear next to the user's data.
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "glue").rglob("*")) == before
 
 
 def test_seeded_split_is_reproducible(tmp_path, bert_tok):
@@ -509,6 +512,10 @@ def test_collator_pads_right(bert_tok):
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
     assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]]
     assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.long
+    # Examples already in torch format (dataset.set_format("torch")) collate the same.
+    as_tensors = [{k: torch.tensor(v) for k, v in f.items()} for f in features]
+    again = make_collator("classification", bert_tok, pad_to_multiple_of=4)(as_tensors)
+    assert all(torch.equal(batch[k], again[k]) for k in batch)
 
 
 def test_collator_pads_token_labels_with_ignore_index(tmp_path):

@@ -48,7 +48,7 @@ _READERS = {
 }
 _COMPRESSIONS = (".gz", ".bz2", ".xz")
 _EVAL_SPLITS = ("validation", "eval", "test")
-# Inputs of each task get private names so that a user's column called e.g. "labels" cannot collide with ours.
+# The config fields naming the columns each task reads; `_select_roles` renames the columns to these fields.
 _ROLES = {
     "classification": ("text_column", "text_pair_column", "label_column"),
     "regression": ("text_column", "text_pair_column", "label_column"),
@@ -328,7 +328,8 @@ def _class_ids(
 
 def _drop_unlisted(ds: Any, field: str, names: list[str]) -> Any:
     """Drop rows whose label id is -1 (not in label_names); ValueError when none is left."""
-    kept = ds.filter(lambda x: x >= 0, input_columns="label_column", **_in_memory())
+    desc = f"{field}: keeping label_names"
+    kept = ds.filter(lambda x: x >= 0, input_columns="label_column", desc=desc, **_in_memory())
     if len(kept) < len(ds):
         logger.info(
             "%s: dropped %d rows whose label is not in label_names %s", field, len(ds) - len(kept), names
@@ -371,6 +372,7 @@ def _select_roles(ds: Any, columns: dict[str, str], labels: list[Any] | None) ->
         lambda b: {role: b[column] for role, column in texts.items()},
         batched=True,
         remove_columns=ds.column_names,
+        desc="selecting columns",
         **_in_memory(),
     )
     return ds if labels is None else ds.add_column("label_column", labels)
@@ -496,6 +498,10 @@ _TOKENIZERS = {
 }
 
 
+def _has_answer(labels: list[int]) -> bool:
+    return any(x != IGNORE_INDEX for x in labels)
+
+
 def _subset(ds: Any, n: int | None, seed: int) -> Any:
     return ds if n is None or n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
 
@@ -504,15 +510,13 @@ def _prepare(ds: Any, cfg: DataConfig, tokenizer: Any, task: str, field: str, ca
     """Cap the rows, tokenize, and check that something is left."""
     if task != "clm":
         ds = _subset(ds, cap, cfg.seed)
-    ds = ds.map(
-        _TOKENIZERS[task](tokenizer, cfg), batched=True, remove_columns=ds.column_names, **_in_memory()
-    )
+    tokenize = _TOKENIZERS[task](tokenizer, cfg)
+    desc = f"{field}: tokenizing for {task}"
+    ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=desc, **_in_memory())
     if task == "sft":
         # An example whose prompt fills max_length has no answer token left to learn from.
         before = len(ds)
-        ds = ds.filter(
-            lambda labels: any(x != IGNORE_INDEX for x in labels), input_columns="labels", **_in_memory()
-        )
+        ds = ds.filter(_has_answer, input_columns="labels", desc=f"{field}: checking answers", **_in_memory())
         if len(ds) < before:
             logger.info("%s: dropped %d sft examples whose prompt fills max_length", field, before - len(ds))
     if task == "clm":
@@ -608,7 +612,7 @@ class DataCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch: dict[str, torch.Tensor] = {}
         for key in features[0]:
-            values = [f[key] for f in features]
+            values = [f[key].tolist() if isinstance(f[key], torch.Tensor) else f[key] for f in features]
             if not isinstance(values[0], list | tuple):
                 batch[key] = torch.tensor(values, dtype=torch.float32 if self.float_labels else torch.long)
                 continue
