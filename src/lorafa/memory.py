@@ -198,8 +198,6 @@ class SavedTensorTracker:
         """The category of the module called `name` (see `by_category`)."""
         if self.model is None:
             return _category_of_types([name], [name])
-        if name == "":
-            return "loss"
         parts = name.split(".")
         chain = [".".join(parts[: i + 1]) for i in range(len(parts))]
         types = []
@@ -212,7 +210,10 @@ class SavedTensorTracker:
 
 
 def _category_of_types(parts: list[str], types: list[str]) -> str:
-    # parts/types go from the outermost module to the innermost one.
+    # parts/types go from the outermost module to the innermost one. A task model (…ForCausalLM, PEFT's
+    # wrappers) computes the loss in its own forward, outside any submodule.
+    if parts == [""] or "For" in types[-1] or types[-1] in ("LoraModel", "PeftModel"):
+        return "loss"
     if any(t == "LoRAFALinear" for t in types) or any(p.startswith("lora_") for p in parts):
         return "adapter"
     leaf = types[-1]
