@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ import torch
 from lorafa.assets import resolve
 
 logger = logging.getLogger(__name__)
+
+_BatchFn = Callable[[dict[str, list[Any]]], dict[str, list[Any]]]
 
 TASKS = ("classification", "regression", "sft", "seq2seq", "clm")
 IGNORE_INDEX = -100
@@ -391,7 +394,7 @@ def _texts(batch: dict[str, list[Any]], role: str) -> list[str]:
     return [str(v) for v in batch[role]]
 
 
-def _tokenize_classification(tokenizer: Any, cfg: DataConfig, pair: bool):
+def _tokenize_classification(tokenizer: Any, cfg: DataConfig, pair: bool) -> _BatchFn:
     def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         pairs = _texts(batch, "text_pair_column") if pair else None
         enc = tokenizer(_texts(batch, "text_column"), pairs, truncation=True, max_length=cfg.max_length)
@@ -446,7 +449,7 @@ def _sft_format(tokenizer: Any, cfg: DataConfig):
     return plain
 
 
-def _tokenize_sft(tokenizer: Any, cfg: DataConfig):
+def _tokenize_sft(tokenizer: Any, cfg: DataConfig) -> _BatchFn:
     fmt = _sft_format(tokenizer, cfg)
 
     def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -458,7 +461,7 @@ def _tokenize_sft(tokenizer: Any, cfg: DataConfig):
     return fn
 
 
-def _tokenize_seq2seq(tokenizer: Any, cfg: DataConfig):
+def _tokenize_seq2seq(tokenizer: Any, cfg: DataConfig) -> _BatchFn:
     def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         enc = tokenizer(_texts(batch, "source_column"), truncation=True, max_length=cfg.max_length)
         target_length = cfg.max_target_length or cfg.max_length
@@ -470,14 +473,15 @@ def _tokenize_seq2seq(tokenizer: Any, cfg: DataConfig):
     return fn
 
 
-def _tokenize_clm(tokenizer: Any, cfg: DataConfig):
+def _tokenize_clm(tokenizer: Any, cfg: DataConfig) -> _BatchFn:
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
     def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         # Documents are joined with EOS and cut into equal blocks; the tail of each 1000-row batch that does not
         # fill a block is dropped, as in Hugging Face's run_clm.py.
         texts = [t for t in _texts(batch, "text_column") if t.strip()]
-        stream = [tok for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for tok in ids + eos]
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        stream = [tok for ids in encoded for tok in ids + eos]
         n = len(stream) // cfg.block_size * cfg.block_size
         blocks = [stream[i : i + cfg.block_size] for i in range(0, n, cfg.block_size)]
         return {
@@ -489,7 +493,7 @@ def _tokenize_clm(tokenizer: Any, cfg: DataConfig):
     return fn
 
 
-_TOKENIZERS = {
+_TOKENIZERS: dict[str, Callable[[Any, DataConfig], _BatchFn]] = {
     "classification": lambda tok, cfg: _tokenize_classification(tok, cfg, cfg.text_pair_column is not None),
     "regression": lambda tok, cfg: _tokenize_classification(tok, cfg, cfg.text_pair_column is not None),
     "sft": _tokenize_sft,
