@@ -170,15 +170,17 @@ def test_chatterbot_pairs_from_a_fake_corpus(monkeypatch, tmp_path):
 
 
 @pytest.mark.assets
-def test_chatterbot_pairs_from_the_real_corpus(tmp_path):
-    path = real_or_skip(assets.chatterbot_pairs_path, tmp_path)
+def test_chatterbot_pairs_from_the_real_corpus(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAFA_CACHE", str(tmp_path))
+    path = real_or_skip(assets.chatterbot_pairs_path)
     english = (
         Path(importlib.util.find_spec("chatterbot_corpus").submodule_search_locations[0]) / "data" / "english"
     )
     pairs = read_jsonl(path)
     assert pairs == reference_pairs(english)
     assert len(pairs) > 1000 and all(p["prompt"] and p["response"] for p in pairs)
-    assert assets.resolve("asset:chatterbot").endswith(".jsonl")
+    assert assets.resolve("asset:chatterbot") == str(path)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 # ----------------------------------------------------------------------------------------------------- SmolLM2

@@ -408,16 +408,16 @@ def test_missing_files(tmp_path, bert_tok):
 def test_unreadable_and_empty_inputs(tmp_path, bert_tok):
     (tmp_path / "d.xlsx").write_text("x")
     with pytest.raises(ValueError, match="supported file types"):
-        load_table(str(tmp_path / "d.xlsx"))
+        load_table(str(tmp_path / "d.xlsx"), cache_dir=str(tmp_path / "hf-cache"))
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ValueError, match="empty"):
-        load_table(str(tmp_path / "empty.csv"))
+        load_table(str(tmp_path / "empty.csv"), cache_dir=str(tmp_path / "hf-cache"))
     (tmp_path / "header.csv").write_text("text,label\n")
     with pytest.raises(ValueError, match="header.csv"):
-        load_table(str(tmp_path / "header.csv"))
+        load_table(str(tmp_path / "header.csv"), cache_dir=str(tmp_path / "hf-cache"))
     (tmp_path / "folder").mkdir()
     with pytest.raises(ValueError, match="save_to_disk"):
-        load_table(str(tmp_path / "folder"))
+        load_table(str(tmp_path / "folder"), cache_dir=str(tmp_path / "hf-cache"))
 
 
 def test_missing_column_lists_existing_columns(tmp_path, bert_tok):

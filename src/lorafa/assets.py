@@ -192,6 +192,7 @@ def chatterbot_pairs_path(cache_dir: Path | None = None) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for pair in pairs:
                 f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would survive the rename
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
