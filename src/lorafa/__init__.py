@@ -16,6 +16,9 @@ from lorafa.inject import (
     unmerge_lorafa,
 )
 from lorafa.layer import LoRAFALinear
+from lorafa.loss import chunked_causal_lm_loss
+from lorafa.offload import offload_activations
+from lorafa.recompute import disable_cheap_recompute, enable_cheap_recompute
 
 __version__ = "0.1.0"
 
@@ -23,10 +26,14 @@ __all__ = [
     "LoRAFAConfig",
     "LoRAFALinear",
     "add_lorafa",
+    "chunked_causal_lm_loss",
+    "disable_cheap_recompute",
+    "enable_cheap_recompute",
     "load_adapter",
     "lorafa_layers",
     "lorafa_linear",
     "merge_lorafa",
+    "offload_activations",
     "read_adapter_config",
     "remove_lorafa",
     "save_adapter",
