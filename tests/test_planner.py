@@ -1,0 +1,356 @@
+"""lorafa.planner: the meta-device plan equals the bytes a real CPU step saves; search, CLI and input errors.
+
+The reference in each comparison is a real step on CPU: a random-init model built from the same config with
+transformers, adapters added with lorafa (or PEFT), one forward + loss under SavedTensorTracker. The planner
+instead runs on the meta device, with PyTorch's SDPA replaced by its memory model of the GPU kernels for
+"sdpa-flash". On CPU, SDPA really runs a flash kernel (for inputs without attention dropout), which keeps the same
+tensors as the GPU kernels, so the comparison checks that memory model against a real kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+)
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+import lorafa
+from lorafa.inject import resolve_targets
+from lorafa.memory import SavedTensorTracker
+from lorafa.planner import (
+    PRESETS,
+    PlannerArgs,
+    format_table,
+    largest_fitting,
+    main,
+    parse_dtype,
+    parse_size,
+    run_planner,
+)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    # Tiny matmuls on a shared, busy 2-core machine: two intra-op threads make each op wait ~30 ms for a core.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+B, T, TT = 2, 16, 8  # batch, sequence length, T5 target length
+R = 4
+
+
+def tiny_config(family: str, attention: str) -> dict:
+    # CPU SDPA runs its flash kernel only without attention dropout; eager runs keep dropout to count its masks.
+    p = 0.0 if attention == "sdpa-flash" else 0.1
+    if family == "llama":
+        return dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    if family == "roberta":
+        return dict(model_type="roberta", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=72, attention_probs_dropout_prob=p)  # fmt: skip
+    return dict(model_type="t5", vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2,
+                num_heads=4, decoder_start_token_id=0, pad_token_id=0, dropout_rate=p)  # fmt: skip
+
+
+_AUTO = {
+    "llama": AutoModelForCausalLM,
+    "roberta": AutoModelForSequenceClassification,
+    "t5": AutoModelForSeq2SeqLM,
+}
+
+
+def real_step(family: str, attention: str, method: str, checkpointing: bool) -> SavedTensorTracker:
+    """The reference: one real forward + loss on CPU, tracked."""
+    d = tiny_config(family, attention)
+    config = AutoConfig.for_model(d.pop("model_type"), **d)
+    torch.manual_seed(0)
+    model = _AUTO[family].from_config(
+        config, attn_implementation="sdpa" if attention == "sdpa-flash" else "eager"
+    )
+    model.train()
+    heads = ["classifier"] if family == "roberta" else None
+    cfg = lorafa.LoRAFAConfig(r=R, lora_alpha=2 * R, lora_dropout=0.05, method="lora", modules_to_save=heads)
+    if method in ("lora", "lora-fa"):
+        cfg.method = method
+        lorafa.add_lorafa(model, cfg)
+    elif method == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = resolve_targets(model, cfg)
+        peft_cfg = LoraConfig(
+            r=R, lora_alpha=2 * R, lora_dropout=0.05, target_modules=targets, modules_to_save=heads
+        )
+        model = get_peft_model(model, peft_cfg)
+    if checkpointing:
+        hf = model.base_model.model if method == "peft-lora" else model
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 128, (B, T), generator=g)
+    batch = {"input_ids": ids}
+    if family == "roberta":
+        batch["labels"] = torch.zeros(B, dtype=torch.long)
+    elif family == "t5":
+        batch.update(labels=torch.randint(2, 128, (B, TT), generator=g), use_cache=False)
+    else:
+        batch.update(labels=ids, use_cache=False)
+    with SavedTensorTracker(model) as tracker:
+        model(**batch).loss.backward()  # a whole step: backward must work with the tracker on
+    return tracker
+
+
+def _core_meta_safe() -> bool:
+    x = torch.empty(3, 8, device="meta")
+    w, a, b = (torch.empty(s, device="meta") for s in ((6, 8), (2, 8), (6, 2)))
+    try:
+        lorafa.lorafa_linear(x, w, None, a, b, 1.0)
+    except RuntimeError:
+        return False
+    return True
+
+
+# lorafa_linear asks torch.is_autocast_enabled("meta"), which raises; reported to the core's owner. Until the
+# core guards that call, planning methods with lorafa adapters fails on meta; this mark goes away by itself then.
+needs_meta_core = pytest.mark.xfail(
+    not _core_meta_safe(), reason="core: lorafa_linear is not meta-safe (autocast query on meta)", strict=True
+)
+
+
+def plan(tmp_path, family: str, attention: str, **kw) -> dict:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_config(family, attention)))
+    args = dict(
+        config=str(path), batch_size=B, seq_len=T, target_len=TT, dtype="float32", r=R, attention=attention
+    )
+    args.update(kw)
+    return run_planner(PlannerArgs(**args))
+
+
+# Every method with the default kernel; with eager attention (which only changes the attention part) the two
+# whose adapters differ most.
+METHODS = {"sdpa-flash": ["full", "lora", "lora-fa", "peft-lora"], "eager": ["lora-fa", "peft-lora"]}
+
+
+@pytest.mark.parametrize("attention", ["sdpa-flash", "eager"])
+@pytest.mark.parametrize("family", ["llama", "roberta", "t5"])
+def test_planner_equals_a_real_cpu_step(tmp_path, family, attention):
+    compare_methods(
+        tmp_path, family, attention, [m for m in METHODS[attention] if m in ("full", "peft-lora")]
+    )
+
+
+@needs_meta_core
+@pytest.mark.parametrize("attention", ["sdpa-flash", "eager"])
+@pytest.mark.parametrize("family", ["llama", "roberta", "t5"])
+def test_planner_equals_a_real_cpu_step_lorafa_methods(tmp_path, family, attention):
+    compare_methods(tmp_path, family, attention, [m for m in METHODS[attention] if m in ("lora", "lora-fa")])
+
+
+def compare_methods(tmp_path, family: str, attention: str, methods: list[str]) -> None:
+    report = plan(tmp_path, family, attention, methods=methods)
+    expected = [(m, c) for m in methods for c in (False, True)]
+    assert [(e["method"], e["checkpointing"]) for e in report["methods"]] == expected
+    entries = report["methods"]
+    for off, on in zip(entries[::2], entries[1::2], strict=True):
+        check_against_real_step(family, attention, off["method"], off, on)
+
+
+def check_against_real_step(family: str, attention: str, method: str, off: dict, on: dict) -> None:
+    real_off = real_step(family, attention, method, False)
+    inexact = family == "t5" and method == "full" and attention == "sdpa-flash"
+    if inexact:
+        # Full fine-tuning trains T5's relative position bias, so SDPA gets an additive mask that needs a
+        # gradient. On a GPU the memory-efficient kernel handles that and keeps q, k, v, out, lse and the bias (the
+        # planner's model); PyTorch's CPU flash kernel cannot, and CPU SDPA falls back to the math path, which also
+        # keeps the T×T probabilities. So the real CPU step keeps more here, by the probabilities and friends.
+        assert off["activations_saved"] < real_off.total_bytes < 1.1 * off["activations_saved"]
+    else:
+        assert off["activations_saved"] == real_off.total_bytes, method
+    assert off["activations_recompute"] == 0
+    assert on["activations_saved"] == real_step(family, attention, method, True).total_bytes, method
+    # With checkpointing, backward re-creates one layer's activations: the largest layer of the plain step.
+    assert real_off.model is not None
+    layers = [n for n, m in real_off.model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
+    per_layer = [
+        sum(b for n, b in real_off.by_module.items() if n == x or n.startswith(x + ".")) for x in layers
+    ]
+    if not inexact:
+        assert on["activations_recompute"] == max(per_layer)
+    assert on["activations"] == on["activations_saved"] + on["activations_recompute"]
+    for e in (off, on):
+        assert sum(e["activations_by_category"].values()) == e["activations_saved"]
+        assert (
+            e["total"]
+            == e["weights"] + e["grads"] + e["optimizer_states"] + e["master_weights"] + e["activations"]
+        )
+
+
+@needs_meta_core
+def test_lorafa_keeps_less_than_lora_and_peft(tmp_path):
+    report = plan(tmp_path, "llama", "sdpa-flash", checkpointing="off")
+    acts = {e["method"]: e["activations"] for e in report["methods"]}
+    assert acts["lora-fa"] < acts["lora"] < acts["peft-lora"]
+    cats = {e["method"]: e["activations_by_category"] for e in report["methods"]}
+    # LoRA-FA's adapters keep u (N, r) per adapted layer: 7 layers x 2 blocks x B·T·r floats.
+    assert cats["lora-fa"]["adapter"] == 7 * 2 * B * T * R * 4
+
+
+def test_static_parts_follow_the_methods(tmp_path):
+    report = plan(
+        tmp_path, "llama", "sdpa-flash", methods=["full", "peft-lora"], checkpointing="off", dtype="bf16"
+    )
+    full, peft = report["methods"]
+    assert full["trainable_params"] == full["total_params"]
+    n = full["trainable_params"]
+    assert full["grads"] == 2 * n and full["optimizer_states"] == 8 * n and full["master_weights"] == 4 * n
+    assert sum(full["weights_by_dtype"].values()) == full["weights"]
+    assert full["weights_by_dtype"]["bfloat16"] == 2 * full["total_params"]  # the rest: fp32 rotary buffers
+    # PEFT keeps its adapters in fp32 on a bf16 model: fp32 grads, fp32 moments, no master copies.
+    m = peft["trainable_params"]
+    assert 0 < m < n and peft["grads"] == 4 * m and peft["optimizer_states"] == 8 * m
+    assert peft["master_weights"] == 0
+
+
+# ---- largest batch ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("upper", [1, 7, 64, 1000])
+def test_largest_fitting_finds_the_edge_of_a_monotone_predicate(upper):
+    for edge in [0, 1, 2, 3, 5, 8, 63, 64, 65, 700, 5000]:
+        calls: list[int] = []
+
+        def fits(n, edge=edge, calls=calls):
+            calls.append(n)
+            return n <= edge
+
+        assert largest_fitting(fits, upper) == min(edge, upper)
+        assert len(calls) <= 2 * math.log2(upper + 1) + 3
+        assert all(1 <= c <= upper for c in calls)
+
+
+@pytest.mark.parametrize("method", ["full", pytest.param("lora-fa", marks=needs_meta_core)])
+def test_planner_batch_search_is_exact_at_its_edge(tmp_path, method):
+    kw = dict(methods=[method], checkpointing="off")
+    totals = {
+        b: plan(tmp_path, "llama", "sdpa-flash", batch_size=b, **kw)["methods"][0]["total"] for b in (5, 6)
+    }
+    assert totals[6] > totals[5]
+    at_edge = plan(tmp_path, "llama", "sdpa-flash", gpu_memory=f"{totals[5]}B", **kw)
+    assert at_edge["methods"][0]["max_batch_size"] == 5
+    below = plan(tmp_path, "llama", "sdpa-flash", gpu_memory=f"{totals[5] - 1}B", **kw)
+    assert below["methods"][0]["max_batch_size"] == 4
+    reserve = plan(tmp_path, "llama", "sdpa-flash", gpu_memory=f"{totals[6] + 1000}B", reserve="1000B", **kw)
+    assert reserve["methods"][0]["max_batch_size"] == 6
+    nothing = plan(tmp_path, "llama", "sdpa-flash", gpu_memory="1KB", **kw)
+    assert nothing["methods"][0]["max_batch_size"] == 0
+
+
+def test_planner_seq_search_is_exact_at_its_edge(tmp_path):
+    kw = dict(methods=["full"], checkpointing="off", attention="eager")
+    total_20 = plan(tmp_path, "llama", **kw, seq_len=20)["methods"][0]["total"]
+    found = plan(tmp_path, "llama", **kw, gpu_memory=f"{total_20}B", search="seq")["methods"][0][
+        "max_seq_len"
+    ]
+    assert found == 20
+    capped = plan(tmp_path, "llama", **kw, gpu_memory="1TB", search="seq")["methods"][0]["max_seq_len"]
+    assert capped == 64  # max_position_embeddings
+
+
+# ---- input errors -----------------------------------------------------------------------------------------------
+def test_sizes_parse_with_si_and_binary_units():
+    assert parse_size("24GB") == 24 * 10**9
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("80G") == 80 * 2**30
+    assert parse_size("141GB") == 141 * 10**9
+    assert parse_size("1.5 gib") == int(1.5 * 2**30)
+    assert parse_size("40") == 40 * 10**9
+    assert parse_size("512MiB") == 512 * 2**20
+
+
+@pytest.mark.parametrize("bad", ["24 GiBs", "GB", "-4GB", "24GiB2", "", "24 gigs"])
+def test_unparseable_sizes_are_rejected_naming_the_flag(bad):
+    with pytest.raises(ValueError, match="--gpu-memory: cannot parse memory size"):
+        parse_size(bad)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(preset="llama-9000"), "--preset: unknown preset 'llama-9000'"),
+        (dict(preset="llama-2-7b", batch_size=0), "--batch-size must be a positive integer"),
+        (dict(preset="llama-2-7b", batch_size=-3), "--batch-size"),
+        (dict(preset="llama-2-7b", seq_len=0), "--seq-len"),
+        (dict(preset="llama-2-7b", dtype="fp12"), "--dtype: unknown dtype 'fp12'"),
+        (dict(preset="llama-2-7b", gpu_memory="24 GiBs"), "--gpu-memory: cannot parse"),
+        (dict(preset="llama-2-7b", methods=["qlora"]), "--methods"),
+        (dict(preset="llama-2-7b", attention="flash3"), "--attention"),
+        (dict(), "exactly one of --preset or --config"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_flag(kw, match):
+    with pytest.raises(ValueError, match=match):
+        run_planner(PlannerArgs(**kw))
+
+
+def test_unreadable_configs_raise(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--config: no such file"):
+        run_planner(PlannerArgs(config=str(tmp_path / "missing.json")))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="--config: cannot read"):
+        run_planner(PlannerArgs(config=str(broken)))
+    (tmp_path / "nomodel.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ValueError, match="no 'model_type'"):
+        run_planner(PlannerArgs(config=str(tmp_path / "nomodel.json")))
+    (tmp_path / "alien.json").write_text(json.dumps({"model_type": "not-a-model"}))
+    with pytest.raises(ValueError, match="unsupported model_type"):
+        run_planner(PlannerArgs(config=str(tmp_path / "alien.json")))
+
+
+def test_dtype_names():
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float32") is torch.float32
+
+
+def test_presets_build_on_meta():
+    # Every preset instantiates and its parameter count is that of the public model (±1% for heads).
+    from lorafa.planner import build_model, load_config, resolve_task
+
+    expected = {"roberta-base": 125e6, "t5-base": 223e6, "llama-2-7b": 6.74e9, "qwen2.5-7b": 7.62e9}
+    for name, n in expected.items():
+        config = load_config(PlannerArgs(preset=name))
+        model = build_model(config, resolve_task(config, "auto"), torch.bfloat16, "sdpa-flash")
+        params = sum(p.numel() for p in model.parameters())
+        assert abs(params - n) / n < 0.01, (name, params)
+    assert set(expected) <= set(PRESETS)
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+def test_cli_table_json_and_plot(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_config("llama", "sdpa-flash")))
+    common = ["--config", str(path), "--batch-size", "2", "--seq-len", "8", "--methods", "full", "peft-lora"]
+    assert main([*common, "--json", "--gpu-memory", "3MB", "--max-search", "64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [e["method"] for e in report["methods"]] == ["full", "full", "peft-lora", "peft-lora"]
+    assert all(e["max_batch_size"] > 0 for e in report["methods"])
+    png = tmp_path / "plan.png"
+    assert main([*common, "--checkpointing", "off", "--plot", str(png)]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith(str(path)) and "peft-lora" in table and "activations" in table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert format_table(report).count("\n") > 4
+
+
+def test_cli_errors_exit_2_with_a_message(capsys):
+    assert main(["--preset", "nope"]) == 2
+    assert "--preset: unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["--preset", "llama-2-7b", "--gpu-memory", "24 GiBs"]) == 2
+    assert "24 GiBs" in capsys.readouterr().err
