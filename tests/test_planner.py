@@ -71,15 +71,29 @@ _AUTO = {
 
 
 def real_step(family: str, attention: str, method: str, checkpointing: bool) -> SavedTensorTracker:
-    """The reference: one real forward + loss on CPU, tracked."""
+    """The reference: one real training step on CPU of a random-init tiny model, tracked."""
     d = tiny_config(family, attention)
     config = AutoConfig.for_model(d.pop("model_type"), **d)
     torch.manual_seed(0)
-    model = _AUTO[family].from_config(
-        config, attn_implementation="sdpa" if attention == "sdpa-flash" else "eager"
-    )
+    impl = "sdpa" if attention == "sdpa-flash" else "eager"
+    model = _AUTO[family].from_config(config, attn_implementation=impl)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 128, (B, T), generator=g)
+    batch = {"input_ids": ids}
+    if family == "roberta":
+        batch["labels"] = torch.zeros(B, dtype=torch.long)
+    elif family == "t5":
+        batch.update(labels=torch.randint(2, 128, (B, TT), generator=g), use_cache=False)
+    else:
+        batch.update(labels=ids, use_cache=False)
+    return tracked_step(model, method, checkpointing, batch, ["classifier"] if family == "roberta" else None)
+
+
+def tracked_step(
+    model, method: str, checkpointing: bool, batch: dict, heads: list[str] | None
+) -> SavedTensorTracker:
+    """Set `model` up for `method` (lorafa, or PEFT as its users do) and run one tracked forward + backward."""
     model.train()
-    heads = ["classifier"] if family == "roberta" else None
     cfg = lorafa.LoRAFAConfig(r=R, lora_alpha=2 * R, lora_dropout=0.05, method="lora", modules_to_save=heads)
     if method in ("lora", "lora-fa"):
         cfg.method = method
@@ -95,15 +109,6 @@ def real_step(family: str, attention: str, method: str, checkpointing: bool) -> 
     if checkpointing:
         hf = model.base_model.model if method == "peft-lora" else model
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, 128, (B, T), generator=g)
-    batch = {"input_ids": ids}
-    if family == "roberta":
-        batch["labels"] = torch.zeros(B, dtype=torch.long)
-    elif family == "t5":
-        batch.update(labels=torch.randint(2, 128, (B, TT), generator=g), use_cache=False)
-    else:
-        batch.update(labels=ids, use_cache=False)
     with SavedTensorTracker(model) as tracker:
         model(**batch).loss.backward()  # a whole step: backward must work with the tracker on
     return tracker
@@ -354,3 +359,78 @@ def test_cli_errors_exit_2_with_a_message(capsys):
     assert "--preset: unknown preset 'nope'" in capsys.readouterr().err
     assert main(["--preset", "llama-2-7b", "--gpu-memory", "24 GiBs"]) == 2
     assert "24 GiBs" in capsys.readouterr().err
+
+
+def test_memory_subparser_wires_into_an_argparse_cli(tmp_path, capsys):
+    import argparse
+
+    from lorafa.planner import add_memory_subparser
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_config("llama", "sdpa-flash")))
+    parser = argparse.ArgumentParser(prog="lorafa")
+    add_memory_subparser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["memory", "--config", str(path), "--seq-len", "8", "--methods", "full", "--json"]
+    )
+    assert args.run(args) == 0
+    assert json.loads(capsys.readouterr().out)["methods"][0]["method"] == "full"
+
+
+# ---- real small models (offline assets) ---------------------------------------------------------------------------
+def _asset(name: str):
+    from lorafa import assets
+
+    try:
+        return getattr(assets, name)()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def _compare_pretrained(folder, auto, task: str, attention: str, method: str, seq_len: int) -> None:
+    report = run_planner(
+        PlannerArgs(
+            config=str(folder),
+            batch_size=B,
+            seq_len=seq_len,
+            dtype="float32",
+            r=R,
+            methods=[method],
+            checkpointing="off",
+            task=task,
+            attention=attention,
+        )  # fmt: skip
+    )
+    impl = "sdpa" if attention == "sdpa-flash" else "eager"
+    model = auto.from_pretrained(folder, dtype=torch.float32, attn_implementation=impl)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (B, seq_len), generator=g)
+    if task == "seq-cls":
+        batch = {"input_ids": ids, "labels": torch.zeros(B, dtype=torch.long)}
+        heads = ["classifier"]
+    else:
+        batch = {"input_ids": ids, "labels": ids, "use_cache": False}
+        heads = None
+    real = tracked_step(model, method, False, batch, heads)
+    assert report["methods"][0]["activations_saved"] == real.total_bytes
+
+
+@pytest.mark.assets
+@pytest.mark.parametrize("method", ["full", pytest.param("lora-fa", marks=needs_meta_core), "peft-lora"])
+def test_planner_equals_real_minilm_step(method):
+    # MiniLM (BERT) trains with attention dropout 0.1, for which CPU SDPA has no flash kernel: compare eager.
+    from transformers import AutoModelForSequenceClassification
+
+    folder = _asset("minilm_path")
+    _compare_pretrained(folder, AutoModelForSequenceClassification, "seq-cls", "eager", method, 16)
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", pytest.param("lora-fa", marks=needs_meta_core), "peft-lora"])
+def test_planner_equals_real_smollm2_step(method):
+    # SmolLM2 (LLaMA-shaped, 30 layers, GQA) has no attention dropout: CPU SDPA runs its flash kernel.
+    from transformers import AutoModelForCausalLM
+
+    folder = _asset("smollm2_model_dir")  # converted from the GGUF once (~20 s), then cached
+    _compare_pretrained(folder, AutoModelForCausalLM, "causal-lm", "sdpa-flash", method, 16)

@@ -854,14 +854,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_memory_subparser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the `memory` subcommand to an argparse subparsers object; its `func` default is `memory_main`."""
+    """Add the `memory` subcommand to an argparse subparsers object; its handler (`run`, also `func`) is `memory_main`."""
     p = subparsers.add_parser(
         "memory",
         help="plan training memory per method (no weights needed)",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     _add_arguments(p)
-    p.set_defaults(func=memory_main)
+    p.set_defaults(run=memory_main, func=memory_main)
     return p
 
 
