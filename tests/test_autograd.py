@@ -249,3 +249,21 @@ def test_no_gradient_for_frozen_inputs():
     y = lorafa_linear(x, W, b, A, Bg, 1.0, 0.1)
     y.sum().backward()
     assert Bg.grad is not None and x.grad is None and A.grad is None and W.grad is None
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5])
+def test_dropout_mask_rate_and_determinism(p):
+    from lorafa.autograd import dropout_mask
+
+    shape = torch.Size((400, 500))
+    m = dropout_mask(shape, seed=11, p=p, device=torch.device("cpu"))
+    q = keep_probability(p)
+    assert abs(q - (1 - p)) <= 1 / 65536
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    sigma = (q * (1 - q) / m.numel()) ** 0.5
+    assert abs(m.mean().item() - q) < 5 * sigma  # the measured keep rate is the stated one
+    assert torch.equal(m, dropout_mask(shape, seed=11, p=p, device=torch.device("cpu")))
+    assert torch.equal(
+        m.bfloat16(), dropout_mask(shape, seed=11, p=p, device=torch.device("cpu"), dtype=torch.bfloat16)
+    )
+    assert not torch.equal(m, dropout_mask(shape, seed=12, p=p, device=torch.device("cpu")))
