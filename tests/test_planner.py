@@ -9,11 +9,15 @@ tensors as the GPU kernels, so the comparison checks that memory model against a
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import math
 
 import pytest
 import torch
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -70,7 +74,23 @@ _AUTO = {
 }
 
 
-def real_step(family: str, attention: str, method: str, checkpointing: bool) -> SavedTensorTracker:
+class CudaDropout(TorchFunctionMode):
+    """`F.dropout` as CUDA runs it: the fused `torch.native_dropout`, which keeps a bool mask. Runs on CPU too."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.dropout:
+            a = inspect.signature(F.dropout).bind(*args, **kwargs)
+            a.apply_defaults()
+            x, p, training, inplace = a.args
+            if training and 0 < p < 1 and not inplace:
+                return torch.native_dropout(x, p, True)[0]
+        return func(*args, **kwargs)
+
+
+def real_step(
+    family: str, attention: str, method: str, checkpointing: bool, cuda_dropout: bool = False
+) -> SavedTensorTracker:
     """The reference: one real training step on CPU of a random-init tiny model, tracked."""
     d = tiny_config(family, attention)
     config = AutoConfig.for_model(d.pop("model_type"), **d)
@@ -86,7 +106,9 @@ def real_step(family: str, attention: str, method: str, checkpointing: bool) -> 
         batch.update(labels=torch.randint(2, 128, (B, TT), generator=g), use_cache=False)
     else:
         batch.update(labels=ids, use_cache=False)
-    return tracked_step(model, method, checkpointing, batch, ["classifier"] if family == "roberta" else None)
+    heads = ["classifier"] if family == "roberta" else None
+    with CudaDropout() if cuda_dropout else contextlib.nullcontext():
+        return tracked_step(model, method, checkpointing, batch, heads)
 
 
 def tracked_step(
@@ -135,7 +157,14 @@ def plan(tmp_path, family: str, attention: str, **kw) -> dict:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(tiny_config(family, attention)))
     args = dict(
-        config=str(path), batch_size=B, seq_len=T, target_len=TT, dtype="float32", r=R, attention=attention
+        device="cpu",  # the reference runs on CPU, whose dropout keeps a float noise tensor
+        config=str(path),
+        batch_size=B,
+        seq_len=T,
+        target_len=TT,
+        dtype="float32",
+        r=R,
+        attention=attention,
     )
     args.update(kw)
     return run_planner(PlannerArgs(**args))
@@ -198,6 +227,23 @@ def check_against_real_step(family: str, attention: str, method: str, off: dict,
             e["total"]
             == e["weights"] + e["grads"] + e["optimizer_states"] + e["master_weights"] + e["activations"]
         )
+
+
+@pytest.mark.parametrize(
+    "family, attention, method",
+    [("roberta", "eager", "peft-lora"), ("t5", "eager", "full"), ("llama", "sdpa-flash", "peft-lora")],
+)
+def test_device_cuda_models_the_fused_dropout_mask(tmp_path, family, attention, method):
+    # Reference: the real CPU step with F.dropout run as on CUDA (torch.native_dropout, a bool mask).
+    cuda, cpu = (
+        plan(tmp_path, family, attention, methods=[method], checkpointing="off", device=d)["methods"][0]
+        for d in ("cuda", "cpu")
+    )
+    assert (
+        cuda["activations_saved"]
+        == real_step(family, attention, method, False, cuda_dropout=True).total_bytes
+    )
+    assert cuda["activations_saved"] < cpu["activations_saved"]  # 1 byte per mask element instead of 4
 
 
 @needs_meta_core
@@ -396,10 +442,11 @@ def _compare_pretrained(folder, auto, task: str, attention: str, method: str, se
             dtype="float32",
             r=R,
             methods=[method],
+            device="cpu",
             checkpointing="off",
             task=task,
             attention=attention,
-        )  # fmt: skip
+        )
     )
     impl = "sdpa" if attention == "sdpa-flash" else "eager"
     model = auto.from_pretrained(folder, dtype=torch.float32, attn_implementation=impl)

@@ -40,6 +40,7 @@ from lorafa.memory import SavedTensorTracker, static_memory
 
 METHODS = ("full", "lora", "lora-fa", "peft-lora")
 ATTENTIONS = ("sdpa-flash", "eager")
+DEVICES = ("cuda", "cpu")
 TASKS = ("auto", "causal-lm", "seq-cls", "seq2seq")
 CHECKPOINTING = ("both", "off", "on")
 SEARCHES = ("batch", "seq")
@@ -194,6 +195,10 @@ class PlannerArgs:
     """Activation checkpointing: "off", "on" or "both" (--checkpointing)."""
     attention: str = "sdpa-flash"
     """"sdpa-flash" (GPU flash/memory-efficient SDPA) or "eager" (keeps T×T probabilities) (--attention)."""
+    device: str = "cuda"
+    """Where training runs, for the kernels' memory: "cuda" (dropout keeps a 1-byte mask) or "cpu" (dropout keeps
+    its noise in the input's dtype; CPU SDPA keeps what "sdpa-flash" models when there is no attention dropout)
+    (--device)."""
     task: str = "auto"
     """"causal-lm", "seq-cls", "seq2seq", or "auto" from the config (--task)."""
     num_labels: int = 2
@@ -237,6 +242,7 @@ class PlannerArgs:
         for flag, choice, allowed in (
             ("--checkpointing", self.checkpointing, CHECKPOINTING),
             ("--attention", self.attention, ATTENTIONS),
+            ("--device", self.device, DEVICES),
             ("--task", self.task, TASKS),
             ("--search", self.search, SEARCHES),
             ("--optimizer", self.optimizer, ("adamw", "sgd", "none")),
@@ -348,22 +354,39 @@ _ALL = (torch.all, Tensor.all)
 _ANY = (torch.any, Tensor.any)
 
 
-class _MetaPlanningMode(TorchFunctionMode):
-    """What a meta forward needs: the GPU attention kernel's memory model, and answers to data checks.
+def _fused_dropout(
+    input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False
+) -> Tensor | None:
+    if not training or not 0.0 < p < 1.0 or inplace:
+        return None
+    return torch.native_dropout(input, p, True)[0]
 
-    Meta tensors have no values, so a data-dependent check (`if mask.all():`) cannot run. transformers only
-    makes such checks to skip work for inputs without padding, packing or overflow, which is what the planner's
-    batch is: `all()` of a meta tensor is answered True and `any()` False, as a CPU scalar.
+
+class _MetaPlanningMode(TorchFunctionMode):
+    """What a meta forward needs: the target device's kernels (for memory), and answers to data checks.
+
+    Kernels: with `flash`, SDPA is `_SimulatedFlashAttention`. With `fused_dropout`, `F.dropout` runs
+    `torch.native_dropout`, the fused kernel `F.dropout` uses on CUDA, which keeps a bool mask (1 byte per
+    element); on CPU and meta, `F.dropout` multiplies by a noise tensor it keeps in the input's dtype.
+
+    Data checks: meta tensors have no values, so a data-dependent check (`if mask.all():`) cannot run.
+    transformers only makes such checks to skip work for inputs without padding, packing or overflow, which is
+    what the planner's batch is: `all()` of a meta tensor is answered True and `any()` False, as a CPU scalar.
     """
 
-    def __init__(self, flash: bool) -> None:
+    def __init__(self, flash: bool, fused_dropout: bool) -> None:
         super().__init__()
         self.flash = flash
+        self.fused_dropout = fused_dropout
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         if self.flash and func is F.scaled_dot_product_attention:
             return _flash_sdpa(*args, **kwargs)
+        if self.fused_dropout and func is F.dropout and args[0].device.type == "meta":
+            out = _fused_dropout(*args, **kwargs)
+            if out is not None:
+                return out
         if (func in _ALL or func in _ANY) and isinstance(args[0], Tensor) and args[0].device.type == "meta":
             result = func(*args, **kwargs)
             if result.dim() == 0:
@@ -511,9 +534,9 @@ def checkpointed_layers(model: nn.Module) -> list[str]:
 
 
 @contextmanager
-def attention_kernel(attention: str) -> Iterator[None]:
-    """Inside, SDPA behaves (for memory) like the GPU kernel chosen by `attention`, and meta data checks pass."""
-    with _MetaPlanningMode(flash=attention == "sdpa-flash"):
+def planning_mode(attention: str, device: str = "cuda") -> Iterator[None]:
+    """Inside, a meta forward keeps (for memory) what `attention` and `device`'s kernels keep (see PlannerArgs)."""
+    with _MetaPlanningMode(flash=attention == "sdpa-flash", fused_dropout=device == "cuda"):
         yield
 
 
@@ -536,15 +559,21 @@ class Activations:
 
 
 def measure_activations(
-    model: nn.Module, batch: dict, attention: str, checkpointing: bool, plain: Activations | None = None
+    model: nn.Module,
+    batch: dict,
+    attention: str,
+    checkpointing: bool,
+    plain: Activations | None = None,
+    device: str = "cuda",
 ) -> Activations:
-    """Run one forward + loss of `model` on `batch` and count the bytes saved for backward.
+    """Run one meta forward + loss of `model` on `batch` and count the bytes saved for backward.
 
     With `checkpointing`, the forward without checkpointing is needed too (for the largest layer, re-created
-    during backward); pass it as `plain` when already measured.
+    during backward); pass it as `plain` when already measured. `attention` and `device` pick the kernels whose
+    memory is modelled (see PlannerArgs).
     """
     if plain is None or not checkpointing:
-        tracker = _track(model, batch, attention, False)
+        tracker = _track(model, batch, attention, False, device)
         prefix = "base_model.model." if _hf_model(model) is not model else ""
         per_layer = [
             sum(
@@ -557,14 +586,16 @@ def measure_activations(
         plain = Activations(tracker.total_bytes, 0, tracker.by_category(), max(per_layer, default=0))
         if not checkpointing:
             return plain
-    tracker = _track(model, batch, attention, True)
+    tracker = _track(model, batch, attention, True, device)
     return Activations(tracker.total_bytes, plain.per_layer_max, tracker.by_category(), plain.per_layer_max)
 
 
-def _track(model: nn.Module, batch: dict, attention: str, checkpointing: bool) -> SavedTensorTracker:
+def _track(
+    model: nn.Module, batch: dict, attention: str, checkpointing: bool, device: str
+) -> SavedTensorTracker:
     set_checkpointing(model, checkpointing)
     try:
-        with attention_kernel(attention), SavedTensorTracker(model) as tracker:
+        with planning_mode(attention, device), SavedTensorTracker(model) as tracker:
             model(**batch)  # the output holds the loss; its graph is dropped on return
     finally:
         set_checkpointing(model, False)
@@ -643,9 +674,11 @@ def run_planner(args: PlannerArgs) -> dict[str, Any]:
         batch = make_batch(
             config, task, args.batch_size, args.seq_len, args.target_len or args.seq_len, "meta"
         )
-        plain = measure_activations(model, batch, args.attention, False)
+        plain = measure_activations(model, batch, args.attention, False, device=args.device)
         for ckpt in ckpts:
-            acts = measure_activations(model, batch, args.attention, True, plain) if ckpt else plain
+            acts = (
+                measure_activations(model, batch, args.attention, True, plain, args.device) if ckpt else plain
+            )
             entry = _entry(method, ckpt, model, args, acts)
             if budget is not None:
                 entry[key] = _search(model, ckpt, args, config, task, budget)
@@ -665,6 +698,7 @@ def run_planner(args: PlannerArgs) -> dict[str, Any]:
             "lora_dropout": args.lora_dropout,
             "target_modules": _target_names(args, config, task, dtype),
             "attention": args.attention,
+            "device": args.device,
             "optimizer": args.optimizer,
             "mixed_precision": args.mixed_precision,
         },
@@ -698,7 +732,8 @@ def _search(model: nn.Module, ckpt: bool, args: PlannerArgs, config: Any, task: 
             else:
                 b, t, tt = args.batch_size, n, args.target_len or n
             batch = make_batch(config, task, b, t, tt, "meta")
-            cache[n] = static + measure_activations(model, batch, args.attention, ckpt).total <= budget
+            acts = measure_activations(model, batch, args.attention, ckpt, device=args.device)
+            cache[n] = static + acts.total <= budget
         return cache[n]
 
     upper = args.max_search
@@ -726,7 +761,13 @@ def _notes(args: PlannerArgs) -> list[str]:
         )
     else:
         notes.append("attention eager: keeps the T×T attention probabilities (and their dropout mask).")
-    if "on" in (args.checkpointing, "both") or args.checkpointing == "both":
+    if args.device == "cuda":
+        notes.append(
+            "device cuda: each dropout keeps a bool mask (CUDA's fused dropout), 1 byte per element."
+        )
+    else:
+        notes.append("device cpu: each dropout keeps its scaled noise in the input's dtype (CPU's dropout).")
+    if args.checkpointing != "off":
         notes.append(
             "checkpointing (non-reentrant): activations = what the forward keeps (layer inputs and the parts "
             "outside the layers) + the largest layer's activations, re-created once during backward."
@@ -751,7 +792,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['model']} ({report['model_type']}, {report['task']}): batch {s['batch_size']} × seq "
         f"{s['seq_len']}"
         + (f" (targets {s['target_len']})" if s["target_len"] else "")
-        + f", {s['dtype']}, r={s['r']}, dropout {s['lora_dropout']}, attention {s['attention']}",
+        + f", {s['dtype']}, r={s['r']}, dropout {s['lora_dropout']}, attention {s['attention']}, "
+        f"device {s['device']}",
     ]
     search_key = None
     if report["gpu_memory"] is not None:
@@ -839,6 +881,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"from {list(METHODS)}")
     p.add_argument("--checkpointing", default=d.checkpointing, help="off, on or both")
     p.add_argument("--attention", default=d.attention, help="sdpa-flash (GPU kernels, default) or eager")
+    p.add_argument("--device", default=d.device, help="cuda (default) or cpu: whose dropout kernel to model")
     p.add_argument("--task", default=d.task, help=f"one of {list(TASKS)}")
     p.add_argument("--num-labels", type=int, default=d.num_labels)
     p.add_argument("--optimizer", default=d.optimizer, help="adamw, sgd or none")
@@ -881,6 +924,7 @@ def args_from_namespace(ns: argparse.Namespace) -> PlannerArgs:
         methods=ns.methods,
         checkpointing=ns.checkpointing,
         attention=ns.attention,
+        device=ns.device,
         task=ns.task,
         num_labels=ns.num_labels,
         optimizer=ns.optimizer,
