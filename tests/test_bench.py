@@ -59,14 +59,15 @@ def test_smoke_run_writes_report_with_consistent_numbers(tmp_path):
     md = (tmp_path / "BENCHMARKS.md").read_text()
     for row in rows:
         assert bench.METHODS[row["method"]].label in md
-    assert "python -m lorafa.bench --models tiny-llama" in md and "MALLOC_MMAP_THRESHOLD_=65536" in md
+    assert "python -m lorafa.bench --models tiny-llama" in md and "--allocator lorafa" in md
+    assert all(f"{k}={v}" in md for k, v in bench.malloc_env("lorafa").items())
     assert (tmp_path / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (
         json.loads((tmp_path / "benchmarks.json").read_text())["rows"][1]["saved_bytes"] == fa["saved_bytes"]
     )
 
-    # The allocator setting reached every worker.
-    assert {r["malloc_mmap_threshold"] for r in rows} == {"65536"}
+    # The allocator setting (by default the one `lorafa train` uses on CPU) reached every worker.
+    assert all(r["malloc_env"] == bench.malloc_env("lorafa") for r in rows)
 
     # LoRA-FA keeps fewer bytes than PEFT LoRA, and at most the floor plus one (tokens, r) tensor per adapter.
     linears = _adapted_linears("tiny-llama")
@@ -181,7 +182,7 @@ def test_ratios_and_checks_pair_methods_at_the_same_dropout():
         ({"batch": 0}, "--batch"),
         ({"dropout": [1.0]}, "--dropout"),
         ({"device": "tpu"}, "--device"),
-        ({"malloc_mmap_threshold": -1}, "--malloc-mmap-threshold"),
+        ({"allocator": "tcmalloc"}, "--allocator"),
     ],
 )
 def test_invalid_settings_name_the_option(kwargs, option):
@@ -193,10 +194,10 @@ def test_cli_subcommand_parses_and_rejects_bad_input(capsys):
     parser = argparse.ArgumentParser(prog="lorafa")
     bench.add_bench_subparser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(
-        ["bench", "--models", "tiny-llama", "--dropout", "0.05", "0", "--malloc-mmap-threshold", "none"]
+        ["bench", "--models", "tiny-llama", "--dropout", "0.05", "0", "--allocator", "glibc"]
     )
-    assert args.func is bench.bench_main
-    assert args.dropout == [0.05, 0.0] and args.malloc_mmap_threshold is None
+    assert args.run is bench.bench_main
+    assert args.dropout == [0.05, 0.0] and args.allocator == "glibc"
     assert args.methods == bench.DEFAULT_METHODS
     bad = parser.parse_args(["bench", "--models", "tiny-llama", "--methods", "nope"])
     assert bench.bench_main(bad) == 2  # rejected before any worker starts

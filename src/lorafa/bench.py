@@ -3,9 +3,9 @@
 Every (model, method, LoRA dropout) runs in its own fresh worker process (`python -m lorafa.bench --worker JOB`,
 one JSON result on stdout), one after the other, so that one method's allocations cannot hide another's peak and
 every method starts from the same empty heap (issue 5). All workers get the same allocator setting: by default
-`MALLOC_MMAP_THRESHOLD_=65536`, because with glibc's default a freed large block stays in the heap and peak RSS
-then measures fragmentation rather than the method (issue 5 measured one LoRA-FA step at 6.9 GiB by default and
-3.9 GiB with this setting).
+the glibc malloc thresholds `lorafa train` uses on CPU (`lorafa.allocator`), because with glibc's default a freed
+large block stays in the heap and peak RSS then measures fragmentation rather than the method (issue 5 measured
+one LoRA-FA step at 6.9 GiB by default and 3.9 GiB with `MALLOC_MMAP_THRESHOLD_=65536`).
 
 Per worker: the model is built from the same seed, a fixed random batch is drawn, and one training step
 (forward, backward, optimizer step) runs under `lorafa.memory.SavedTensorTracker` (saved-for-backward bytes);
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 RESULT_PREFIX = "LORAFA_BENCH_RESULT "
-DEFAULT_MMAP_THRESHOLD = 65536
+ALLOCATORS = ("lorafa", "glibc", "inherit")
 MIB = 2**20
 
 
@@ -219,8 +219,9 @@ class BenchSettings:
     """"auto" (CUDA when present), "cpu" or "cuda"."""
     dtype: str = "auto"
     """"auto" (float32 on CPU, bfloat16 on CUDA), "float32" or "bfloat16"."""
-    malloc_mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD
-    """MALLOC_MMAP_THRESHOLD_ for every worker; None leaves the environment as it is."""
+    allocator: str = "lorafa"
+    """Workers' glibc malloc settings: "lorafa" (`lorafa.allocator.malloc_settings()`, what `lorafa train` uses
+    on CPU), "glibc" (glibc's defaults: every MALLOC_* variable removed) or "inherit" (this environment)."""
     threads: int | None = None
     """torch threads per worker; None keeps torch's default."""
     repeats: int = 1
@@ -251,8 +252,8 @@ class BenchSettings:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.malloc_mmap_threshold is not None and self.malloc_mmap_threshold < 0:
-            raise ValueError(f"--malloc-mmap-threshold must be >= 0, got {self.malloc_mmap_threshold}")
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f"--allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -563,7 +564,7 @@ def run_job(job: Job) -> dict[str, Any]:
         "setup_s": setup_s,
         "first_loss": first_loss,
         "threads": torch.get_num_threads(),
-        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
         "notes": notes,
     }
 
@@ -597,10 +598,24 @@ def _jobs(settings: BenchSettings) -> list[Job]:
     ]
 
 
+def malloc_env(allocator: str) -> dict[str, str] | None:
+    """The MALLOC_* variables workers get for `allocator` ({} = glibc's defaults), or None to inherit."""
+    if allocator == "inherit":
+        return None
+    if allocator == "glibc":
+        return {}
+    try:
+        from lorafa.allocator import malloc_settings
+    except ImportError:  # lorafa without the allocator module: its documented core setting
+        return {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    return malloc_settings()
+
+
 def _worker_env(settings: BenchSettings) -> dict[str, str]:
     env = dict(os.environ)
-    if settings.malloc_mmap_threshold is not None:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(settings.malloc_mmap_threshold)
+    malloc = malloc_env(settings.allocator)
+    if malloc is not None:
+        env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")} | malloc
     # Workers must import this very lorafa, also when it is run from a source tree that isn't installed.
     src = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
@@ -677,7 +692,7 @@ def run_benchmark(
             `python -m lorafa.bench ...`).
         log: Progress lines (default: stderr).
         **options: Further `BenchSettings` fields (warmup, r, lora_alpha, lr, device, dtype,
-            malloc_mmap_threshold, threads, repeats, timeout, seed).
+            allocator, threads, repeats, timeout, seed).
 
     Returns:
         One dict per (model, method, dropout), in run order: the job's settings, `status` ("ok" or "error"),
@@ -849,8 +864,7 @@ def _default_command(settings: BenchSettings) -> str:
     parts += ["--warmup", str(settings.warmup), "--dropout", *(f"{p:g}" for p in settings.dropout)]
     parts += ["--r", str(settings.r), "--lora-alpha", f"{settings.lora_alpha:g}"]
     parts += ["--device", settings.device, "--dtype", settings.dtype, "--repeats", str(settings.repeats)]
-    threshold = "none" if settings.malloc_mmap_threshold is None else str(settings.malloc_mmap_threshold)
-    parts += ["--malloc-mmap-threshold", threshold]
+    parts += ["--allocator", settings.allocator]
     if settings.threads:
         parts += ["--threads", str(settings.threads)]
     return shlex.join(parts)
@@ -864,7 +878,15 @@ def _metadata(
         device_line = f"CUDA: {torch.cuda.get_device_name(0)} (peak memory = torch.cuda.max_memory_allocated)"
     else:
         device_line = "CPU only: no CUDA device was available, so CUDA peak memory and bf16 timings are not recorded here"
-    threshold = settings.malloc_mmap_threshold
+    malloc = malloc_env(settings.allocator)
+    if malloc is None:
+        inherited = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+        allocator = f"glibc malloc, environment inherited ({_env_text(inherited)})"
+    else:
+        allocator = f"glibc malloc with {_env_text(malloc)} in every worker's environment"
+        allocator += (
+            " (what `lorafa train` uses on CPU, lorafa.allocator)" if settings.allocator == "lorafa" else ""
+        )
     return {
         "command": command,
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
@@ -873,14 +895,14 @@ def _metadata(
         "device": device_line,
         "software": f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{_version('transformers')}, peft {_version('peft')}, lorafa {_version('lorafa')}",
-        "allocator": (
-            f"glibc malloc with MALLOC_MMAP_THRESHOLD_={threshold} in every worker's environment"
-            if threshold is not None
-            else f"inherited environment (MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')})"
-        ),
+        "allocator": allocator,
         "load": f"{load_start} at start, {_loadavg()} at end (1/5/15-min load averages)",
         "settings": asdict(settings) | {"device": device, "dtype": settings.resolved_dtype()},
     }
+
+
+def _env_text(env: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(env.items())) or "no MALLOC_* variables: glibc's defaults"
 
 
 def _mib(x: float | None) -> str:
@@ -927,11 +949,26 @@ def _model_section(rows: list[dict[str, Any]], model: str) -> list[str]:
             lines.append(f"| {_row_name(row)} | {cells} |")
     found = checks(rows, model)
     if found:
-        lines += ["", "| issue | check | value | target | |", "|---|---|---:|---|---|"]
+        lines += ["", f"Acceptance checks ({_workload_note(rows[0], model)}):", ""]
+        lines += ["| issue | check | value | target | |", "|---|---|---:|---|---|"]
         for c in found:
             mark = "pass" if c["passed"] else "**miss**"
-            lines.append(f"| {c['issue']} | {c['check']} | {c['value']:.3f} | {c['target']} | {mark} |")
+            lines.append(f"| {c['issue']} | {c['check']} | {c['value']:.4f} | {c['target']} | {mark} |")
     return lines + [""]
+
+
+# The workloads the acceptance targets were written for: model -> (issues, batch, seq).
+_ACCEPTANCE = {"smollm2-135m": ("5 and 7", 8, 256), "llama-core": ("2", 4, 256)}
+
+
+def _workload_note(row: dict[str, Any], model: str) -> str:
+    if model not in _ACCEPTANCE:
+        return "no issue sets targets for this model: for reference only"
+    issues, batch, seq = _ACCEPTANCE[model]
+    settings = (row["batch"], row["seq"], row["r"], row["lora_alpha"], row["dtype"], row["device"])
+    if settings == (batch, seq, 16, 32.0, "float32", "cpu"):
+        return f"the workload of issue {issues}"
+    return f"NOT the workload of issue {issues} ({batch} x {seq}, r=16, lora_alpha=32, fp32 CPU): for reference only"
 
 
 _METHOD_NOTES = """\
@@ -1089,17 +1126,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 # ---- command line ---------------------------------------------------------------------------------------------
-def _threshold(value: str) -> int | None:
-    if value.lower() in ("none", "default", "off"):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--malloc-mmap-threshold: expected bytes or 'none', got {value!r}"
-        ) from None
-
-
 def _add_arguments(ap: argparse.ArgumentParser) -> None:
     d = BenchSettings()
     ap.add_argument("--models", nargs="+", default=d.models, help="model names (listed above)")
@@ -1114,10 +1140,10 @@ def _add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     ap.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"])
     ap.add_argument(
-        "--malloc-mmap-threshold",
-        type=_threshold,
-        default=d.malloc_mmap_threshold,
-        help="MALLOC_MMAP_THRESHOLD_ for every worker (bytes), or 'none' to leave the environment alone",
+        "--allocator",
+        default=d.allocator,
+        choices=ALLOCATORS,
+        help="workers' malloc settings: lorafa (as `lorafa train` on CPU), glibc (defaults) or inherit",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     ap.add_argument("--repeats", type=int, default=d.repeats, help="runs per method, alternating order")
@@ -1142,7 +1168,7 @@ methods: """
 
 
 def add_bench_subparser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the `bench` subcommand to an argparse subparsers object; it sets `func=bench_main`."""
+    """Add the `bench` subcommand to an argparse subparsers object; it sets `run=bench_main` (the CLI's convention)."""
     ap = subparsers.add_parser(
         "bench",
         help="memory and speed benchmark vs PEFT LoRA and full fine-tuning",
@@ -1150,7 +1176,7 @@ def add_bench_subparser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_arguments(ap)
-    ap.set_defaults(func=bench_main)
+    ap.set_defaults(run=bench_main)
     return ap
 
 
@@ -1162,7 +1188,7 @@ def bench_main(args: argparse.Namespace) -> int:
         "lora_alpha": args.lora_alpha,
         "device": args.device,
         "dtype": args.dtype,
-        "malloc_mmap_threshold": args.malloc_mmap_threshold,
+        "allocator": args.allocator,
         "threads": args.threads,
         "repeats": args.repeats,
         "timeout": args.timeout,
