@@ -422,6 +422,21 @@ def _peak_rss() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the process's RSS high-water mark (Linux `clear_refs` 5) to its current RSS; False if impossible.
+
+    Loading or initialising a model has its own transient peak (a random init of T5-small alone outgrows a small
+    training step), the same for every method; resetting after setup makes the peak the training step's.
+    """
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def _live_tensor_bytes(device: torch.device) -> int:
     """Bytes of unique storages of all tensors Python can reach on `device` (weights, grads, optimizer states)."""
     gc.collect()
@@ -495,15 +510,17 @@ def run_job(job: Job) -> dict[str, Any]:
 
     torch.manual_seed(job.seed)
     t0 = time.perf_counter()
-    with device:
+    with device:  # random-init models are created directly on the device
         model = spec.build(dtype)
-    model.train()
+    model.to(device).train()  # loaded ones may come on the CPU
     model, optimizer, loss_fn = _prepare(model, spec.task, job, notes)
     batch = _make_batch(spec.task, model, job, device)
     setup_s = time.perf_counter() - t0
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
     total = sum(q.numel() for q in {id(q): q for q in model.parameters()}.values())
-    rss_setup = _current_rss()
+    rss_setup, setup_peak_rss = _current_rss(), _peak_rss()
+    if not _reset_peak_rss():
+        notes.append("peak RSS includes model loading (could not reset the high-water mark)")
     is_cuda = device.type == "cuda"
 
     def step() -> None:
@@ -556,6 +573,7 @@ def run_job(job: Job) -> dict[str, Any]:
         "saved_by_category": by_category,
         "peak_rss_bytes": peak_rss,
         "rss_after_setup_bytes": rss_setup,
+        "setup_peak_rss_bytes": setup_peak_rss,
         "cuda_peak_allocated_bytes": cuda_peak,
         "peak_live_bytes": live,
         "step_s": step_s,
@@ -639,6 +657,7 @@ def _spawn(job: Job, settings: BenchSettings) -> dict[str, Any]:
 
 
 _MEDIAN_KEYS = (
+    "setup_peak_rss_bytes",
     "saved_bytes",
     "peak_rss_bytes",
     "rss_after_setup_bytes",
@@ -983,8 +1002,11 @@ _METHOD_NOTES = """\
   states; found through the garbage collector) plus the peak of the running sum of the step's allocation and free
   events from the PyTorch profiler (`profile_memory=True`). It does not depend on the allocator. On CUDA it is
   `torch.cuda.max_memory_allocated` over all steps.
-- **Peak RSS**: the worker's whole-process peak resident memory (`getrusage` `ru_maxrss`) after all training
-  steps, before the profiled step: Python, libraries, weights, gradients, optimizer states and activations.
+- **Peak RSS**: the worker's whole-process peak resident memory (`getrusage` `ru_maxrss`) over the training
+  steps, before the profiled step: Python, libraries, weights, gradients, optimizer states and activations. The
+  high-water mark is reset (Linux `/proc/self/clear_refs`) once the model, optimizer and batch are set up, so
+  the transient peak of loading or initialising the model, the same for every method, doesn't mask the step's
+  (it is kept in `benchmarks.json` as `setup_peak_rss_bytes`).
 - **Step**: median wall time of the timed steps, each forward + backward + optimizer step + `zero_grad`;
   tokens/s = batch × sequence length ÷ step time. The floor has no optimizer step (nothing trains).
 - **Ratios** (÷ PEFT LoRA): this method's value divided by PEFT LoRA's at the same LoRA dropout, measured in the
@@ -1023,7 +1045,7 @@ def render_report(rows: list[dict[str, Any]], meta: dict[str, Any], chart: str |
         f"- **Settings**: batch {s['batch']} × {s['seq']} tokens, r={s['r']}, lora_alpha={s['lora_alpha']:g}, "
         f"LoRA dropout {', '.join(f'{p:g}' for p in s['dropout'])}, {s['dtype']} on {s['device']}, "
         f"AdamW lr {s['lr']:g}, {s['warmup']} warm-up + {s['steps']} timed steps, {s['repeats']} repeat(s), "
-        f"seed {s['seed']}",
+        f"torch threads per worker: {s['threads'] or f'default ({torch.get_num_threads()})'}, seed {s['seed']}",
         "",
         _METHOD_NOTES,
     ]
