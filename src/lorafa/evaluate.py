@@ -1,0 +1,412 @@
+"""Evaluation, generation and merging of trained models: the library behind `lorafa eval / generate / merge`.
+
+`evaluate` computes a task's metrics on a tokenized dataset (classification: eval_loss, eval_accuracy, eval_f1
+(macro), eval_mcc; regression: eval_loss (MSE), eval_pearson, eval_spearman; sft/clm/seq2seq: eval_loss (mean
+over target tokens), eval_perplexity, and for seq2seq eval_exact_match of greedy generations on a sample).
+`load_trained` rebuilds a trained model from a run folder (config.yaml + adapter/) or a bare adapter folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from lorafa.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, load_adapter, read_adapter_config
+from lorafa.assets import resolve
+from lorafa.data import IGNORE_INDEX, build_datasets, make_collator
+from lorafa.inject import remove_lorafa
+from lorafa.metrics import classification_metrics, regression_metrics
+from lorafa.models import load_model, load_tokenizer
+from lorafa.train_config import TOKEN_TASKS, TrainConfig, load_config
+
+LABELS_NAME = "labels.json"
+_TASK_OF_PEFT = {"SEQ_CLS": "classification", "CAUSAL_LM": "sft", "SEQ_2_SEQ_LM": "seq2seq"}
+
+
+def rows(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
+    """Examples `indices` of a `datasets.Dataset` as a list of dicts (one fast column read)."""
+    columns = dataset[indices]
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
+def count_targets(labels: torch.Tensor, task: str) -> int:
+    """Label tokens a causal/seq2seq loss averages over (causal LMs predict token t+1, so the first is skipped)."""
+    if task in ("sft", "clm"):
+        labels = labels[:, 1:]
+    return int((labels != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    task: str,
+    collator: Any,
+    batch_size: int = 16,
+    accelerator: Any = None,
+    tokenizer: Any = None,
+    exact_match_samples: int = 0,
+) -> dict[str, float]:
+    """Metrics of `model` on a tokenized dataset from `lorafa.data.build_datasets`.
+
+    With an Accelerate `accelerator` each process evaluates every num_processes-th example and the results are
+    gathered, so all processes return the same metrics. Pass the unwrapped model (not the DDP wrapper): ranks may
+    run different numbers of batches, and a DDP forward would wait for the others.
+
+    Args:
+        model: A transformers model (adapters attached or merged).
+        dataset: Tokenized examples.
+        task: classification | regression | sft | clm | seq2seq.
+        collator: `lorafa.data.make_collator(task, tokenizer)`.
+        batch_size: Examples per forward pass.
+        accelerator: Optional `accelerate.Accelerator` (device, autocast, gathering).
+        tokenizer: Needed for seq2seq exact match (decoding).
+        exact_match_samples: seq2seq: greedy-generate this many examples and report eval_exact_match.
+
+    Returns:
+        Metric name → value, plus eval_samples.
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    mine = list(range(rank, len(dataset), world))
+    loss_sum, weight = 0.0, 0.0
+    predictions: list[float] = []
+    labels: list[float] = []
+    for start in range(0, len(mine), batch_size):
+        batch = collator(rows(dataset, mine[start : start + batch_size]))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with accelerator.autocast() if accelerator else nullcontext():
+            out = model(**batch)
+        if task in TOKEN_TASKS:
+            n = count_targets(batch["labels"], task)
+        else:
+            n = batch["labels"].shape[0]
+            logits = out.logits.float()
+            pred = logits.squeeze(-1) if task == "regression" else logits.argmax(dim=-1)
+            predictions += pred.tolist()
+            labels += batch["labels"].tolist()
+        loss_sum += float(out.loss.float()) * n
+        weight += n
+    if task == "seq2seq" and exact_match_samples > 0:
+        if tokenizer is None:
+            raise ValueError("evaluate: seq2seq exact match needs the tokenizer")
+        hits, tried = _exact_matches(
+            model, dataset, collator, tokenizer, mine, exact_match_samples, world, device
+        )
+    else:
+        hits, tried = 0, 0
+
+    if accelerator is not None and world > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([(loss_sum, weight, predictions, labels, hits, tried)])
+        loss_sum, weight = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        predictions = [x for p in parts for x in p[2]]
+        labels = [x for p in parts for x in p[3]]
+        hits, tried = sum(p[4] for p in parts), sum(p[5] for p in parts)
+    model.train(was_training)
+
+    loss = loss_sum / max(weight, 1)
+    metrics = {"eval_loss": loss, "eval_samples": float(len(dataset))}
+    if task == "classification":
+        metrics.update(classification_metrics(predictions, labels))
+    elif task == "regression":
+        metrics.update(regression_metrics(predictions, labels))
+    else:
+        metrics["eval_perplexity"] = math.exp(min(loss, 700.0))  # exp overflows float64 above ~709
+    if tried:
+        metrics["eval_exact_match"] = hits / tried
+    return metrics
+
+
+def _exact_matches(
+    model: nn.Module,
+    dataset: Any,
+    collator: Any,
+    tokenizer: Any,
+    mine: list[int],
+    samples: int,
+    world: int,
+    device: torch.device,
+) -> tuple[int, int]:
+    """(exact matches, examples tried) of greedy generations on this process's share of the first `samples`."""
+    chosen = [i for i in mine if i < samples]
+    hits = 0
+    for start in range(0, len(chosen), 8):
+        batch = collator(rows(dataset, chosen[start : start + 8]))
+        target = batch.pop("labels")
+        target = target.masked_fill(target == IGNORE_INDEX, tokenizer.pad_token_id)
+        max_new = int(target.shape[1]) + 1
+        out = cast(Any, model).generate(
+            **{k: v.to(device) for k, v in batch.items()},
+            max_new_tokens=max_new,
+            do_sample=False,
+            num_beams=1,
+        )
+        got = tokenizer.batch_decode(out, skip_special_tokens=True)
+        want = tokenizer.batch_decode(target, skip_special_tokens=True)
+        hits += sum(g.strip() == w.strip() for g, w in zip(got, want, strict=True))
+    return hits, len(chosen)
+
+
+# ------------------------------------------------------------------------------------------ trained models
+
+
+def read_labels(run_dir: Path) -> list[str] | None:
+    """Class names saved with a classification run (labels.json), or None."""
+    path = run_dir / LABELS_NAME
+    if not path.is_file():
+        return None
+    return list(json.loads(path.read_text())["label_names"])
+
+
+def write_labels(run_dir: Path, label_names: list[str]) -> None:
+    """Save the class names in id order (labels.json: label_names, id2label, label2id)."""
+    data = {
+        "label_names": label_names,
+        "id2label": {str(i): n for i, n in enumerate(label_names)},
+        "label2id": {n: i for i, n in enumerate(label_names)},
+    }
+    (run_dir / LABELS_NAME).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def is_run_dir(path: Path) -> bool:
+    """A `lorafa train` output folder (config.yaml next to adapter/)."""
+    return (path / "config.yaml").is_file() and (path / "adapter").is_dir()
+
+
+def _num_labels_from_adapter(folder: Path, heads: list[str]) -> int | None:
+    """Rows of the classification head's output layer stored in an adapter file (BERT `classifier.weight`,
+    RoBERTa `classifier.out_proj.weight`, LLaMA `score.weight`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
+        for head in heads:
+            for key in (f"{PREFIX}{head}.weight", f"{PREFIX}{head}.out_proj.weight"):
+                if key in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                    return int(f.get_slice(key).get_shape()[0])
+    return None
+
+
+def load_trained(
+    source: str | Path,
+    model: str | None = None,
+    task: str | None = None,
+    num_labels: int | None = None,
+    overrides: list[str] | None = None,
+) -> tuple[nn.Module, Any, TrainConfig | None]:
+    """Rebuild a trained model for inference from a run folder or an adapter folder.
+
+    Args:
+        source: A `lorafa train` output_dir (config.yaml + adapter/), or an adapter folder (ours or PEFT's).
+        model: Base model for an adapter folder; default its `base_model_name_or_path`.
+        task: Task for an adapter folder; default from its PEFT task_type (CAUSAL_LM → sft).
+        num_labels: Classes of a classification adapter; default read from the head's weights.
+        overrides: `key=value` config overrides for a run folder (e.g. `data.eval_file=other.csv`).
+
+    Returns:
+        (model in eval mode, tokenizer, the run's TrainConfig or None for a bare adapter folder).
+
+    Raises:
+        FileNotFoundError: no run or adapter at `source`. ValueError: what is needed cannot be determined.
+    """
+    folder = Path(source)
+    if is_run_dir(folder):
+        cfg = load_config(folder / "config.yaml", overrides)
+        tokenizer = load_tokenizer(cfg.model)
+        names = read_labels(folder)
+        id2label = dict(enumerate(names)) if names else None
+        if cfg.method == "full":
+            net = load_model(str(folder / "adapter"), cfg.task, len(names) if names else None, id2label)
+        else:
+            net = load_model(
+                cfg.model,
+                cfg.task,
+                len(names) if names else None,
+                id2label,
+                cfg.model_dtype,
+                tokenizer.pad_token_id,
+            )
+            load_adapter(net, folder / "adapter", is_trainable=False)
+        return net.eval(), tokenizer, cfg
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"{folder} is neither a lorafa run folder (config.yaml + adapter/) nor an adapter folder ({CONFIG_NAME})"
+        )
+    lora_cfg, peft, _ = read_adapter_config(folder)
+    base = model or peft.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{folder}: the adapter does not record its base model; pass the model (--model)")
+    task = task or _TASK_OF_PEFT.get(str(peft.get("task_type")))
+    if task is None:
+        raise ValueError(
+            f"{folder}: cannot tell the task from task_type={peft.get('task_type')!r}; pass --task"
+        )
+    if task == "classification" and num_labels is None:
+        num_labels = _num_labels_from_adapter(folder, lora_cfg.modules_to_save or ["classifier", "score"])
+        if num_labels is None:
+            raise ValueError(f"{folder}: cannot find the classification head's size; pass --num-labels")
+    # An adapter inside a run folder has the class names next to it.
+    names = read_labels(folder.parent) if task == "classification" else None
+    id2label = dict(enumerate(names)) if names and len(names) == num_labels else None
+    tokenizer = load_tokenizer(base)
+    net = load_model(base, task, num_labels, id2label, pad_token_id=tokenizer.pad_token_id)
+    load_adapter(net, folder, is_trainable=False)
+    return net.eval(), tokenizer, None
+
+
+def evaluate_run(
+    source: str | Path,
+    overrides: list[str] | None = None,
+    model: str | None = None,
+    task: str | None = None,
+    eval_file: str | None = None,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """Metrics of a trained run (or adapter) on its eval data, or on `eval_file`.
+
+    For a run folder, the data comes from its config.yaml (with `overrides`), so with no overrides this
+    reproduces the final eval_* values of its metrics.json. Class ids follow the run's labels.json.
+
+    Raises:
+        ValueError: no evaluation data (set data.eval_file or pass eval_file).
+    """
+    net, tokenizer, cfg = load_trained(source, model=model, task=task, overrides=overrides)
+    if cfg is None:
+        if eval_file is None:
+            raise ValueError("eval of an adapter folder needs a data file (--data FILE)")
+        raw = {"model": model or "unused", "task": task or _task_of(net), "data": {"train_file": eval_file}}
+        cfg = load_config(None, overrides, base=raw)
+    data_cfg = cfg.data
+    if eval_file is not None:
+        # build_datasets reads train_file too (labels, split); point it at the eval file and keep one row of it.
+        data_cfg.eval_file = eval_file
+        data_cfg.train_file = eval_file
+        data_cfg.max_train_samples = 1
+    if cfg.task == "classification":
+        # Class ids must mean what they meant in training: the run's labels.json, else the model config's names
+        # unless they are transformers' placeholders (LABEL_0, ...), else the sorted labels of the data.
+        id2label = getattr(net.config, "id2label", None) or {}
+        names = [str(id2label[i]) for i in sorted(id2label)]
+        if names and names != [f"LABEL_{i}" for i in range(len(names))]:
+            data_cfg.label_names = names
+    data = build_datasets(data_cfg, tokenizer, cfg.task)
+    if data.eval is None:
+        raise ValueError("no evaluation data: set data.eval_file=FILE (or data.eval_split > 0)")
+    return evaluate(
+        net,
+        data.eval,
+        cfg.task,
+        make_collator(cfg.task, tokenizer),
+        batch_size or cfg.eval_batch_size or 2 * cfg.batch_size,
+        tokenizer=tokenizer,
+        exact_match_samples=cfg.exact_match_samples,
+    )
+
+
+def _task_of(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "regression" if getattr(model.config, "num_labels", 2) == 1 else "classification"
+    return "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "sft"
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int = 64,
+    use_chat_template: bool = True,
+    temperature: float = 0.0,
+) -> str:
+    """Continue `prompt` with a causal or seq2seq LM and return the new text only.
+
+    The prompt is formatted as in sft training: with the tokenizer's chat template (a user turn followed by the
+    assistant's generation prompt) when it has one and `use_chat_template`, else `prompt + "\\n"`.
+
+    Args:
+        model: A causal LM or encoder–decoder LM (adapters attached or merged).
+        tokenizer: Its tokenizer.
+        prompt: The user's text.
+        max_new_tokens: Generation length limit.
+        use_chat_template: Format with the chat template when the tokenizer has one.
+        temperature: 0 decodes greedily; > 0 samples.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    if getattr(model.config, "is_encoder_decoder", False):
+        enc = tokenizer(prompt, return_tensors="pt")
+    else:
+        if use_chat_template and getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        else:
+            enc = tokenizer(prompt + "\n", return_tensors="pt")
+    enc = {k: v.to(device) for k, v in enc.items()}
+    sampling: dict[str, Any] = {"do_sample": False, "num_beams": 1}
+    if temperature > 0:
+        sampling = {"do_sample": True, "temperature": temperature}
+    out = cast(Any, model).generate(
+        **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling
+    )
+    new = (
+        out[0] if getattr(model.config, "is_encoder_decoder", False) else out[0, enc["input_ids"].shape[1] :]
+    )
+    return str(tokenizer.decode(new, skip_special_tokens=True))
+
+
+def merge(
+    source: str | Path, output_dir: str | Path, model: str | None = None, task: str | None = None
+) -> Path:
+    """Fold a trained adapter into its base model and save a plain Hugging Face model folder.
+
+    Args:
+        source: A run folder or an adapter folder (see `load_trained`).
+        output_dir: Where `save_pretrained` writes the merged model and tokenizer (written atomically).
+        model: Base model of an adapter folder (default: the one it records).
+        task: Task of an adapter folder (default: from its PEFT task_type).
+
+    Returns:
+        The output folder.
+
+    Raises:
+        ValueError: the run was trained with method full (its adapter/ already is a plain model).
+    """
+    src = Path(source)
+    if is_run_dir(src) and load_config(src / "config.yaml").method == "full":
+        raise ValueError(
+            f"{src} was trained with method full: {src / 'adapter'} already is a plain model folder"
+        )
+    net, tokenizer, _ = load_trained(src, model=model, task=task)
+    remove_lorafa(net, merge=True)
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        cast(Any, net).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def base_model_path(model: str) -> str:
+    """What an adapter records as its base model: the local path of an `asset:` model, else `model`."""
+    return resolve(model) if model.startswith("asset:") else model

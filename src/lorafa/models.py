@@ -1,0 +1,143 @@
+"""Load a Hugging Face model and tokenizer for a training task, and set it up for full, LoRA or LoRA-FA training.
+
+The task picks the model class: a sequence-classification head for classification/regression (`num_labels` from
+the data), a causal LM for sft/clm, an encoder–decoder LM for seq2seq. `model` may be a Hugging Face id, a local
+folder or `asset:NAME` (`lorafa.assets`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from lorafa.assets import resolve
+from lorafa.config import LoRAFAConfig
+from lorafa.inject import add_lorafa, classification_head_names
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(model: str) -> Any:
+    """The model's tokenizer; a pad token is borrowed from EOS when it has none (LLaMA, GPT-2)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(model))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    model: str,
+    task: str,
+    num_labels: int | None = None,
+    id2label: dict[int, str] | None = None,
+    dtype: str = "float32",
+    pad_token_id: int | None = None,
+) -> nn.Module:
+    """A pretrained model with the head `task` needs.
+
+    Args:
+        model: Hugging Face id, local folder or `asset:NAME`.
+        task: classification | regression | sft | clm | seq2seq.
+        num_labels: Classes for classification (1 is used for regression).
+        id2label: Class names by id, stored in the model config.
+        dtype: float32 | bfloat16 | float16.
+        pad_token_id: Set on the config when it has none (sequence classification with decoder models needs it
+            to find each sequence's last token).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    path = resolve(model)
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    if task in ("classification", "regression"):
+        kwargs["num_labels"] = 1 if task == "regression" else num_labels
+        if task == "regression":
+            kwargs["problem_type"] = "regression"
+        elif id2label is not None:
+            kwargs["id2label"] = {int(i): str(n) for i, n in id2label.items()}
+            kwargs["label2id"] = {str(n): int(i) for i, n in id2label.items()}
+        # A checkpoint that already has a head for another label set gets a fresh head of the right size.
+        kwargs["ignore_mismatched_sizes"] = True
+        loaded = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    elif task in ("sft", "clm"):
+        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    elif task == "seq2seq":
+        loaded = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
+    else:
+        raise ValueError(f"task must be classification, regression, sft, clm or seq2seq, got {task!r}")
+    if pad_token_id is not None and getattr(loaded.config, "pad_token_id", None) is None:
+        loaded.config.pad_token_id = pad_token_id
+    return loaded
+
+
+def prepare_model(
+    model: nn.Module,
+    method: str,
+    task: str,
+    adapter: LoRAFAConfig,
+    gradient_checkpointing: bool = False,
+    cheap_recompute: bool = False,
+) -> nn.Module:
+    """Make `model` trainable by `method`, in place.
+
+    full: every parameter trains. lora / lora-fa: `add_lorafa` with `adapter` (method taken from `method`); for
+    classification/regression the task head is trained and saved too (modules_to_save) unless `adapter` names
+    modules itself.
+
+    Args:
+        model: A model from `load_model`.
+        method: full | lora | lora-fa.
+        task: The training task (decides the default modules_to_save).
+        adapter: Adapter settings.
+        gradient_checkpointing: Recompute every block's activations in backward (non-reentrant).
+        cheap_recompute: Recompute cheap element-wise ops in backward (`lorafa.recompute`).
+
+    Raises:
+        ValueError: invalid adapter settings for this model, or cheap_recompute without `lorafa.recompute`.
+    """
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        settings = {**adapter.to_dict(), "method": method}
+        if settings["modules_to_save"] is None and task in ("classification", "regression"):
+            settings["modules_to_save"] = classification_head_names(model) or None
+        add_lorafa(model, LoRAFAConfig(**settings))
+    if cheap_recompute:
+        try:
+            from lorafa.recompute import enable_cheap_recompute
+        except ImportError as e:
+            raise ValueError("cheap_recompute: lorafa.recompute is not available in this installation") from e
+        enable_cheap_recompute(model)
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
+        # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine, and it
+        # replays the CPU RNG state, so LoRA-FA's regenerated dropout masks match (lorafa.autograd).
+        cast(Any, model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+class LossModel(nn.Module):
+    """Wraps a model so that forward(batch) returns the training loss.
+
+    Distributed data parallel must see the whole computation, including a chunked LM loss that bypasses the
+    model's own head, as one forward call of the module it wraps; this is that module.
+    """
+
+    def __init__(self, model: nn.Module, task: str, chunked_loss: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.chunked_loss = chunked_loss
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.chunked_loss:
+            from lorafa.loss import chunked_causal_lm_loss
+
+            return chunked_causal_lm_loss(self.model, batch)
+        extra = {"use_cache": False} if self.task in ("sft", "clm", "seq2seq") else {}
+        return self.model(**batch, **extra).loss

@@ -1,0 +1,488 @@
+"""The training loop of `lorafa train`: one explicit loop on Hugging Face Accelerate, read top to bottom in `train`.
+
+Accelerate provides device placement, mixed precision and distribution (DDP under `accelerate launch` / `torchrun`;
+FSDP and DeepSpeed through `accelerate config`). Everything else is spelled out here: the data order (a seeded
+permutation per epoch, so a checkpoint only needs the epoch and the batch position), gradient accumulation,
+clipping, the schedule, evaluation, logging and checkpoints (`lorafa.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from lorafa.adapter import save_adapter
+from lorafa.checkpoint import (
+    TrainState,
+    find_checkpoint,
+    load_checkpoint,
+    load_rng_state,
+    prune_checkpoints,
+    read_state,
+    save_checkpoint,
+)
+from lorafa.data import PreparedData, build_datasets, make_collator
+from lorafa.evaluate import base_model_path, evaluate, rows, write_labels
+from lorafa.inject import trainable_parameters
+from lorafa.models import LossModel, load_model, load_tokenizer, prepare_model
+from lorafa.train_config import TrainConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; raised before the optimizer step, so the weights are the last good ones."""
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Fine-tune `cfg.model` on `cfg.data` and write the outputs to `cfg.output_dir`.
+
+    Outputs: adapter/ (PEFT format, or the full model via save_pretrained for method full), labels.json
+    (classification), metrics.json, train_log.jsonl, config.yaml, loss.png, and checkpoints/ when
+    checkpoint_every > 0.
+
+    Args:
+        cfg: A validated training configuration.
+
+    Returns:
+        The final metrics (also written to metrics.json).
+
+    Raises:
+        TrainingDiverged: the loss became NaN/inf (the last checkpoint, if any, is kept).
+        FileNotFoundError / ValueError: bad data, model or resume folder.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # Accelerate runs several processes on CPU (gloo) only when told to; torchrun alone sets just WORLD_SIZE.
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # Accelerate keeps one global state per process and refuses a second mixed_precision; a single-process
+        # caller (a notebook, the tests) may train several configs in a row, so start from a clean state.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    out = Path(cfg.output_dir)
+    checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
+    set_seed(cfg.seed)
+
+    # ---- data, model, optimizer, schedule
+    tokenizer = load_tokenizer(cfg.model)
+    data = build_datasets(cfg.data, tokenizer, cfg.task)
+    collator = make_collator(cfg.task, tokenizer)
+    model = load_model(
+        cfg.model, cfg.task, data.num_labels, data.id2label, cfg.model_dtype, tokenizer.pad_token_id
+    )
+    model = prepare_model(
+        model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
+    )
+    trainable, total = trainable_parameters(model)
+    optimizer = make_optimizer(model, cfg)
+    batches_per_epoch = len(epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed, rank, world))
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    trainee, optimizer = accelerator.prepare(LossModel(model, cfg.task, use_chunked_loss(cfg)), optimizer)
+    eval_batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
+
+    def run_eval() -> dict[str, float]:
+        return evaluate(
+            model,
+            data.eval,
+            cfg.task,
+            collator,
+            eval_batch_size,
+            accelerator,
+            tokenizer,
+            cfg.exact_match_samples,
+        )
+
+    # ---- outputs, or the state to resume from
+    log = TrainLog(out / "train_log.jsonl", main, tensorboard=cfg.tensorboard)
+    state = TrainState()
+    if checkpoint is not None:
+        check_resumable(cfg, checkpoint)
+        state = load_checkpoint(checkpoint, model, cfg.method == "full", optimizer, scheduler)
+        log.truncate_after(state.step)
+    else:
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # stale ones would confuse resume
+            log.reset()
+        if cfg.eval_before and data.eval is not None:
+            state.initial_metrics = run_eval()
+            log.write({"step": 0, **state.initial_metrics})
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        if data.label_names is not None:
+            write_labels(out, data.label_names)
+    if checkpoint is not None:
+        load_rng_state(checkpoint, rank)  # last, so nothing above consumes the restored random numbers
+    accelerator.wait_for_everyone()
+
+    # ---- the loop: one iteration = one optimizer step over grad_accum micro-batches
+    progress = _progress_bar(total_steps, state.step, main and cfg.progress_bar)
+    params = [p for p in model.parameters() if p.requires_grad]
+    started = time.perf_counter()
+    step_time, tokens_since_log, time_since_log = 0.0, 0, 0.0
+    metrics: dict[str, float] = {}
+    while state.step < total_steps:
+        batches = epoch_batches(len(data.train), cfg.batch_size, state.epoch, cfg.seed, rank, world)
+        group = batches[state.batch_in_epoch : state.batch_in_epoch + cfg.grad_accum]
+        t0 = time.perf_counter()
+        trainee.train()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        tokens = 0
+        for i, indices in enumerate(group):
+            batch = {k: v.to(accelerator.device) for k, v in collator(rows(data.train, indices)).items()}
+            tokens += (
+                int(batch["attention_mask"].sum())
+                if "attention_mask" in batch
+                else batch["input_ids"].numel()
+            )
+            # Gradients are all-reduced only on the group's last backward.
+            sync = accelerator.no_sync(trainee) if i < len(group) - 1 else nullcontext()
+            with sync:
+                loss = trainee(batch)
+                accelerator.backward(loss / len(group))
+            loss_sum += loss.detach().float()
+        step_loss = float(accelerator.reduce(loss_sum / len(group), reduction="mean"))
+        if not math.isfinite(step_loss):
+            raise TrainingDiverged(_diverged_message(step_loss, state, out))
+        grad_norm = None
+        if cfg.max_grad_norm:
+            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf gradients
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        state.step += 1
+        state.batch_in_epoch += len(group)
+        if state.batch_in_epoch >= len(batches):
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        elapsed = time.perf_counter() - t0
+        step_time += elapsed
+        time_since_log += elapsed
+        tokens_since_log += tokens
+
+        # ---- logging, evaluation, checkpoints
+        peak = peak_memory_bytes(accelerator.device)
+        lr = scheduler.get_last_lr()[0]
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", mem=_gib(peak), refresh=False)
+        if state.step % cfg.logging_every == 0 or state.step == total_steps:
+            global_tokens = int(
+                accelerator.reduce(torch.tensor(tokens_since_log, device=accelerator.device), "sum")
+            )
+            state.tokens_seen += global_tokens
+            tokens_per_s = global_tokens / max(time_since_log, 1e-9)
+            progress.set_postfix(
+                loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", mem=_gib(peak)
+            )
+            record = {"step": state.step, "epoch": state.epoch, "loss": step_loss, "lr": lr}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            log.write({**record, "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak})
+            tokens_since_log, time_since_log = 0, 0.0
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps and data.eval:
+            log.write({"step": state.step, **run_eval()})
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            folder = out / "checkpoints" / f"checkpoint-{state.step}"
+            save_checkpoint(
+                folder, model, cfg.method == "full", optimizer, scheduler, state, rank, main,
+                accelerator.wait_for_everyone, extra={"total_steps": total_steps, "config": cfg.to_dict()},
+            )  # fmt: skip
+            if main:
+                prune_checkpoints(out, cfg.keep_checkpoints)
+    progress.close()
+    runtime = time.perf_counter() - started
+
+    # ---- final evaluation and outputs
+    if data.eval is not None:
+        metrics = run_eval()
+        log.write({"step": state.step, **metrics})
+    peak = int(
+        accelerator.reduce(
+            torch.tensor(peak_memory_bytes(accelerator.device), device=accelerator.device), "max"
+        )
+    )
+    metrics.update(
+        {f"initial_{k}": v for k, v in state.initial_metrics.items() if k != "eval_samples"},
+    )
+    metrics.update(
+        {
+            "train_runtime_s": runtime,
+            "tokens_per_s": state.tokens_seen / max(step_time, 1e-9),
+            "peak_memory_bytes": float(peak),
+            "trainable_params": float(trainable),
+            "total_params": float(total),
+            "train_samples": float(len(data.train)),
+            "steps": float(state.step),
+        }
+    )
+    if main:
+        save_trained(model, cfg, out / "adapter", tokenizer)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        plot_losses(out / "train_log.jsonl", out / "loss.png")
+    log.close()
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def use_chunked_loss(cfg: TrainConfig) -> bool:
+    """chunked_loss as set, or (None) on for sft/clm when `lorafa.loss` is installed."""
+    if cfg.chunked_loss is not None:
+        if cfg.chunked_loss and not _has_module("lorafa.loss"):
+            raise ValueError("chunked_loss: lorafa.loss is not available in this installation")
+        return cfg.chunked_loss
+    return cfg.task in ("sft", "clm") and _has_module("lorafa.loss")
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def epoch_batches(
+    n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
+    """This process's batches (lists of example indices) for one epoch.
+
+    The order is a permutation drawn from its own generator seeded by (seed, epoch), so it never touches the
+    global RNG and a resumed run can recompute it. Global batch i holds examples [i·b·w, (i+1)·b·w) of the
+    permutation and process r takes its r-th slice of b; so w processes with batch b see exactly the examples a
+    single process with batch b·w sees. With w > 1 the permutation is padded by wrapping around to a multiple of
+    w (as torch's DistributedSampler does), so every process runs the same number of batches.
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=gen).tolist()
+    if world > 1 and n % world:
+        order += order[: world - n % world]
+    per_step = batch_size * world
+    batches = []
+    for start in range(0, len(order), per_step):
+        chunk = order[start : start + per_step]
+        share = len(chunk) // world
+        batches.append(chunk[rank * share : (rank + 1) * share])
+    return batches
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; weight decay on matrices only (not biases or norm scales)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (check method and adapter.target_modules)")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    """Linear warm-up from 0, then linear or cosine decay to 0 at `total_steps` (or constant)."""
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA peak allocated bytes on GPU, else this process's peak RSS."""
+    try:
+        from lorafa.memory import peak_memory_bytes as measure
+    except ImportError:
+        import resource
+        import sys
+
+        if device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(device))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+    return measure(device)
+
+
+def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint of another model, task, method, adapter or data; the rest may change."""
+    _, raw = read_state(checkpoint)
+    saved = raw.get("config") or {}
+    now = cfg.to_dict()
+    for key in ("model", "task", "method", "adapter", "data"):
+        if key in saved and saved[key] != now[key]:
+            raise ValueError(
+                f"resume: {checkpoint} was trained with a different {key} ({saved[key]!r}, now {now[key]!r})"
+            )
+
+
+def save_trained(model: nn.Module, cfg: TrainConfig, folder: Path, tokenizer: Any) -> None:
+    """adapter/: the adapter (PEFT format) or, for method full, the model and tokenizer via save_pretrained."""
+    if cfg.method != "full":
+        save_adapter(model, folder, base_model_name_or_path=base_model_path(cfg.model))
+        return
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cast(Any, model).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def _diverged_message(loss: float, state: TrainState, out: Path) -> str:
+    from lorafa.checkpoint import list_checkpoints
+
+    found = list_checkpoints(out)
+    where = (
+        f"the last good checkpoint is {found[-1]}; continue from it with resume={found[-1]}"
+        if found
+        else "no checkpoint was written (set checkpoint_every to keep resumable checkpoints)"
+    )
+    return (
+        f"the training loss became {loss} at step {state.step + 1} (epoch {state.epoch}); stopped before the "
+        f"optimizer step, so no weights were updated with it. {where}. Try a lower lr, max_grad_norm, or "
+        "mixed_precision=bf16 instead of fp16."
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}GiB"
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True
+    )
+
+
+class TrainLog:
+    """train_log.jsonl (one JSON object per line: training records and evaluations), mirrored to TensorBoard."""
+
+    def __init__(self, path: Path, enabled: bool, tensorboard: bool = False) -> None:
+        self.path, self.enabled = path, enabled
+        self.writer = None
+        if tensorboard and enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ValueError(
+                    "tensorboard: true needs the tensorboard package (pip install tensorboard)"
+                ) from e
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def reset(self) -> None:
+        if self.enabled and self.path.exists():
+            self.path.unlink()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after a resumed checkpoint (the resumed run writes them again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [
+            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.writer.add_scalar(
+                        key if key.startswith("eval_") else f"train/{key}", value, record["step"]
+                    )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a train_log.jsonl."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(log_path: Path, png: Path) -> None:
+    """loss.png: training loss per logged step and eval loss per evaluation (matplotlib, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = read_log(log_path) if log_path.exists() else []
+    train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    eval_pts = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train_pts:
+        ax.plot(*zip(*train_pts, strict=True), label="train loss")
+    if eval_pts:
+        ax.plot(*zip(*eval_pts, strict=True), marker="o", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+
+
+def describe_data(data: PreparedData) -> str:
+    """One line about the prepared data, for dry runs and logs."""
+    n_eval = len(data.eval) if data.eval is not None else 0
+    labels = f", {data.num_labels} labels {data.label_names}" if data.label_names else ""
+    return f"{len(data.train)} training examples, {n_eval} eval examples{labels}"
+
+
+def dry_run(cfg: TrainConfig) -> dict[str, Any]:
+    """Load the data and the model as `train` would, without training; report what the run would do.
+
+    Returns:
+        trainable_params, total_params, train_samples, eval_samples, steps (optimizer steps), data (a summary).
+    """
+    tokenizer = load_tokenizer(cfg.model)
+    data = build_datasets(cfg.data, tokenizer, cfg.task)
+    model = load_model(
+        cfg.model, cfg.task, data.num_labels, data.id2label, cfg.model_dtype, tokenizer.pad_token_id
+    )
+    model = prepare_model(
+        model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
+    )
+    trainable, total = trainable_parameters(model)
+    batches = len(epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed))
+    steps = cfg.max_steps or cfg.epochs * math.ceil(batches / cfg.grad_accum)
+    report: dict[str, Any] = {
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_samples": len(data.train),
+        "eval_samples": len(data.eval) if data.eval is not None else 0,
+        "steps": steps,
+        "data": describe_data(data),
+    }
+    # ---- memory estimate: the lead plugs lorafa.memory's planner (issue 4) in here, e.g.
+    # report["memory"] = lorafa.memory.estimate(model, batch_size=cfg.batch_size, seq_len=cfg.data.max_length, ...)
+    return report

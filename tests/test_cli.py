@@ -1,0 +1,291 @@
+"""`lorafa train / eval / merge / generate` end to end on tiny random-init models and toy data files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from _toys import FAMILY_OF_TASK, run_args, toy_root, write_data
+
+import lorafa
+from lorafa.cli import main
+from lorafa.evaluate import load_trained
+from lorafa.models import load_model
+
+EVAL_KEYS = {
+    "classification": {"eval_loss", "eval_accuracy", "eval_f1", "eval_mcc"},
+    "regression": {"eval_loss", "eval_pearson", "eval_spearman"},
+    "sft": {"eval_loss", "eval_perplexity"},
+    "clm": {"eval_loss", "eval_perplexity"},
+    "seq2seq": {"eval_loss", "eval_perplexity"},
+}
+RUN_KEYS = {"train_runtime_s", "tokens_per_s", "peak_memory_bytes", "trainable_params"}
+
+
+@pytest.fixture(scope="module")
+def toys(tmp_path_factory):
+    return toy_root(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed CPU OpenMP's spin-waits make
+    # each tiny op up to ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _outputs_complete(out: Path, task: str, method: str) -> dict[str, float]:
+    for name in ("metrics.json", "train_log.jsonl", "config.yaml", "loss.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert EVAL_KEYS[task] | RUN_KEYS <= set(metrics), sorted(metrics)
+    assert metrics["trainable_params"] > 0 and metrics["tokens_per_s"] > 0
+    if method == "full":
+        assert (out / "adapter" / "config.json").is_file()
+    else:
+        assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "labels.json").is_file() == (task == "classification")
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [2, 4]
+    return metrics
+
+
+@pytest.mark.parametrize(
+    "task, method, extra",
+    [
+        ("classification", "lora-fa", []),
+        ("classification", "lora", []),
+        ("classification", "full", []),
+        ("classification", "lora-fa", ["gradient_checkpointing=true"]),
+        ("classification", "lora-fa", ["adapter.projection=true"]),
+        ("regression", "lora-fa", []),
+        ("sft", "lora-fa", []),
+        ("sft", "full", ["gradient_checkpointing=true", "chunked_loss=false"]),
+        ("seq2seq", "lora-fa", ["exact_match_samples=4"]),
+        ("seq2seq", "lora", ["gradient_checkpointing=true", "exact_match_samples=0"]),
+        ("clm", "lora-fa", []),
+        ("clm", "lora", ["adapter.projection=false", "mixed_precision=bf16"]),
+    ],
+)
+def test_train_every_task_and_method(toys, tmp_path, task, method, extra):
+    out = tmp_path / "run"
+    assert main(run_args(toys, task, out, f"method={method}", *extra)) == 0
+    metrics = _outputs_complete(out, task, method)
+    if task == "seq2seq":
+        assert ("eval_exact_match" in metrics) == ("exact_match_samples=0" not in extra)
+    # The trained model loads back (our loader for adapters, transformers for full) and evaluates.
+    model, _, cfg = load_trained(out)
+    assert cfg is not None and cfg.method == method
+    if method != "full":
+        assert any(True for _ in lorafa.lorafa_layers(model))
+
+
+def test_eval_reproduces_metrics_json(toys, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_args(toys, "classification", out)) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in EVAL_KEYS["classification"]:
+        assert again[key] == pytest.approx(saved[key], abs=1e-6), key
+
+
+def test_eval_on_another_file_and_adapter_folder(toys, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_args(toys, "classification", out)) == 0
+    other = write_data(tmp_path / "other", "classification", n=12, seed=5, fmt="jsonl")
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(other), "--json"]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert from_run["eval_samples"] == 12
+    # The bare adapter folder records its base model and head size; the same metrics come out.
+    assert main(["eval", str(out / "adapter"), "--data", str(other), "--json"]) == 0
+    from_adapter = json.loads(capsys.readouterr().out)
+    assert from_adapter["eval_accuracy"] == from_run["eval_accuracy"]
+    assert from_adapter["eval_loss"] == pytest.approx(from_run["eval_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("task", ["classification", "sft"])
+def test_peft_loads_the_adapter_with_the_same_outputs(toys, tmp_path, task):
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    assert main(run_args(toys, task, out)) == 0
+    ours, tokenizer, cfg = load_trained(out)
+    labels = (
+        json.loads((out / "labels.json").read_text())["label_names"] if task == "classification" else None
+    )
+    base = load_model(cfg.model, task, len(labels) if labels else None, pad_token_id=tokenizer.pad_token_id)
+    peft_model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    ids = tokenizer(["good cat dog", "bad red sun moon"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a = ours(**ids).logits
+        b = peft_model(**ids).logits
+    assert any(layer.lora_B.weight.abs().sum() > 0 for _, layer in lorafa.lorafa_layers(ours))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_writes_a_plain_model_with_the_same_logits(toys, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "run"
+    assert main(run_args(toys, "classification", out)) == 0
+    assert main(["merge", str(out), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    ours, tokenizer, _ = load_trained(out)
+    ids = tokenizer(["good cat dog", "bad red sun moon"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**ids).logits, ours(**ids).logits, atol=1e-5, rtol=1e-5)
+    assert merged.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_generate_matches_the_merged_model(toys, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_args(toys, "sft", out)) == 0
+    assert main(["merge", str(out), str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(out), "cat dog", "--max-new-tokens", "5"]) == 0
+    with_adapter = capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "merged"), "cat dog", "--max-new-tokens", "5"]) == 0
+    merged = capsys.readouterr().out
+    assert with_adapter == merged and with_adapter.strip()
+
+
+def test_dry_run_prints_config_and_plan_without_training(toys, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*run_args(toys, "classification", out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    resolved = yaml.safe_load(text.split("---")[0])
+    assert resolved["task"] == "classification" and resolved["adapter"]["r"] == 4
+    assert "trainable parameters:" in text and "optimizer steps: 4" in text
+    assert not out.exists()
+
+
+def test_config_file_plus_overrides(toys, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(toys / "bert"),
+                "task": "classification",
+                "data": {"train_file": str(toys / "data" / "classification.csv"), "max_length": 16},
+                "output_dir": str(tmp_path / "run"),
+                "max_steps": 2,
+                "progress_bar": False,
+                "mixed_precision": False,  # what YAML makes of `mixed_precision: no`
+            }
+        )
+    )
+    assert main(["train", str(config), "adapter.r=2", "lr=1e-3"]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["adapter"]["r"] == 2 and saved["lr"] == 1e-3 and saved["mixed_precision"] == "no"
+    assert saved["data"]["max_length"] == 16
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["adapter.rr=3"], "unknown config key 'adapter.rr' (did you mean 'adapter.r'?)"),
+        (["learning_rate=3"], "unknown config key 'learning_rate'"),
+        (["adapter.r=0"], "adapter.r must be a positive integer"),
+        (["adapter.r=abc"], "adapter.r must be an integer"),
+        (["lr=fast"], "lr must be a number"),
+        (["lr=0"], "lr must be a number > 0"),
+        (["method=qlora"], "method must be one of"),
+        (["task=ner"], "task must be one of"),
+        (["schedule=step"], "schedule must be one of"),
+        (["mixed_precision=fp8"], "mixed_precision must be one of"),
+        (["batch_size=0"], "batch_size must be an integer >= 1"),
+        (["warmup_ratio=0.1", "warmup_steps=3"], "set only one of them"),
+        (["adapter.lora_dropout=1.5"], "adapter.lora_dropout must be in [0, 1)"),
+        (["method=lora", "adapter.projection=true"], "adapter.projection=True needs method='lora-fa'"),
+        (["chunked_loss=true"], "chunked_loss applies to causal LM tasks"),
+        (["adapter=3"], "adapter is a section"),
+        (["data.eval_split=2"], "data.eval_split must be in [0, 1)"),
+        (["gradient_checkpointing=maybe"], "gradient_checkpointing must be true/false"),
+        (["adapter.target_modules=nothing_like_this"], "no module matched target_modules"),
+        (
+            ["data.text_column=body"],
+            "column 'body' (text_column) not found; the columns are ['text', 'label']",
+        ),
+        (["data.train_file=/nonexistent/x.csv"], "train_file: no such file or folder"),
+        (["resume=/nonexistent/run"], "resume: no such folder"),
+        (["tensorboard=true"], "pip install tensorboard"),
+        (["=3"], "must look like key=value"),
+        (["a.yaml", "b.yaml"], "at most one CONFIG.yaml"),
+        (["/nonexistent/config.yaml"], "config file not found"),
+    ],
+)
+def test_bad_config_errors_name_the_culprit(toys, tmp_path, capsys, args, message):
+    if "tensorboard=true" in args and importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed, so tensorboard=true is valid")
+    out = tmp_path / "run"
+    base = run_args(toys, "classification", out)
+    if any(a.endswith(".yaml") for a in args):
+        base = ["train"]
+    assert main([*base, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (out / "metrics.json").exists()
+
+
+def test_resume_refuses_another_adapter(toys, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_args(toys, "classification", out, "checkpoint_every=2")) == 0
+    assert main(run_args(toys, "classification", tmp_path / "b", f"resume={out}", "adapter.r=2")) == 2
+    assert "different adapter" in capsys.readouterr().err
+
+
+def test_cli_without_a_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "train" in capsys.readouterr().out
+    assert main(["--help"]) == 0
+
+
+def _assets_or_skip() -> None:
+    from lorafa.assets import resolve
+
+    try:
+        resolve("asset:all-minilm-l6-v2")
+        resolve("asset:rotten-tomatoes")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.assets
+def test_offline_default_dry_run(tmp_path, capsys):
+    _assets_or_skip()
+    assert main(["train", "--dry-run", f"output_dir={tmp_path / 'run'}"]) == 0
+    text = capsys.readouterr().out
+    assert "2000 training examples, 500 eval examples, 2 labels ['rotten', 'fresh']" in text
+
+
+@pytest.mark.assets
+def test_offline_default_trains_a_few_steps(tmp_path, capsys):
+    _assets_or_skip()
+    out = tmp_path / "run"
+    args = [
+        "train",
+        f"output_dir={out}",
+        "max_steps=3",
+        "data.max_train_samples=48",
+        "data.max_eval_samples=32",
+    ]
+    assert main([*args, "eval_every=0", "progress_bar=false"]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "→" in text and "peak process memory" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"initial_eval_accuracy", "eval_accuracy"} <= set(metrics)
+
+
+def test_every_task_has_a_toy_family():
+    assert set(FAMILY_OF_TASK) == set(EVAL_KEYS)

@@ -1,0 +1,375 @@
+"""The training loop, its config and its metrics: references computed here, on tiny random-init models."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from _toys import run_args, toy_root, write_data
+from safetensors.torch import load_file
+
+import lorafa.train as train_module
+from lorafa import metrics
+from lorafa.cli import main
+from lorafa.train import epoch_batches, make_scheduler, train
+from lorafa.train_config import DEFAULT_RUN, TrainConfig, default_config, load_config
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def toys(tmp_path_factory):
+    return toy_root(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed CPU OpenMP's spin-waits make
+    # each tiny op up to ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def _config(toys: Path, out: Path, *overrides: str) -> TrainConfig:
+    args = run_args(toys, "classification", out, *overrides)[1:]
+    return load_config(None, args)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_overrides_are_coerced_to_the_field_types():
+    cfg = load_config(
+        None,
+        [
+            "model=m",
+            "data.train_file=t.csv",
+            "lr=1e-4",
+            "adapter.r=32",
+            "adapter.lora_alpha=64",
+            "adapter.target_modules=[query,value]",
+            "data.eval_file=null",
+            "max_steps=1e3",
+            "gradient_checkpointing=yes",
+            "mixed_precision=no",
+            "data.label_names=rotten,fresh",
+        ],
+    )
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)
+    assert cfg.adapter.r == 32 and cfg.adapter.lora_alpha == 64.0
+    assert cfg.adapter.target_modules == ["query", "value"]
+    assert cfg.data.eval_file is None and cfg.max_steps == 1000 and cfg.gradient_checkpointing is True
+    assert cfg.mixed_precision == "no" and cfg.data.label_names == ["rotten", "fresh"]
+    assert (
+        load_config(
+            None, ["model=m", "data.train_file=t", "adapter.target_modules=all-linear"]
+        ).adapter.target_modules
+        == "all-linear"
+    )
+
+
+def test_yaml_values_are_coerced_and_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    # PyYAML reads 1e-4 as a string and `no` as false; both must still mean what the user wrote.
+    path.write_text("model: m\ndata: {train_file: t.csv}\nlr: 1e-4\nmixed_precision: no\nmethod: lora\n")
+    cfg = load_config(path)
+    assert cfg.lr == 1e-4 and cfg.mixed_precision == "no"
+    assert cfg.adapter.method == "lora"  # the section follows the top-level method
+    again = tmp_path / "again.yaml"
+    again.write_text(cfg.to_yaml())
+    assert load_config(again) == cfg
+
+
+def test_adapter_method_may_not_contradict_method():
+    with pytest.raises(ValueError, match="adapter.method='lora' contradicts method='lora-fa'"):
+        load_config(None, ["model=m", "data.train_file=t", "adapter.method=lora"])
+
+
+def test_missing_model_is_named():
+    with pytest.raises(ValueError, match="^model must be"):
+        load_config(None, ["data.train_file=t.csv"])
+    with pytest.raises(ValueError, match="data.train_file must be"):
+        load_config(None, ["model=m"])
+
+
+def test_config_file_must_be_a_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        load_config(path)
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_examples_load_and_the_default_matches_its_yaml():
+    names = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
+    assert {"minilm_rotten_tomatoes.yaml", "smollm2_chatterbot_sft.yaml"} <= set(names)
+    for path in EXAMPLES.glob("*.yaml"):
+        load_config(path)
+    assert load_config(EXAMPLES / "minilm_rotten_tomatoes.yaml") == default_config()
+    assert default_config(["adapter.r=4"]).adapter.r == 4 and DEFAULT_RUN["adapter"]["r"] != 4
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def _ranks(x):
+    return [sum(v < xi for v in x) + (sum(v == xi for v in x) + 1) / 2 for xi in x]
+
+
+def _corr(a, b):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(
+        np.sum((a - a.mean()) * (b - b.mean()))
+        / math.sqrt(np.sum((a - a.mean()) ** 2) * np.sum((b - b.mean()) ** 2))
+    )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_metrics_equal_their_definitions(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, 40)
+    p = np.where(rng.random(40) < 0.6, y, rng.integers(0, 3, 40))
+    assert metrics.accuracy(p, y) == np.mean(p == y)
+    f1 = []
+    for c in range(3):
+        tp, fp, fn = np.sum((p == c) & (y == c)), np.sum((p == c) & (y != c)), np.sum((p != c) & (y == c))
+        precision, recall = tp / (tp + fp), tp / (tp + fn)
+        f1.append(2 * precision * recall / (precision + recall))
+    assert metrics.macro_f1(p, y) == pytest.approx(np.mean(f1))
+    # Binary MCC from its textbook formula; the multi-class code must reduce to it.
+    yb, pb = y % 2, p % 2
+    tp, tn = np.sum((pb == 1) & (yb == 1)), np.sum((pb == 0) & (yb == 0))
+    fp, fn = np.sum((pb == 1) & (yb == 0)), np.sum((pb == 0) & (yb == 1))
+    mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert metrics.matthews_corrcoef(pb, yb) == pytest.approx(mcc)
+    # Multi-class MCC equals the correlation of one-hot indicator matrices (Gorodkin's definition).
+    onehot_p, onehot_y = np.eye(3)[p], np.eye(3)[y]
+    cov = lambda a, b: np.sum((a - a.mean(0)) * (b - b.mean(0)))  # noqa: E731
+    expected = cov(onehot_p, onehot_y) / math.sqrt(cov(onehot_p, onehot_p) * cov(onehot_y, onehot_y))
+    assert metrics.matthews_corrcoef(p, y) == pytest.approx(expected)
+    a = rng.normal(size=30).round(1)  # rounding makes ties
+    b = a + rng.normal(size=30)
+    assert metrics.pearson(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
+    assert metrics.spearman(a, b) == pytest.approx(_corr(_ranks(list(a)), _ranks(list(b))))
+
+
+def test_metrics_degenerate_inputs():
+    assert metrics.matthews_corrcoef([1, 1, 1], [1, 1, 1]) == 0.0
+    assert metrics.pearson([1, 1, 1], [1, 2, 3]) == 0.0
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics.accuracy([1, 2], [1])
+    with pytest.raises(ValueError, match="at least one"):
+        metrics.accuracy([], [])
+
+
+# ------------------------------------------------------------------------------------- data order, schedule
+
+
+@pytest.mark.parametrize("n, batch, world", [(64, 4, 2), (50, 3, 2), (17, 2, 3)])
+def test_epoch_batches_split_the_global_batch_across_processes(n, batch, world):
+    single = epoch_batches(n, batch * world, epoch=1, seed=3)
+    shards = [epoch_batches(n, batch, epoch=1, seed=3, rank=r, world=world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every process runs the same number of batches
+    assert sorted(i for b in single for i in b) == list(range(n))
+    for i, global_batch in enumerate(single):
+        together = [j for s in shards for j in s[i]]
+        if n % (batch * world) == 0:
+            assert together == global_batch
+        else:
+            assert set(global_batch) <= set(together) or i == len(single) - 1
+    assert epoch_batches(n, batch, 1, 3) == epoch_batches(n, batch, 1, 3)
+    assert epoch_batches(n, batch, 1, 3) != epoch_batches(n, batch, 2, 3)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_schedule_warms_up_then_decays(schedule):
+    total, warmup, lr = 20, 5, 0.1
+    cfg = load_config(
+        None, ["model=m", "data.train_file=t", f"lr={lr}", f"warmup_steps={warmup}", f"schedule={schedule}"]
+    )
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = make_scheduler(opt, cfg, total)
+    got = []
+    for _ in range(total):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    for step, value in enumerate(got):
+        if step < warmup:
+            expected = lr * (step + 1) / (warmup + 1)
+        else:
+            progress = (step - warmup) / (total - warmup)
+            expected = {
+                "linear": lr * (1 - progress),
+                "cosine": lr * 0.5 * (1 + math.cos(math.pi * progress)),
+                "constant": lr,
+            }[schedule]
+        assert value == pytest.approx(expected), step
+
+
+# ------------------------------------------------------------------------------------------------- loop
+
+
+def test_loss_decreases_on_a_learnable_task(toys, tmp_path):
+    out = tmp_path / "run"
+    m = train(_config(toys, out, "max_steps=16", "lr=2e-2", "warmup_steps=0", "logging_every=1"))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 16
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.05
+    assert m["eval_loss"] < m["initial_eval_loss"]
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(toys, tmp_path):
+    big = train(_config(toys, tmp_path / "big", "batch_size=8", "max_steps=3"))
+    acc = train(_config(toys, tmp_path / "acc", "batch_size=4", "grad_accum=2", "max_steps=3"))
+    a, b = _adapter(tmp_path / "big"), _adapter(tmp_path / "acc")
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
+    assert big["eval_loss"] == pytest.approx(acc["eval_loss"], abs=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(toys, tmp_path):
+    train(
+        _config(
+            toys,
+            tmp_path / "plain",
+            "max_steps=3",
+            f"model={toys / 'bert-dropout'}",
+            "adapter.lora_dropout=0.1",
+        )
+    )
+    train(
+        _config(
+            toys, tmp_path / "ckpt", "max_steps=3", f"model={toys / 'bert-dropout'}", "adapter.lora_dropout=0.1",
+            "gradient_checkpointing=true",
+        )
+    )  # fmt: skip
+    a, b = _adapter(tmp_path / "plain"), _adapter(tmp_path / "ckpt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_resume_is_bit_identical(toys, tmp_path, monkeypatch):
+    # Dropout in the model and the adapters, warm-up, cosine decay, accumulation and two epochs: every piece of
+    # state that resume restores (RNG, optimizer, schedule, data position) shows up in the result.
+    common = (
+        f"model={toys / 'bert-dropout'}", "adapter.lora_dropout=0.1", "batch_size=4", "grad_accum=2",
+        "max_steps=null", "epochs=2", "warmup_ratio=0.2", "schedule=cosine", "eval_every=3",
+    )  # fmt: skip
+    whole = train(_config(toys, tmp_path / "whole", *common))
+
+    out = tmp_path / "parts"
+    saved = train_module.save_checkpoint
+    calls = []
+
+    def crash_after_second_checkpoint(*args, **kwargs):
+        saved(*args, **kwargs)
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # an interruption right after a checkpoint was written
+
+    monkeypatch.setattr(train_module, "save_checkpoint", crash_after_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(toys, out, *common, "checkpoint_every=5"))
+    monkeypatch.setattr(train_module, "save_checkpoint", saved)
+    assert calls[-1].name == "checkpoint-10" and (calls[-1] / "adapter").is_dir()
+    resumed = train(_config(toys, out, *common, "checkpoint_every=5", f"resume={out}"))
+
+    a, b = _adapter(tmp_path / "whole"), _adapter(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["eval_loss"] == whole["eval_loss"]
+    assert resumed["initial_eval_loss"] == whole["initial_eval_loss"]
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    whole_steps = [
+        json.loads(line)["step"] for line in (tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()
+    ]
+    assert steps == whole_steps  # the log was cut at the checkpoint and continued without duplicates
+
+
+def test_resume_full_fine_tuning(toys, tmp_path, monkeypatch):
+    common = ("method=full", "max_steps=4", "lr=1e-3")
+    train(_config(toys, tmp_path / "whole", *common))
+    out = tmp_path / "parts"
+    train(_config(toys, out, *common, "checkpoint_every=2", "max_steps=4"))
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(out / "adapter")
+    train(_config(toys, out, *common, f"resume={out / 'checkpoints' / 'checkpoint-2'}"))
+    a = load_file(str(tmp_path / "whole" / "adapter" / "model.safetensors"))
+    b = load_file(str(out / "adapter" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toys, tmp_path, capsys):
+    # A regression label of 1e30 squares to inf in float32: the step that sees it has an infinite loss.
+    data = tmp_path / "data"
+    rows = write_data(data, "regression", n=32).read_text().splitlines()
+    bad = epoch_batches(32, 4, epoch=0, seed=0)[3][0]  # an example of the 4th step
+    header, body = rows[0], rows[1:]
+    text, _ = body[bad].rsplit(",", 1)
+    body[bad] = f"{text},1e30"
+    (data / "bad.csv").write_text("\n".join([header, *body]) + "\n")
+    eval_file = write_data(tmp_path / "eval", "regression", n=8, seed=1)
+    out = tmp_path / "run"
+    args = run_args(
+        toys, "regression", out, f"data.train_file={data / 'bad.csv'}", f"data.eval_file={eval_file}"
+    )
+    assert main([*args, "batch_size=4", "max_steps=8", "checkpoint_every=2", "max_grad_norm=null"]) == 1
+    err = capsys.readouterr().err
+    assert "loss became inf at step 4" in err and "checkpoint-2" in err
+    assert (out / "checkpoints" / "checkpoint-2" / "adapter").is_dir()
+    assert not (out / "checkpoints" / "checkpoint-4").exists()
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(toys, tmp_path):
+    train_file = write_data(tmp_path / "train", "classification", n=64)  # divisible by the global batch
+    eval_file = write_data(tmp_path / "eval", "classification", n=16, seed=1)
+    common = [
+        f"model={toys / 'bert'}", "task=classification", f"data.train_file={train_file}",
+        f"data.eval_file={eval_file}", "epochs=2", "lr=1e-2", "adapter.r=4", "progress_bar=false",
+    ]  # fmt: skip
+    single = train(load_config(None, [*common, f"output_dir={tmp_path / 'single'}", "batch_size=8"]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "lorafa.cli", "train", *common, f"output_dir={tmp_path / 'ddp'}", "batch_size=4",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Done in") == 1  # only the main process reports
+    a, b = _adapter(tmp_path / "single"), _adapter(tmp_path / "ddp")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ddp["steps"] == single["steps"] == 16
+    assert ddp["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-5)
+
+
+def test_saved_config_reloads_to_the_same_config(toys, tmp_path):
+    cfg = _config(toys, tmp_path / "run", "max_steps=1")
+    train(cfg)
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["adapter"]["r"] == 4
