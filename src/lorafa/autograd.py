@@ -16,6 +16,8 @@ not the mask) because dA needs it.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import Tensor
 
@@ -49,6 +51,13 @@ def dropout_mask(
     threshold = round(p * _LEVELS) - _LEVELS // 2  # P(r >= threshold) == keep_probability(p)
     # r is integer-valued, so clamp(r - threshold + 1, 0, 1) is exactly 1 where r >= threshold and 0 elsewhere.
     return r.sub_(threshold - 1).clamp_(0.0, 1.0).to(dtype)
+
+
+def _autocast_off(device_type: str) -> AbstractContextManager[object]:
+    # Devices without autocast (e.g. "meta", used by the memory planner) have nothing to turn off.
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return nullcontext()
 
 
 def _draw_seed() -> int:
@@ -115,7 +124,7 @@ class LoRAFALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         # Backward may run inside a user's autocast region; the math below picks its dtypes explicitly.
-        with torch.autocast(device_type=g.device.type, enabled=False):
+        with _autocast_off(g.device.type):
             return LoRAFALinearFunction._backward(ctx, g)
 
     @staticmethod
@@ -187,12 +196,12 @@ def lorafa_linear(
         y of shape (..., d_out).
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # Do what autocast would do for a linear layer (compute in its dtype), then run with autocast off so that
         # the Function's dtypes are explicit. Casting x costs the same copy autocast itself would make.
         x = x.to(torch.get_autocast_dtype(device_type))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
-    with torch.autocast(device_type=device_type, enabled=False):
+    with _autocast_off(device_type):
         y = LoRAFALinearFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, projection)
     return y.view(*lead, y.shape[-1])
