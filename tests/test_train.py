@@ -373,3 +373,25 @@ def test_saved_config_reloads_to_the_same_config(toys, tmp_path):
     train(cfg)
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["adapter"]["r"] == 4
+
+
+def _sft_config(toys: Path, out: Path, *overrides: str) -> TrainConfig:
+    return load_config(None, run_args(toys, "sft", out, "max_steps=3", *overrides)[1:])
+
+
+def test_chunked_loss_trains_like_the_plain_loss(toys, tmp_path):
+    chunked = train(_sft_config(toys, tmp_path / "chunked", "chunked_loss=true"))
+    plain = train(_sft_config(toys, tmp_path / "plain", "chunked_loss=false"))
+    a, b = _adapter(tmp_path / "chunked"), _adapter(tmp_path / "plain")
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert chunked["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+
+
+def test_cheap_recompute_trains_like_the_plain_model(toys, tmp_path):
+    train(_config(toys, tmp_path / "plain", "max_steps=3"))
+    train(_config(toys, tmp_path / "cheap", "max_steps=3", "cheap_recompute=true"))
+    a, b = _adapter(tmp_path / "plain"), _adapter(tmp_path / "cheap")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)

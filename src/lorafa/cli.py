@@ -268,14 +268,23 @@ def _generate(args: argparse.Namespace) -> int:
         if cfg is not None and cfg.task not in ("sft", "clm", "seq2seq"):
             raise ValueError(f"{source} is a {cfg.task} run; generate needs an sft, clm or seq2seq model")
     else:
+        from transformers import AutoConfig
+
+        from lorafa.assets import resolve
+
+        encoder_decoder = getattr(
+            AutoConfig.from_pretrained(resolve(args.source)), "is_encoder_decoder", False
+        )
         tokenizer = load_tokenizer(args.source)
-        model = load_model(args.source, "sft")
+        model = load_model(args.source, "seq2seq" if encoder_decoder else "sft")
+        cfg = None
     text = generate(
         model,
         tokenizer,
         args.prompt,
         max_new_tokens=args.max_new_tokens,
-        use_chat_template=not args.no_chat_template,
+        # As the run was trained: its data.use_chat_template decides, unless turned off here.
+        use_chat_template=not args.no_chat_template and (cfg is None or cfg.data.use_chat_template),
         temperature=args.temperature,
     )
     print(text)

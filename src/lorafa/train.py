@@ -70,6 +70,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
         AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)
+    check_distributed(accelerator, cfg)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
     checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
@@ -241,6 +242,34 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def check_distributed(accelerator: Any, cfg: TrainConfig) -> None:
+    """Refuse the Accelerate set-ups this loop would get wrong, before any work is done.
+
+    Saving and checkpointing read the parameters directly, which parameter sharding (FSDP, DeepSpeed ZeRO-3)
+    splits across processes; and DeepSpeed steps its optimizer inside backward, so the loop's own gradient
+    accumulation would step it every micro-batch. DDP (any number of processes and GPUs) and ZeRO-1/2 without
+    accumulation are fine.
+    """
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        raise ValueError(
+            "FSDP is not supported by lorafa train yet (the adapter is saved from unsharded parameters); "
+            "use DDP (`accelerate launch --multi_gpu` or torchrun), which keeps a full copy per GPU"
+        )
+    if kind == DistributedType.DEEPSPEED:
+        stage = getattr(accelerator.state.deepspeed_plugin, "zero_stage", None)
+        if stage is not None and stage >= 3:
+            raise ValueError(
+                "DeepSpeed ZeRO-3 is not supported by lorafa train yet; use ZeRO stage 1 or 2, or DDP"
+            )
+        if cfg.grad_accum > 1:
+            raise ValueError(
+                "grad_accum > 1 is not supported under DeepSpeed (it accumulates itself); set grad_accum=1"
+            )
 
 
 def use_chunked_loss(cfg: TrainConfig) -> bool:
