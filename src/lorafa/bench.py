@@ -843,6 +843,14 @@ def checks(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
+def _busy(loadavg: str) -> bool:
+    """Whether the 1-minute load average exceeds the number of cores: other work competes for the CPUs."""
+    try:
+        return float(loadavg.split()[0]) > (os.cpu_count() or 1)
+    except (ValueError, IndexError):
+        return False
+
+
 def _loadavg() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -916,6 +924,7 @@ def _metadata(
         f"{_version('transformers')}, peft {_version('peft')}, lorafa {_version('lorafa')}",
         "allocator": allocator,
         "load": f"{load_start} at start, {_loadavg()} at end (1/5/15-min load averages)",
+        "busy": _busy(load_start) or _busy(_loadavg()),
         "settings": asdict(settings) | {"device": device, "dtype": settings.resolved_dtype()},
     }
 
@@ -1042,6 +1051,14 @@ def render_report(rows: list[dict[str, Any]], meta: dict[str, Any], chart: str |
         f"- **Software**: {meta['software']}",
         f"- **Allocator**: {meta['allocator']}",
         f"- **Load**: {meta['load']}",
+        *(
+            [
+                "- **Busy machine**: the load average exceeded the number of cores, so other processes competed "
+                "for the CPUs: step times and their ratios are noisy; the memory numbers are not affected."
+            ]
+            if meta.get("busy")
+            else []
+        ),
         f"- **Settings**: batch {s['batch']} × {s['seq']} tokens, r={s['r']}, lora_alpha={s['lora_alpha']:g}, "
         f"LoRA dropout {', '.join(f'{p:g}' for p in s['dropout'])}, {s['dtype']} on {s['device']}, "
         f"AdamW lr {s['lr']:g}, {s['warmup']} warm-up + {s['steps']} timed steps, {s['repeats']} repeat(s), "
