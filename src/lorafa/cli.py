@@ -109,11 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model of an adapter folder (default: the one it records)")
     p.set_defaults(run=_generate)
 
-    # ---- the lead adds `lorafa memory` and `lorafa bench` here:
-    #   p = sub.add_parser("memory", help=...); ...; p.set_defaults(run=_memory)
-    #   p = sub.add_parser("bench", help=...); ...; p.set_defaults(run=_bench)
-    # Each handler takes the parsed args and returns an exit status; ValueError/FileNotFoundError become
-    # one-line errors in `main`.
+    from lorafa.bench import add_bench_subparser
+    from lorafa.planner import add_memory_subparser
+
+    add_memory_subparser(sub)  # `lorafa memory`: the planner (meta device, no weights); sets run=memory_main
+    add_bench_subparser(sub)  # `lorafa bench`: side-by-side memory and speed; sets run=bench_main
     return parser
 
 
