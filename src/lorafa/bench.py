@@ -11,8 +11,8 @@ Per worker: the model is built from the same seed, a fixed random batch is drawn
 (forward, backward, optimizer step) runs under `lorafa.memory.SavedTensorTracker` (saved-for-backward bytes);
 then `warmup` untimed and `steps` timed steps (median step time, tokens/s); then, on CPU, one step under the
 PyTorch profiler's allocation events (peak live tensor bytes, independent of the allocator). The process peak
-RSS (`getrusage`) is read before that profiled step, and on CUDA `max_memory_allocated` is the peak of live
-tensors. The parent pairs every method with PEFT LoRA at the same dropout, writes `BENCHMARKS.md`, a PNG chart
+RSS (`getrusage`, its high-water mark reset once the model is set up) is read before that profiled step, and on
+CUDA `max_memory_allocated` is the peak of live tensors. The parent pairs every method with PEFT LoRA at the same dropout, writes `BENCHMARKS.md`, a PNG chart
 and the raw results as JSON, and prints the table.
 """
 
