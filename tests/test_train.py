@@ -395,3 +395,35 @@ def test_cheap_recompute_trains_like_the_plain_model(toys, tmp_path):
     a, b = _adapter(tmp_path / "plain"), _adapter(tmp_path / "cheap")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_prepare_model_applies_the_memory_options(toys):
+    from lorafa.config import LoRAFAConfig
+    from lorafa.models import load_model, prepare_model
+
+    model = load_model(str(toys / "bert"), "classification", num_labels=2)
+    modules_before = {type(m).__name__ for m in model.modules()}
+    prepare_model(
+        model,
+        "lora-fa",
+        "classification",
+        LoRAFAConfig(r=2),
+        gradient_checkpointing=True,
+        cheap_recompute=True,
+    )
+    on = (
+        model.is_activation_checkpointing
+        if hasattr(model, "is_activation_checkpointing")
+        else model.is_gradient_checkpointing
+    )
+    assert on
+    assert {type(m).__name__ for m in model.modules()} - modules_before >= {"LoRAFALinear", "RecomputedLeaf"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_B" in n or n.startswith("classifier.") for n in trainable)
+    full = prepare_model(
+        load_model(str(toys / "bert"), "classification", num_labels=2),
+        "full",
+        "classification",
+        LoRAFAConfig(),
+    )
+    assert all(p.requires_grad for p in full.parameters())

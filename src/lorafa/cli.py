@@ -207,7 +207,8 @@ def summary(cfg: Any, metrics: dict[str, float]) -> str:
     )
     lines += [
         f"Trained {_params(metrics['trainable_params'], metrics['total_params'])} parameters with "
-        f"{_METHOD_NAMES.get(cfg.method, cfg.method)}.",
+        f"{_METHOD_NAMES.get(cfg.method, cfg.method)}"
+        + (" and the task head." if cfg.task in ("classification", "regression") and cfg.method != "full" else "."),
         f"Speed {metrics['tokens_per_s']:.0f} tokens/s; {memory_kind}: {_bytes(metrics['peak_memory_bytes'])}.",
         f"Outputs in {cfg.output_dir}/: adapter/ metrics.json train_log.jsonl loss.png config.yaml",
         f"Next: lorafa eval {cfg.output_dir}",
@@ -216,7 +217,7 @@ def summary(cfg: Any, metrics: dict[str, float]) -> str:
 
 
 _METHOD_NAMES = {
-    "lora-fa": "LoRA-FA (frozen A, only B and the task head learn)",
+    "lora-fa": "LoRA-FA (A frozen, only B learns)",
     "lora": "LoRA (A and B learn)",
     "full": "full fine-tuning",
 }

@@ -117,7 +117,11 @@ def prepare_model(
             raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine, and it
         # replays the CPU RNG state, so LoRA-FA's regenerated dropout masks match (lorafa.autograd).
-        cast(Any, model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf = cast(Any, model)
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

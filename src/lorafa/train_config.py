@@ -429,7 +429,8 @@ DEFAULT_RUN: dict[str, Any] = {
     "method": "lora-fa",
     "output_dir": "runs/minilm-rotten-tomatoes",
     "seed": 0,
-    "adapter": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+    # all-MiniLM-L6-v2 was trained with mean pooling, so BERT's [CLS] pooler is retrained along with the head.
+    "adapter": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "modules_to_save": ["classifier", "pooler"]},
     "data": {
         "train_file": "asset:rotten-tomatoes",
         "text_column": "text",
@@ -440,7 +441,7 @@ DEFAULT_RUN: dict[str, Any] = {
         "max_train_samples": 2000,
         "max_eval_samples": 500,
     },
-    "lr": 1e-3,
+    "lr": 3e-3,
     "warmup_ratio": 0.06,
     "schedule": "linear",
     "epochs": 1,
