@@ -289,3 +289,14 @@ def test_offline_default_trains_a_few_steps(tmp_path, capsys):
 
 def test_every_task_has_a_toy_family():
     assert set(FAMILY_OF_TASK) == set(EVAL_KEYS)
+
+
+def test_training_without_eval_data(toys, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_args(toys, "regression", out, "data.eval_split=0")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert not any(k.startswith(("eval_", "initial_")) for k in metrics)
+    assert metrics["train_samples"] == 64
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 2
+    assert "no evaluation data" in capsys.readouterr().err

@@ -157,7 +157,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 loss = trainee(batch)
                 accelerator.backward(loss / len(group))
             loss_sum += loss.detach().float()
-        step_loss = float(accelerator.reduce(loss_sum / len(group), reduction="mean"))
+        # One all-reduce gives every process the step's mean loss and the input tokens of all processes.
+        stats = torch.stack(
+            [loss_sum.double() / len(group), torch.tensor(float(tokens), dtype=torch.float64)]
+        )
+        stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum")
+        step_loss, tokens = float(stats[0]) / world, int(stats[1])
         if not math.isfinite(step_loss):
             raise TrainingDiverged(_diverged_message(step_loss, state, out))
         grad_norm = None
@@ -176,18 +181,15 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         step_time += elapsed
         time_since_log += elapsed
         tokens_since_log += tokens
+        state.tokens_seen += tokens
 
         # ---- logging, evaluation, checkpoints
         peak = peak_memory_bytes(accelerator.device)
         lr = scheduler.get_last_lr()[0]
-        progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", mem=_gib(peak), refresh=False)
+        progress.update(1)
         if state.step % cfg.logging_every == 0 or state.step == total_steps:
-            global_tokens = int(
-                accelerator.reduce(torch.tensor(tokens_since_log, device=accelerator.device), "sum")
-            )
-            state.tokens_seen += global_tokens
-            tokens_per_s = global_tokens / max(time_since_log, 1e-9)
+            tokens_per_s = tokens_since_log / max(time_since_log, 1e-9)
             progress.set_postfix(
                 loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", mem=_gib(peak)
             )
@@ -196,7 +198,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 record["grad_norm"] = grad_norm
             log.write({**record, "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak})
             tokens_since_log, time_since_log = 0, 0.0
-        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps and data.eval:
+        if (
+            cfg.eval_every
+            and state.step % cfg.eval_every == 0
+            and state.step < total_steps
+            and data.eval is not None
+        ):
             log.write({"step": state.step, **run_eval()})
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             folder = out / "checkpoints" / f"checkpoint-{state.step}"
