@@ -167,6 +167,7 @@ def test_dry_run_prints_config_and_plan_without_training(toys, tmp_path, capsys)
     resolved = yaml.safe_load(text.split("---")[0])
     assert resolved["task"] == "classification" and resolved["adapter"]["r"] == 4
     assert "trainable parameters:" in text and "optimizer steps: 4" in text
+    assert "memory estimate:" in text and "activations" in text and "at batch 8 × 32 tokens" in text
     assert not out.exists()
 
 

@@ -519,6 +519,54 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
         "steps": steps,
         "data": describe_data(data),
     }
-    # ---- memory estimate: the lead plugs lorafa.memory's planner (issue 4) in here, e.g.
-    # report["memory"] = lorafa.memory.estimate(model, batch_size=cfg.batch_size, seq_len=cfg.data.max_length, ...)
+    report["memory"] = memory_estimate(cfg, data.num_labels)
     return report
+
+
+def memory_estimate(cfg: TrainConfig, num_labels: int | None = None) -> str:
+    """One line from the memory planner (`lorafa.planner`) for this run at batch_size × the longest sequence.
+
+    Sequences are padded per batch, so real batches are often shorter than max_length and need less. The planner
+    runs the model on the meta device in one dtype (the autocast dtype under mixed precision), so weights kept in
+    fp32 under autocast are counted at that dtype.
+    """
+    try:
+        from lorafa.planner import PlannerArgs, format_bytes, run_planner
+    except ImportError:
+        return "unavailable (lorafa.planner is not installed)"
+    from lorafa.assets import resolve
+
+    folder = Path(resolve(cfg.model))
+    if not (folder / "config.json").is_file():
+        return f"unavailable (the planner needs a local model folder, not {cfg.model!r})"
+    seq = cfg.data.block_size if cfg.task == "clm" else cfg.data.max_length
+    config = json.loads((folder / "config.json").read_text())
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    seq = min(seq, positions) if isinstance(positions, int) else seq  # inputs are truncated to fit anyway
+    tm = cfg.adapter.target_modules
+    args = PlannerArgs(
+        config=str(folder),
+        batch_size=cfg.batch_size,
+        seq_len=seq,
+        target_len=cfg.data.max_target_length or cfg.data.max_length,
+        dtype={"no": cfg.model_dtype, "bf16": "bfloat16", "fp16": "float16"}[cfg.mixed_precision],
+        r=cfg.adapter.r,
+        lora_alpha=cfg.adapter.lora_alpha,
+        lora_dropout=cfg.adapter.lora_dropout,
+        target_modules=tm if isinstance(tm, list) else None,
+        methods=[cfg.method],
+        checkpointing="on" if cfg.gradient_checkpointing else "off",
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        task={"sft": "causal-lm", "clm": "causal-lm", "seq2seq": "seq2seq"}.get(cfg.task, "seq-cls"),
+        num_labels=num_labels or 2,
+    )
+    try:
+        entry = run_planner(args)["methods"][0]
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        return f"unavailable ({e})"
+    return (
+        f"{format_bytes(entry['total'])} at batch {cfg.batch_size} × {seq} tokens "
+        f"(weights {format_bytes(entry['weights'])}, gradients + optimizer "
+        f"{format_bytes(entry['grads'] + entry['optimizer_states'] + entry['master_weights'])}, "
+        f"activations {format_bytes(entry['activations'])}; lorafa.planner, {args.dtype} on {args.device})"
+    )
