@@ -355,7 +355,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(toys, tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "lorafa.cli", "train", *common, f"output_dir={tmp_path / 'ddp'}", "batch_size=4",
+        "-m", "lorafa.cli", "train", *common, f"output_dir={tmp_path / 'ddp'}", "batch_size=4", "checkpoint_every=8",
     ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -363,6 +363,9 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(toys, tmp
     a, b = _adapter(tmp_path / "single"), _adapter(tmp_path / "ddp")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    # Every process wrote its RNG state into the shared checkpoint.
+    checkpoint = tmp_path / "ddp" / "checkpoints" / "checkpoint-16"
+    assert {p.name for p in checkpoint.glob("rng_state_*.pt")} == {"rng_state_0.pt", "rng_state_1.pt"}
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp["steps"] == single["steps"] == 16
     assert ddp["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-5)
