@@ -100,12 +100,14 @@ def test_eval_reproduces_metrics_json(toys, tmp_path, capsys):
 
 def test_eval_on_another_file_and_adapter_folder(toys, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(run_args(toys, "classification", out)) == 0
+    assert main(run_args(toys, "classification", out, "data.max_eval_samples=4")) == 0
     other = write_data(tmp_path / "other", "classification", n=12, seed=5, fmt="jsonl")
     capsys.readouterr()
     assert main(["eval", str(out), "--data", str(other), "--json"]) == 0
     from_run = json.loads(capsys.readouterr().out)
     assert from_run["eval_samples"] == 12
+    assert main(["eval", str(out), "--data", str(other), "data.max_eval_samples=5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_samples"] == 5
     # The bare adapter folder records its base model and head size; the same metrics come out.
     assert main(["eval", str(out / "adapter"), "--data", str(other), "--json"]) == 0
     from_adapter = json.loads(capsys.readouterr().out)

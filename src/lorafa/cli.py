@@ -26,7 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run the `lorafa` command line; returns the exit status."""
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # argparse cannot take positionals after an option (`eval RUN --data F key=value`); overrides may go anywhere.
+        overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+        if extra != overrides or (overrides and args.command not in ("train", "eval")):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command == "train":
+            args.items += overrides
+        elif args.command == "eval":
+            args.overrides += overrides
     except SystemExit as e:  # --help, or a usage error already printed by argparse
         return int(e.code or 0)
     if args.command is None:
@@ -208,7 +216,11 @@ def summary(cfg: Any, metrics: dict[str, float]) -> str:
     lines += [
         f"Trained {_params(metrics['trainable_params'], metrics['total_params'])} parameters with "
         f"{_METHOD_NAMES.get(cfg.method, cfg.method)}"
-        + (" and the task head." if cfg.task in ("classification", "regression") and cfg.method != "full" else "."),
+        + (
+            " and the task head."
+            if cfg.task in ("classification", "regression") and cfg.method != "full"
+            else "."
+        ),
         f"Speed {metrics['tokens_per_s']:.0f} tokens/s; {memory_kind}: {_bytes(metrics['peak_memory_bytes'])}.",
         f"Outputs in {cfg.output_dir}/: adapter/ metrics.json train_log.jsonl loss.png config.yaml",
         f"Next: lorafa eval {cfg.output_dir}",

@@ -293,6 +293,9 @@ def evaluate_run(
         data_cfg.eval_file = eval_file
         data_cfg.train_file = eval_file
         data_cfg.max_train_samples = 1
+        # The run's cap was for its own held-out split; an explicit file is evaluated whole unless asked.
+        if not any(o.split("=", 1)[0].strip() == "data.max_eval_samples" for o in overrides or []):
+            data_cfg.max_eval_samples = None
     if cfg.task == "classification":
         # Class ids must mean what they meant in training: the run's labels.json, else the model config's names
         # unless they are transformers' placeholders (LABEL_0, ...), else the sorted labels of the data.
