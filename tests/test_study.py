@@ -76,6 +76,10 @@ def test_smoke_aggregation_matches_hand_computed_statistics(smoke: tuple[dict, P
     for method, chosen in enc.chosen.items():
         others = [c.mean["eval_accuracy"] for c in enc.sweep if c.method == method]
         assert chosen.mean["eval_accuracy"] == max(others)
+    # Variants train only at the lr chosen on dev for their parent method.
+    assert enc.plan.inherit == {"lora-fa+proj": "lora-fa", "lora-half": "lora"}
+    for variant, parent in enc.plan.inherit.items():
+        assert {r.lr for r in enc.runs if r.method == variant} == {enc.chosen[parent].lr}
     # Reported numbers are test metrics of exactly the chosen lr's runs, and the report prints them.
     for method, final in enc.final.items():
         runs = [r for r in enc.runs if r.method == method and r.test is not None]

@@ -14,8 +14,9 @@ Protocol. Every method of a part trains on the same examples, in the same order 
 order depends only on the seed), with the same max_length, batch size and number of steps: the same token budget.
 The data is split once, seeded, into train / dev / test files. When a method has several learning rates, each
 (method, lr) is trained with every seed, the lr with the best *dev* mean is chosen, and only the chosen runs are
-scored on *test*; with a single lr per method the runs are scored on test directly. So no number in the report was
-tuned on the split it is reported on. The seed also seeds A's initialisation (`adapter.init_seed`).
+scored on *test*; variants (lora-fa+proj, lora-half) train at the lr chosen for their parent (lora-fa, lora); with
+a single lr per method the runs are scored on test directly. So no number in the report was tuned on the split it is
+reported on. The seed also seeds A's initialisation (`adapter.init_seed`).
 
 Each run is one `lorafa.train.train` call, in a fresh forked process when `isolate` is set (the real study), so that
 its peak RSS is its own; `smoke` mode runs tiny random-init models on tiny generated data in-process, for tests.
@@ -92,6 +93,14 @@ class PartPlan:
     """Training seeds; each (method, lr) is trained once per seed."""
     notes: list[str] = field(default_factory=list)
     """Sentences for the report: what the part shows and what it does not."""
+    inherit: dict[str, str] = field(default_factory=dict)
+    """Variant method → the grid method whose dev-chosen lr it trains with (e.g. lora-fa+proj → lora-fa), so a
+    variant costs one run per seed instead of a sweep."""
+
+    @property
+    def methods(self) -> list[str]:
+        """Every method of the part, grid methods first."""
+        return [*self.grid, *self.inherit]
 
     @property
     def selects(self) -> bool:
@@ -279,7 +288,8 @@ def run_part(plan: PartPlan, runs_dir: Path, runner: Runner, reuse: bool = False
     """
     started = time.perf_counter()
     runs: list[RunResult] = []
-    for method, lrs in plan.grid.items():
+
+    def train_all(method: str, lrs: list[float]) -> None:
         for lr in lrs:
             for seed in plan.seeds:
                 out = runs_dir / f"{method}_lr{lr:g}_seed{seed}"
@@ -292,6 +302,13 @@ def run_part(plan: PartPlan, runs_dir: Path, runner: Runner, reuse: bool = False
                     RunResult(plan.name, method, lr, seed, str(out), value or {}, error=error, reused=reused)
                 )
                 _log(f"[{plan.name}] {method} lr={lr:g} seed={seed}: " + (error or _brief(value or {})))
+
+    for method, lrs in plan.grid.items():
+        train_all(method, lrs)
+    chosen = best_cells(aggregate(runs), plan.metric)
+    for method, parent in plan.inherit.items():
+        if parent in chosen:
+            train_all(method, [chosen[parent].lr])
     sweep = aggregate(runs)
     chosen = best_cells(sweep, plan.metric)
     if plan.selects:
@@ -503,8 +520,8 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
             train={"batch_size": 8, "epochs": 1, "warmup_ratio": 0.06, "schedule": "linear",
                    "eval_before": False, "eval_every": 0, "logging_every": 10, "eval_batch_size": 64},
             adapter={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "modules_to_save": ["classifier", "pooler"]},
-            grid={"full": [3e-4], "lora": [5e-3, 1e-2], "lora-fa": [1e-2, 2e-2], "lora-fa+proj": [1e-2],
-                  "lora-half": [1e-2]},
+            grid={"full": [3e-4], "lora": [1e-3, 2e-3, 5e-3, 1e-2], "lora-fa": [1e-3, 2e-3, 5e-3, 1e-2]},
+            inherit={"lora-fa+proj": "lora-fa", "lora-half": "lora"},
             seeds=seeds,
             notes=[
                 "Rows with category `plot` (plot summaries, not critic snippets) are dropped; the classes are "
@@ -517,7 +534,11 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
                 "pooler in the head, lora-fa lr 2e-3 → 59.3 % and full lr 1e-4 → 60.0 % (both barely past the "
                 "majority class); max_length 48 with the pooler, lora-fa 1e-2 → 67.3 %, lora 5e-3 → 59.3 %, "
                 "full 3e-4 → 70.7 %. They set the grid's learning rates and the pooler choice; nothing was "
-                "tried on test.",
+                "tried on test. A first launch of this grid had lora at 5e-3 and 1e-2 only: LoRA's loss spiked "
+                "(to ~0.9) and it collapsed to the majority class at both, so 1e-3 and 2e-3 were added (and "
+                "lora-fa 2e-3, 5e-3); when lora-fa's best dev lr then sat at the bottom of its range (2e-3) while "
+                "LoRA had 1e-3, lora-fa 1e-3 was added too, so both sweep the same 1e-3…1e-2 range. Every run of "
+                "every launch is in the sweep table below; the test split was only read for the final table.",
             ],
         )  # fmt: skip
     if name == "decoder":
@@ -533,12 +554,13 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
             train={"batch_size": 2, "epochs": 1, "warmup_ratio": 0.06, "schedule": "linear",
                    "eval_before": True, "eval_every": 15, "logging_every": 5, "eval_batch_size": 8},
             adapter={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-            grid={"lora": [1e-3], "lora-fa": [2e-3], "lora-fa+proj": [2e-3], "full": [3e-5]},
+            grid={"lora": [5e-4], "lora-fa": [1e-3], "lora-fa+proj": [1e-3], "full": [3e-5]},
             seeds=[0],
             notes=[
                 "One seed and one learning rate per method, fixed before the run and not tuned (the machine's "
                 "budget: a 135M model steps at ~3 s per 2 examples on a shared 2-core CPU). LoRA-FA gets twice "
-                "LoRA's lr, the usual advice (with B alone trained, each step changes the weight less).",
+                "LoRA's lr, the usual advice (with B alone trained, each step changes the weight less); LoRA "
+                "stays at a moderate 5e-4 because in the encoder part it collapsed at 5e-3.",
                 "The tokenizer's chat template formats each pair (SmolLM2 adds its default system prompt); the "
                 "prompt tokens are masked out of the loss. Eval loss is per response token on held-out pairs.",
             ],
@@ -561,7 +583,7 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
             train={"batch_size": 16, "epochs": 1, "warmup_ratio": 0.06, "schedule": "linear",
                    "eval_before": True, "eval_every": 20, "logging_every": 5, "exact_match_samples": 64},
             adapter={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-            grid={"full": [1e-3], "lora": [3e-3], "lora-fa": [3e-3]},
+            grid={"full": [1e-3], "lora": [3e-3], "lora-fa": [3e-3]},  # one seed, fixed lrs, not tuned
             seeds=[0],
             notes=[
                 "No pretrained T5 can be installed offline, so the model is randomly initialised: adapters here "
@@ -738,8 +760,9 @@ def smoke_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartP
             "encoder", "tiny random-init BERT on generated sentences", "classification", model, files,
             {"text_column": "text", "label_column": "category", "label_names": ["rotten", "fresh"], "max_length": 12},
             {**common, "eval_every": 2}, adapter,
-            {"full": [1e-3], "lora": [1e-2], "lora-fa": [1e-2, 2e-2], "lora-fa+proj": [1e-2], "lora-half": [1e-2]},
+            {"full": [1e-3], "lora": [1e-2], "lora-fa": [1e-2, 2e-2]},
             list(range(cfg.seeds or 2)), ["Smoke mode: the numbers mean nothing."],
+            {"lora-fa+proj": "lora-fa", "lora-half": "lora"},
         )  # fmt: skip
     if name == "decoder":
         model = runner.call(make_smoke_model, str(work / "llama"), "llama", _SMOKE_WORDS)[0]
@@ -837,8 +860,7 @@ def render_report(
         "Written by `lorafa.study` (issue 6). Does freezing LoRA's A (LoRA-FA) cost accuracy against LoRA and full "
         "fine-tuning, when every method gets the same data, steps and tokens and its own learning rate?",
         "",
-        f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; wall time of the whole study: "
-        f"{wall_s / 60:.1f} min ({wall_s:.0f} s).",
+        f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {_wall_time(results, wall_s)}",
         f"- Command: `{cfg.command or 'python benchmarks/run_study.py'}`",
         f"- Machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared with other jobs while it ran), "
         f"torch {torch.__version__} ({cfg.threads or torch.get_num_threads()} thread(s) per run), transformers "
@@ -863,8 +885,10 @@ def render_report(
         "so every method sees the same tokens.",
         "- Splits: the data is shuffled once (seed 0) into disjoint train / dev / test files. Where a method sweeps "
         "several learning rates, every (method, lr) is trained with every seed, the lr with the best dev mean is "
-        "chosen, and only the chosen runs are evaluated on test. Where a part has one lr per method, runs are "
-        "evaluated on test directly. No reported number was tuned on the split it is reported on.",
+        "chosen, and only the chosen runs are evaluated on test. Variants (`lora-fa+proj`, `lora-half`) train "
+        "once per seed at the lr chosen on dev for their parent method (`lora-fa`, `lora`). Where a part has one "
+        "lr per method, runs are evaluated on test directly. No reported number was tuned on the split it is "
+        "reported on.",
         "- The seed sets the data order, dropout, the classification head's initialisation and A's initialisation "
         "(`adapter.init_seed`). Means ± sample standard deviations (n−1) over seeds.",
         "- Time is the training loop's wall time (`train_runtime_s`, evaluations included); memory is the peak RSS "
@@ -877,7 +901,7 @@ def render_report(
         "Methods:",
         "",
     ]
-    used = [m for m in METHODS if any(m in part.plan.grid for part in results.values())]
+    used = [m for m in METHODS if any(m in part.plan.methods for part in results.values())]
     lines += [f"- `{m}`: {METHODS[m].label}" for m in used]
     for name, part in results.items():
         lines += ["", *render_part(part, charts.get(name, []))]
@@ -886,7 +910,8 @@ def render_report(
         "## Reproduce",
         "",
         "```",
-        "python benchmarks/run_study.py --part all           # the whole study (writes this file and docs/study_*.png)",
+        "python benchmarks/run_study.py --part all --threads 1   # the whole study: this file, docs/study_*.png",
+        "python benchmarks/run_study.py --part all --threads 1 --reuse   # resume: keep finished runs",
         "python benchmarks/run_study.py --part encoder --seeds 3 --budget 2   # one part, twice the training data",
         "python benchmarks/run_study.py --smoke              # tiny random-init models, seconds (what the tests run)",
         "```",
@@ -917,6 +942,7 @@ def render_part(part: PartResult, charts: list[str]) -> list[str]:
         f"{_kv(plan.adapter)} on the architecture's default target modules.",
         f"- Seeds: {', '.join(map(str, plan.seeds))}; learning rates tried: "
         + "; ".join(f"{m} {', '.join(f'{lr:g}' for lr in lrs)}" for m, lrs in plan.grid.items())
+        + "".join(f"; {m} the lr chosen for {parent}" for m, parent in plan.inherit.items())
         + f". Part wall time {part.wall_s / 60:.1f} min"
         + (
             f" ({reused} runs reused from an earlier invocation)."
@@ -929,13 +955,13 @@ def render_part(part: PartResult, charts: list[str]) -> list[str]:
         "",
     ]
     if token_task:
-        extra = "exact match | " if any("eval_exact_match" in c.mean for c in part.final.values()) else ""
+        extra = "exact match (%) | " if any("eval_exact_match" in c.mean for c in part.final.values()) else ""
         lines += [f"| method | lr | runs | eval loss | perplexity | {extra}trainable params | train time (s) | peak RSS (GiB) |",
                   "|---|---|---|---|---|---|---|---|" + ("---|" if extra else "")]  # fmt: skip
     else:
         lines += ["| method | lr | runs | accuracy (%) | macro-F1 (%) | trainable params | train time (s) | peak RSS (GiB) |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for method in plan.grid:
+    for method in plan.methods:
         c = part.final.get(method)
         if c is None:
             lines.append(f"| {method} | – | 0 | failed: {_errors(part, method)} |")
@@ -952,14 +978,28 @@ def render_part(part: PartResult, charts: list[str]) -> list[str]:
     if plan.selects:
         name = "accuracy (%)" if plan.metric == "eval_accuracy" else "eval loss"
         scale, digits = (100, 2) if plan.metric == "eval_accuracy" else (1, 4)
-        lines += ["", "Learning-rate sweep (dev split, mean ± std over seeds; ✓ = chosen):", "",
-                  f"| method | lr | runs | dev {name} | dev macro-F1 (%) | |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "Learning-rate sweep (dev split, mean ± std over seeds; ✓ = chosen; single-class runs: "
+                  "runs whose dev predictions are all one class, Matthews correlation exactly 0):", "",
+                  f"| method | lr | runs | dev {name} | dev macro-F1 (%) | single-class runs | |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for c in part.sweep:
             mark = "✓" if part.chosen.get(c.method) is c else ""
             f1 = _pm(c, "eval_f1", 100, 2) if "eval_f1" in c.mean else "–"
+            collapsed = sum(
+                1 for r in part.runs
+                if (r.method, r.lr) == (c.method, c.lr) and r.metrics.get("eval_mcc", 1.0) == 0.0
+            )  # fmt: skip
             lines.append(
-                f"| {c.method} | {c.lr:g} | {c.n} | {_pm(c, plan.metric, scale, digits)} | {f1} | {mark} |"
+                f"| {c.method} | {c.lr:g} | {c.n} | {_pm(c, plan.metric, scale, digits)} | {f1} | {collapsed} | {mark} |"
             )
+        edges = [
+            f"`{m}` ({c.lr:g} is the {'smallest' if c.lr == min(plan.grid[m]) else 'largest'} lr tried)"
+            for m, c in part.chosen.items()
+            if len(plan.grid.get(m, [])) > 1 and c.lr in (min(plan.grid[m]), max(plan.grid[m]))
+        ]
+        if edges:
+            lines += ["", "At the edge of its sweep: " + ", ".join(edges) + "; a learning rate beyond it might "
+                      "do better."]  # fmt: skip
     failed = [r for r in part.runs if r.error]
     if failed:
         lines += ["", "Failed runs:", ""] + [
@@ -968,6 +1008,16 @@ def render_part(part: PartResult, charts: list[str]) -> list[str]:
     if charts:
         lines += [""] + [f"![{c}]({c})" for c in charts]
     return lines
+
+
+def _wall_time(results: dict[str, PartResult], wall_s: float) -> str:
+    runs = [r for part in results.values() for r in part.runs]
+    reused = sum(r.reused for r in runs)
+    loops = sum(r.metrics.get("train_runtime_s", 0.0) for r in runs) / 60
+    text = f"wall time of this invocation: {wall_s / 60:.1f} min"
+    if reused:
+        text += f" ({reused} of {len(runs)} runs reused from an earlier invocation of the same grid)"
+    return f"{text}; the {len(runs)} training loops took {loops:.1f} min together."
 
 
 def _pm(c: Cell, key: str, scale: float, digits: int) -> str:
@@ -1007,7 +1057,7 @@ def _count_lines(path: str) -> int:
 
 def plot_final(part: PartResult, png: Path) -> bool:
     """Bar chart of the reported metric per method with ±std error bars (accuracy, or eval loss); False if empty."""
-    methods = [m for m in part.plan.grid if m in part.final]
+    methods = [m for m in part.plan.methods if m in part.final]
     if not methods:
         return False
     key, scale, ylabel = (
@@ -1041,7 +1091,7 @@ def plot_eval_curves(part: PartResult, png: Path) -> bool:
     """Eval loss against optimizer step (mean over seeds) per method at its chosen lr, from train_log.jsonl."""
     fig, ax = _figure()
     drawn = False
-    for method in part.plan.grid:
+    for method in part.plan.methods:
         cell = part.chosen.get(method)
         if cell is None:
             continue
