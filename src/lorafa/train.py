@@ -136,6 +136,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     params = [p for p in model.parameters() if p.requires_grad]
     started = time.perf_counter()
     step_time, tokens_since_log, time_since_log = 0.0, 0, 0.0
+    losses_since_log: list[float] = []
     metrics: dict[str, float] = {}
     while state.step < total_steps:
         batches = epoch_batches(len(data.train), cfg.batch_size, state.epoch, cfg.seed, rank, world)
@@ -181,6 +182,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         step_time += elapsed
         time_since_log += elapsed
         tokens_since_log += tokens
+        losses_since_log.append(step_loss)
         state.tokens_seen += tokens
 
         # ---- logging, evaluation, checkpoints
@@ -193,11 +195,13 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             progress.set_postfix(
                 loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", mem=_gib(peak)
             )
-            record = {"step": state.step, "epoch": state.epoch, "loss": step_loss, "lr": lr}
+            # The mean over the steps since the last record: one step's loss is too noisy to plot.
+            mean_loss = sum(losses_since_log) / len(losses_since_log)
+            record = {"step": state.step, "epoch": state.epoch, "loss": mean_loss, "lr": lr}
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             log.write({**record, "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak})
-            tokens_since_log, time_since_log = 0, 0.0
+            tokens_since_log, time_since_log, losses_since_log = 0, 0.0, []
         if (
             cfg.eval_every
             and state.step % cfg.eval_every == 0
