@@ -105,13 +105,8 @@ class LoRAFALinearFunction(torch.autograd.Function):
         else:
             u = x @ a.t()  # (N, r)
 
-        if dropout_p == 0 and dt in (torch.float32, torch.float64):
-            # Fold the adapter into a transient weight: one (N, d_in)x(d_in, d_out) matmul instead of three.
-            # Only in fp32/fp64: in bf16/fp16 the small s·B·A would be rounded away when added to W.
-            y = x @ torch.addmm(w, bm, a, alpha=scaling).t()
-        else:
-            y = x @ w.t()  # (N, d_out)
-            y.addmm_(u, bm.t(), alpha=scaling)
+        y = x @ w.t()  # (N, d_out)
+        y.addmm_(u, bm.t(), alpha=scaling)  # accumulate s·u·Bᵀ in place: no (N, d_out) temporary
         if bias is not None:
             y.add_(bias.to(dt))
 
@@ -137,20 +132,17 @@ class LoRAFALinearFunction(torch.autograd.Function):
         if ctx.p > 0 and (need_x or need_a):
             mask = dropout_mask(torch.Size((g.shape[0], a.shape[1])), ctx.seed, ctx.p, g.device, dt)
 
-        h = (g @ bm).mul_(ctx.scaling) if (need_x or need_a) else None  # (N, r)
+        # h = s·g·B (N, r), with the dropout scale 1/q folded in.
+        h = (g @ bm).mul_(ctx.scaling / ctx.q) if need_x or need_a else None
 
         dx = None
         if need_x:
             assert h is not None
-            w = weight.to(dt)
-            if mask is None and dt in (torch.float32, torch.float64):
-                dx = g @ torch.addmm(w, bm, a, alpha=ctx.scaling)  # same fold as forward
+            dx = g @ weight.to(dt)  # (N, d_in)
+            if mask is None:
+                dx.addmm_(h, a)  # accumulate in place
             else:
-                dx = g @ w  # (N, d_in)
-                lora_dx = h @ a  # (N, d_in)
-                if mask is not None:
-                    lora_dx.mul_(mask).mul_(1.0 / ctx.q)
-                dx.add_(lora_dx)
+                dx.add_((h @ a).mul_(mask))  # the adapter path's gradient passes the same mask
 
         # dB = s·gᵀ·u; computed in the activation dtype, accumulated into B's dtype.
         dB = None
@@ -163,7 +155,7 @@ class LoRAFALinearFunction(torch.autograd.Function):
         dA = None
         if need_a:
             assert h is not None and x is not None
-            xd = x if mask is None else x * mask * (1.0 / ctx.q)
+            xd = x if mask is None else x * mask  # h already carries 1/q
             dA = (h.t() @ xd).to(lora_A.dtype)  # (r, d_in)
 
         db = g.sum(0) if ctx.has_bias and need_b else None
