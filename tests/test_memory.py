@@ -12,15 +12,6 @@ from torch.utils.checkpoint import checkpoint
 from lorafa.memory import CATEGORIES, SavedTensorTracker, peak_memory_bytes, static_memory
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny matmuls on a shared, busy 2-core machine: two intra-op threads make each op wait ~30 ms for a core.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def raw_saved(fn, params):
     """Reference: every tensor autograd saves while running fn, deduplicated by storage address by hand."""
     saved: list[torch.Tensor] = []

@@ -40,16 +40,6 @@ from lorafa.planner import (
     run_planner,
 )
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny matmuls on a shared, busy 2-core machine: two intra-op threads make each op wait ~30 ms for a core.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 B, T, TT = 2, 16, 8  # batch, sequence length, T5 target length
 R = 4
 

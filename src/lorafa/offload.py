@@ -29,6 +29,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from lorafa.recompute import _dense  # the same "fills its storage block" test decides what may move
+
 __all__ = ["Copier", "CudaHostCopier", "OffloadStats", "offload_activations"]
 
 
@@ -103,16 +105,6 @@ class _Offloaded:
     def __init__(self, handle: Any) -> None:
         self.handle = handle
         self.restored: weakref.ref[torch.Tensor] | None = None
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """True if t's elements exactly fill a storage block with no gaps or overlaps (any dim order)."""
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda s: s[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _is_parameter(t: torch.Tensor) -> bool:
