@@ -31,16 +31,6 @@ def toys(tmp_path_factory):
     return toy_root(tmp_path_factory)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed CPU OpenMP's spin-waits make
-    # each tiny op up to ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _outputs_complete(out: Path, task: str, method: str) -> dict[str, float]:
     for name in ("metrics.json", "train_log.jsonl", "config.yaml", "loss.png"):
         assert (out / name).is_file(), name
