@@ -174,3 +174,21 @@ def test_injection_errors():
         lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=2))
     with pytest.raises(ValueError, match="no LoRA-FA adapters"):
         lorafa.merge_lorafa(tiny("llama"))
+
+
+def test_token_ids_outside_the_embedding_table_are_a_clear_error():
+    from datasets import Dataset
+
+    from lorafa.models import check_token_ids
+
+    model = tiny("llama")
+    rows = model.get_input_embeddings().num_embeddings
+
+    class Tok:
+        def __len__(self):
+            return rows + 1
+
+    check_token_ids(model, [Dataset.from_dict({"input_ids": [[1, rows - 1]]}), None], Tok())
+    bad = Dataset.from_dict({"input_ids": [[1, 2], [rows]]})
+    with pytest.raises(ValueError, match=f"token id {rows}.*{rows} rows"):
+        check_token_ids(model, [bad], Tok())

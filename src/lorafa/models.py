@@ -145,3 +145,25 @@ class LossModel(nn.Module):
             return chunked_causal_lm_loss(self.model, batch)
         extra = {"use_cache": False} if self.task in ("sft", "clm", "seq2seq") else {}
         return self.model(**batch, **extra).loss
+
+
+def check_token_ids(model: nn.Module, datasets: list[Any], tokenizer: Any) -> None:
+    """Raise ValueError if the tokenized data holds ids outside the model's embedding table.
+
+    A tokenizer that does not match the model (or that added tokens, e.g. an EOS, the model has no rows for) would
+    otherwise fail deep inside the embedding lookup with a bare IndexError.
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    table = get() if callable(get) else None
+    rows = getattr(table, "num_embeddings", None)
+    if rows is None:
+        return
+    for ds in datasets:
+        if ds is None or "input_ids" not in ds.column_names:
+            continue
+        top = max((max(ids) for ids in ds["input_ids"] if len(ids)), default=-1)
+        if top >= rows:
+            raise ValueError(
+                f"the data holds token id {top}, but the model's input embedding table has {rows} rows: the tokenizer "
+                f"({len(tokenizer)} tokens) does not match the model; use the model's own tokenizer"
+            )

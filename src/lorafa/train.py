@@ -33,7 +33,7 @@ from lorafa.checkpoint import (
 from lorafa.data import PreparedData, build_datasets, make_collator
 from lorafa.evaluate import base_model_path, evaluate, rows, write_labels
 from lorafa.inject import trainable_parameters
-from lorafa.models import LossModel, load_model, load_tokenizer, prepare_model
+from lorafa.models import LossModel, check_token_ids, load_model, load_tokenizer, prepare_model
 from lorafa.train_config import TrainConfig
 
 
@@ -83,6 +83,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     model = load_model(
         cfg.model, cfg.task, data.num_labels, data.id2label, cfg.model_dtype, tokenizer.pad_token_id
     )
+    check_token_ids(model, [data.train, data.eval], tokenizer)
     model = prepare_model(
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
     )
