@@ -126,23 +126,6 @@ def tracked_step(
     return tracker
 
 
-def _core_meta_safe() -> bool:
-    x = torch.empty(3, 8, device="meta")
-    w, a, b = (torch.empty(s, device="meta") for s in ((6, 8), (2, 8), (6, 2)))
-    try:
-        lorafa.lorafa_linear(x, w, None, a, b, 1.0)
-    except RuntimeError:
-        return False
-    return True
-
-
-# lorafa_linear asks torch.is_autocast_enabled("meta"), which raises; reported to the core's owner. Until the
-# core guards that call, planning methods with lorafa adapters fails on meta; this mark goes away by itself then.
-needs_meta_core = pytest.mark.xfail(
-    not _core_meta_safe(), reason="core: lorafa_linear is not meta-safe (autocast query on meta)", strict=True
-)
-
-
 def plan(tmp_path, family: str, attention: str, **kw) -> dict:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(tiny_config(family, attention)))
@@ -173,7 +156,6 @@ def test_planner_equals_a_real_cpu_step(tmp_path, family, attention):
     )
 
 
-@needs_meta_core
 @pytest.mark.parametrize("attention", ["sdpa-flash", "eager"])
 @pytest.mark.parametrize("family", ["llama", "roberta", "t5"])
 def test_planner_equals_a_real_cpu_step_lorafa_methods(tmp_path, family, attention):
@@ -236,7 +218,6 @@ def test_device_cuda_models_the_fused_dropout_mask(tmp_path, family, attention, 
     assert cuda["activations_saved"] < cpu["activations_saved"]  # 1 byte per mask element instead of 4
 
 
-@needs_meta_core
 def test_lorafa_keeps_less_than_lora_and_peft(tmp_path):
     report = plan(tmp_path, "llama", "sdpa-flash", checkpointing="off")
     acts = {e["method"]: e["activations"] for e in report["methods"]}
@@ -277,7 +258,7 @@ def test_largest_fitting_finds_the_edge_of_a_monotone_predicate(upper):
         assert all(1 <= c <= upper for c in calls)
 
 
-@pytest.mark.parametrize("method", ["full", pytest.param("lora-fa", marks=needs_meta_core)])
+@pytest.mark.parametrize("method", ["full", "lora-fa"])
 def test_planner_batch_search_is_exact_at_its_edge(tmp_path, method):
     kw = dict(methods=[method], checkpointing="off")
     totals = {
@@ -453,7 +434,7 @@ def _compare_pretrained(folder, auto, task: str, attention: str, method: str, se
 
 
 @pytest.mark.assets
-@pytest.mark.parametrize("method", ["full", pytest.param("lora-fa", marks=needs_meta_core), "peft-lora"])
+@pytest.mark.parametrize("method", ["full", "lora-fa", "peft-lora"])
 def test_planner_equals_real_minilm_step(method):
     # MiniLM (BERT) trains with attention dropout 0.1, for which CPU SDPA has no flash kernel: compare eager.
     from transformers import AutoModelForSequenceClassification
@@ -464,7 +445,7 @@ def test_planner_equals_real_minilm_step(method):
 
 @pytest.mark.assets
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["full", pytest.param("lora-fa", marks=needs_meta_core), "peft-lora"])
+@pytest.mark.parametrize("method", ["full", "lora-fa", "peft-lora"])
 def test_planner_equals_real_smollm2_step(method):
     # SmolLM2 (LLaMA-shaped, 30 layers, GQA) has no attention dropout: CPU SDPA runs its flash kernel.
     from transformers import AutoModelForCausalLM
