@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,15 @@ _UNSUPPORTED: dict[str, Any] = {
 
 
 def _task_type(model: nn.Module) -> str | None:
-    names = [type(model).__name__]
-    for n in names:
-        if n.endswith("ForSequenceClassification"):
-            return "SEQ_CLS"
-        if n.endswith("ForCausalLM") or n.endswith("LMHeadModel"):
-            return "CAUSAL_LM"
-        if n.endswith("ForConditionalGeneration") or n.endswith("ForSeq2SeqLM"):
-            return "SEQ_2_SEQ_LM"
-        if n.endswith("ForTokenClassification"):
-            return "TOKEN_CLS"
+    n = type(model).__name__
+    if n.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if n.endswith("ForCausalLM") or n.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    if n.endswith("ForConditionalGeneration") or n.endswith("ForSeq2SeqLM"):
+        return "SEQ_2_SEQ_LM"
+    if n.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
     return None
 
 
@@ -83,7 +83,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def _atomic_write_dir(path: Path, write: Any) -> None:
+def atomic_write_dir(path: Path, write: Callable[[Path], object]) -> None:
     """Write a folder under a temporary name next to `path`, then swap it in, so no half-written folder remains."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -147,7 +147,7 @@ def save_adapter(
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
         (tmp / LORAFA_NAME).write_text(json.dumps(lorafa_meta, indent=2) + "\n")
 
-    _atomic_write_dir(out, write)
+    atomic_write_dir(out, write)
     return out
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, cast
@@ -19,7 +17,14 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lorafa.adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME, load_adapter, read_adapter_config
+from lorafa.adapter import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    atomic_write_dir,
+    load_adapter,
+    read_adapter_config,
+)
 from lorafa.assets import resolve
 from lorafa.data import IGNORE_INDEX, build_datasets, make_collator
 from lorafa.inject import remove_lorafa
@@ -396,17 +401,12 @@ def merge(
     net, tokenizer, _ = load_trained(src, model=model, task=task)
     remove_lorafa(net, merge=True)
     out = Path(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         cast(Any, net).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write_dir(out, write)
     return out
 
 
