@@ -7,27 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _saved import saved_bytes
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from lorafa.loss import chunked_causal_lm_loss, default_chunk_size, linear_cross_entropy
 
 V, D = 37, 16
-
-
-def saved_bytes(fn, params) -> int:
-    """Bytes of unique non-parameter storages saved for backward while running fn()."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in param_ptrs:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
 
 
 def make_case(dtype=torch.float32, bias=True, seed=0, batch=3, seq=11):

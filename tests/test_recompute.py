@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
+from _saved import saved_bytes
 from torch import nn
 from transformers.activations import GELUActivation, NewGELUActivation
 
@@ -16,22 +17,6 @@ from lorafa.recompute import (
     disable_cheap_recompute,
     enable_cheap_recompute,
 )
-
-
-def saved_bytes(fn, params):
-    """(bytes of unique non-parameter storages saved for backward while running fn(), fn's result)."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in param_ptrs:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
 
 
 def assert_same(got, want):
