@@ -24,28 +24,19 @@ VOCAB = 96
 def tiny(family: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random-init model of `family` in eval mode (hidden 32, 2 layers)."""
     torch.manual_seed(seed)
+    decoder = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     if family == "llama":
-        cfg = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(LlamaConfig(**decoder))
     elif family == "qwen2":
-        cfg = Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        model = Qwen2ForCausalLM(cfg)
+        model = Qwen2ForCausalLM(Qwen2Config(**decoder))
     elif family == "bert":
         cfg = BertConfig(
             vocab_size=VOCAB,

@@ -78,10 +78,6 @@ class LoRAFAConfig:
         if self.init_seed is not None and not isinstance(self.init_seed, int):
             raise ValueError(f"init_seed must be an int or None, got {self.init_seed!r}")
 
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.r**0.5 if self.use_rslora else self.lora_alpha / self.r
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
