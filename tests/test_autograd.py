@@ -60,9 +60,10 @@ def test_matches_plain_autograd_without_dropout(n, d_in, d_out, r_frac, bias, dt
         torch.testing.assert_close(a, e, **tol)
 
 
+@pytest.mark.parametrize("n", [5, 9])  # 9 >= d_out: without dropout, dx takes the folded g·(W + s·B·A) path
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_gradcheck_float64(p):
-    x, W, b, A, B = make(5, 7, 6, 3, torch.float64, bias=True)
+def test_gradcheck_float64(p, n):
+    x, W, b, A, B = make(n, 7, 6, 3, torch.float64, bias=True)
     x.requires_grad_(True)
     B.requires_grad_(True)
     b.requires_grad_(True)

@@ -106,10 +106,16 @@ def _job(model: str, method: str, **kw) -> Job:
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-bert", "tiny-t5"])
 def test_in_process_jobs_on_decoder_encoder_and_seq2seq_models(model):
-    methods = ("full", "peft-lora", "lora-fa", "lora-fa-ckpt", "lora-fa-lean")
+    methods = ("full", "peft-lora", "lora-fa", "lora-fa-ckpt", "lora-fa-lean", "lora-fa-shared")
     res = {m: run_job(_job(model, m, profile_live=False)) for m in methods}
     assert all(r["status"] == "ok" for r in res.values())
     assert res["lora-fa"]["saved_bytes"] < res["peft-lora"]["saved_bytes"]
+    # Every family has sibling projections reading one input (q/k/v; T5's cross-attention k/v): fewer u's kept.
+    assert res["lora-fa-shared"]["saved_bytes"] < res["lora-fa"]["saved_bytes"]
+    if (
+        bench.MODELS[model].task == "causal-lm"
+    ):  # no model dropout, whose masks depend on how many seeds LoRA drew
+        assert res["lora-fa-shared"]["first_loss"] == pytest.approx(res["lora-fa"]["first_loss"], rel=1e-5)
     # Checkpointing keeps only block inputs; cheap recompute (+ chunked loss) never keeps more than LoRA-FA.
     assert res["lora-fa-ckpt"]["saved_bytes"] < res["lora-fa"]["saved_bytes"]
     assert res["lora-fa-lean"]["saved_bytes"] <= res["lora-fa"]["saved_bytes"]

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorafa.config import LoRAFAConfig
-from lorafa.inject import _is_linear, _name_matches, add_lorafa, lorafa_layers
+from lorafa.inject import _is_linear, _name_matches, add_lorafa, lorafa_layers, share_groups
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -277,6 +277,14 @@ def load_adapter(
     ]
     if bad:
         raise ValueError(f"adapter {folder} has wrong shapes: {bad[:10]}")
+    for group, members in share_groups(model).items():  # checked before anything is copied
+        a0 = state[f"{PREFIX}{group}.lora_A.weight"]
+        differ = [m for m in members if not torch.equal(state[f"{PREFIX}{m}.lora_A.weight"], a0)]
+        if differ:
+            raise ValueError(
+                f"adapter {folder}: share_a needs layers {differ} to hold the same A as {group!r}, but the file's "
+                "A's differ (load it without share_a)"
+            )
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(state[k].to(device=v.device, dtype=v.dtype))

@@ -17,6 +17,7 @@ not the mask) because dA needs it.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -60,6 +61,26 @@ def _autocast_off(device_type: str) -> AbstractContextManager[object]:
     return nullcontext()
 
 
+@dataclass
+class SharedProjection:
+    """u = A·dropout(x)/q and its dropout seed, computed by the first of several layers that share A and read the
+    same input x, reused by the others (`LoRAFAConfig.share_a`). `key` identifies the input's state."""
+
+    key: tuple[object, ...]
+    u: Tensor | None = None
+    seed: int = 0
+
+
+def _fold_backward(g: Tensor, weight: Tensor, no_dropout: bool) -> bool:
+    """Whether backward computes ∂L/∂x as g·(W + s·B·A) instead of g·W + (s·g·B)·A.
+
+    Only without dropout (the mask applies to the adapter path alone), only in fp32/fp64 (in 16-bit, W + s·B·A
+    would round the small adapter term away), and only when the (d_out, d_in) temporary is no larger than dx
+    (N ≥ d_out), which is also when it costs fewer multiply-adds.
+    """
+    return no_dropout and g.dtype in (torch.float32, torch.float64) and g.shape[0] >= weight.shape[0]
+
+
 def _draw_seed() -> int:
     # From the default CPU generator: seeded by torch.manual_seed and restored by checkpoint's preserve_rng_state.
     return int(torch.randint(0, 2**62, (1,)).item())
@@ -72,7 +93,8 @@ class LoRAFALinearFunction(torch.autograd.Function):
 
     Forward saves u (and x only when A needs a gradient, i.e. method "lora"); never the mask or m ⊙ x.
     Backward, with g = ∂L/∂y (N, d_out) and h = s·g·B (N, r):
-        ∂L/∂x = g·W + (m ⊙ (h·A)) / q            (the mask m regenerated from the forward's seed)
+        ∂L/∂x = g·W + (m ⊙ (h·A)) / q            (the mask m regenerated from the forward's seed;
+                                                  = g·(W + s·B·A) without dropout, see `_fold_backward`)
         ∂L/∂B = s·gᵀ·u                            (then ·P when a gradient projection P (r, r) is given)
         ∂L/∂A = hᵀ·(m ⊙ x) / q                    (method "lora" only)
         ∂L/∂b = Σ_n g                             (only if b requires grad)
@@ -90,20 +112,25 @@ class LoRAFALinearFunction(torch.autograd.Function):
         scaling: float,
         dropout_p: float,
         projection: Tensor | None,
+        shared: SharedProjection | None = None,
     ) -> Tensor:
         dt = x.dtype
         w = weight.to(dt)  # no copy when the base weight already has the activation dtype
         a = lora_A.to(dt)  # (r, d_in): small
         bm = lora_B.to(dt)  # (d_out, r): small
-        seed = _draw_seed() if dropout_p > 0 else 0
         q = keep_probability(dropout_p)
-
-        if dropout_p > 0:
-            mask = dropout_mask(x.shape, seed, dropout_p, x.device, dt)
-            u = (x * mask) @ a.t()  # (N, r); the masked copy of x is transient
-            u.mul_(1.0 / q)
+        if shared is not None and shared.u is not None:
+            u, seed = shared.u, shared.seed  # the same tensor: saved once for every layer that shares it
         else:
-            u = x @ a.t()  # (N, r)
+            seed = _draw_seed() if dropout_p > 0 else 0
+            if dropout_p > 0:
+                mask = dropout_mask(x.shape, seed, dropout_p, x.device, dt)
+                u = (x * mask) @ a.t()  # (N, r); the masked copy of x is transient
+                u.mul_(1.0 / q)
+            else:
+                u = x @ a.t()  # (N, r)
+            if shared is not None:
+                shared.u, shared.seed = u, seed
 
         y = x @ w.t()  # (N, d_out)
         y.addmm_(u, bm.t(), alpha=scaling)  # accumulate s·u·Bᵀ in place: no (N, d_out) temporary
@@ -133,10 +160,15 @@ class LoRAFALinearFunction(torch.autograd.Function):
             mask = dropout_mask(torch.Size((g.shape[0], a.shape[1])), ctx.seed, ctx.p, g.device, dt)
 
         # h = s·g·B (N, r), with the dropout scale 1/q folded in.
-        h = (g @ bm).mul_(ctx.scaling / ctx.q) if need_x or need_a else None
+        fold = need_x and not need_a and _fold_backward(g, weight, mask is None)
+        h = (g @ bm).mul_(ctx.scaling / ctx.q) if (need_x and not fold) or need_a else None
 
         dx = None
-        if need_x:
+        if fold:
+            # ∂L/∂x = g·(W + s·B·A) without dropout: one (d_out, d_in) temporary, no larger than dx, replaces the
+            # two skinny products g·B and h·A (N·(d_out + d_in)·r vs d_out·d_in·r multiply-adds).
+            dx = g @ torch.addmm(weight.to(dt), bm, a, alpha=ctx.scaling)  # (N, d_in)
+        elif need_x:
             assert h is not None
             dx = g @ weight.to(dt)  # (N, d_in)
             if mask is None:
@@ -159,7 +191,7 @@ class LoRAFALinearFunction(torch.autograd.Function):
             dA = (h.t() @ xd).to(lora_A.dtype)  # (r, d_in)
 
         db = g.sum(0) if ctx.has_bias and need_b else None
-        return dx, None, db, dA, dB, None, None, None
+        return dx, None, db, dA, dB, None, None, None, None
 
 
 def lorafa_linear(
@@ -171,6 +203,7 @@ def lorafa_linear(
     scaling: float,
     dropout_p: float = 0.0,
     projection: Tensor | None = None,
+    shared: SharedProjection | None = None,
 ) -> Tensor:
     """Apply y = W·x + b + s·B·A·dropout(x) over the last dim of `x`, keeping only (..., r) for backward.
 
@@ -183,6 +216,8 @@ def lorafa_linear(
         scaling: s = lora_alpha / r (or / sqrt(r) for rsLoRA).
         dropout_p: dropout probability on the adapter's input; 0 disables dropout.
         projection: optional (r, r) matrix right-multiplied onto B's gradient (see `lorafa.projection`).
+        shared: a slot for u shared with other layers that use the same A on the same x (empty: fill it; filled:
+            reuse its u and dropout seed instead of computing them).
 
     Returns:
         y of shape (..., d_out).
@@ -195,5 +230,7 @@ def lorafa_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
     with _autocast_off(device_type):
-        y = LoRAFALinearFunction.apply(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, projection)
+        y = LoRAFALinearFunction.apply(
+            x2, weight, bias, lora_A, lora_B, scaling, dropout_p, projection, shared
+        )
     return y.view(*lead, y.shape[-1])

@@ -180,6 +180,7 @@ METHODS: dict[str, Method] = {
     "lora-fa-ckpt": Method("lorafa LoRA-FA + activation checkpointing", True),
     "floor": Method("frozen floor (no adapters)", False),
     "lora-fa-lean": Method("lorafa LoRA-FA + chunked loss + cheap recompute", True),
+    "lora-fa-shared": Method("lorafa LoRA-FA + shared A (share_a, opt-in)", True),
     # Not in the default list: the two parts of lora-fa-lean alone, and lorafa's own LoRA with checkpointing.
     "lora-fa-chunked": Method("lorafa LoRA-FA + chunked loss", True),
     "lora-fa-recompute": Method("lorafa LoRA-FA + cheap recompute", True),
@@ -187,7 +188,7 @@ METHODS: dict[str, Method] = {
 }
 """Methods by name. PEFT baselines get exactly the module names lorafa adapts (all linear layers of the blocks)."""
 
-DEFAULT_METHODS = list(METHODS)[:10]  # the issue-5 methods and lora-fa-lean (issue 7)
+DEFAULT_METHODS = list(METHODS)[:11]  # the issue-5 methods, lora-fa-lean (issue 7) and lora-fa-shared
 
 
 # ---- settings -------------------------------------------------------------------------------------------------
@@ -376,6 +377,7 @@ def _prepare(
             lora_dropout=p,
             method="lora" if method in ("lora", "lora-ckpt") else "lora-fa",
             projection=method == "lora-fa-proj",
+            share_a=method == "lora-fa-shared",
             modules_to_save=heads or None,
             init_seed=job.seed,
         )
@@ -790,6 +792,7 @@ _CHECKS: list[tuple[int, str, str, str, str, float]] = [
     (5, "peak_live_bytes", "peft-lora", "lora-fa", ">=", 1.6),
     (5, "peak_live_bytes", "full", "lora-fa", ">=", 1.4),
     (5, "saved_bytes", "lora-fa", "floor", "<=", 1.01),
+    (5, "saved_bytes", "lora-fa-shared", "floor", "<=", 1.01),
     (5, "step_s", "lora-fa", "peft-lora", "<=", 1.0),
     (5, "step_s", "lora-fa@0", "peft-lora@0", "<=", 0.9),
     (2, "saved_bytes", "peft-lora", "lora-fa", ">=", 2.0),

@@ -36,6 +36,11 @@ class LoRAFAConfig:
     """Apply the LoRA-FA gradient projection g_B ← g_B·(A·Aᵀ)⁻¹/s² (method "lora-fa" only)."""
     exclude_modules: list[str] = field(default_factory=list)
     """Module names/suffixes never adapted, even when target_modules matches them."""
+    share_a: bool = False
+    """Opt-in (method "lora-fa" only): adapted sibling layers with the same input width (q/k/v, gate/up) share one
+    frozen A; layers that then read the same input tensor also share u = A·dropout(x) and its dropout mask, so one
+    (…, r) tensor is kept per shared input instead of one per layer. Each layer keeps its own B. Not in the paper
+    (which draws an independent A per layer); see docs/MEMORY.md."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -54,6 +59,10 @@ class LoRAFAConfig:
             raise ValueError(
                 f"init_lora_weights must be one of {list(INITS)}, got {self.init_lora_weights!r}"
             )
+        if not isinstance(self.share_a, bool):
+            raise ValueError(f"share_a must be true or false, got {self.share_a!r}")
+        if self.share_a and self.method != "lora-fa":
+            raise ValueError("share_a=True needs method='lora-fa' (a shared A must stay frozen)")
         if self.projection and self.method != "lora-fa":
             raise ValueError("projection=True needs method='lora-fa' (the projection assumes a frozen A)")
         tm = self.target_modules

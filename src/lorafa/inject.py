@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from lorafa.config import LoRAFAConfig
@@ -159,12 +160,44 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
         )
         layer.train(base.training)  # a new module defaults to training mode; keep the model's mode
         _set_submodule(model, name, layer)
+    if cfg.share_a:
+        _share_a(model, names)
     for name in saved:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     model.lorafa_config = cfg  # type: ignore[assignment]
     model.lorafa_modules_to_save = saved  # type: ignore[assignment]
     return model
+
+
+def share_groups(model: nn.Module) -> dict[str, list[str]]:
+    """share_group → names of the adapted layers in it (only groups of two or more layers exist)."""
+    groups: dict[str, list[str]] = {}
+    for name, layer in lorafa_layers(model):
+        if layer.share_group is not None:
+            groups.setdefault(layer.share_group, []).append(name)
+    return groups
+
+
+@torch.no_grad()
+def _share_a(model: nn.Module, names: list[str]) -> None:
+    """Group adapted siblings (same parent module) by input width; give each group its first member's A."""
+    by_key: dict[tuple[str, int], list[str]] = {}
+    for name in names:
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        layer = model.get_submodule(name)
+        assert isinstance(layer, LoRAFALinear)
+        by_key.setdefault((parent, layer.in_features), []).append(name)
+    for members in by_key.values():
+        if len(members) < 2:
+            continue
+        first = model.get_submodule(members[0])
+        assert isinstance(first, LoRAFALinear)
+        for name in members:
+            layer = model.get_submodule(name)
+            assert isinstance(layer, LoRAFALinear)
+            layer.lora_A.weight.copy_(first.lora_A.weight)
+            layer.share_group = members[0]
 
 
 def _require_adapters(model: nn.Module) -> list[tuple[str, LoRAFALinear]]:

@@ -14,7 +14,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from lorafa.autograd import lorafa_linear
+from lorafa.autograd import SharedProjection, lorafa_linear
 from lorafa.projection import projection_matrix
 
 METHODS = ("lora-fa", "lora")
@@ -129,6 +129,8 @@ class LoRAFALinear(nn.Module):
         self.lora_B.weight.requires_grad_(True)
         self._proj_key: tuple[int, int] | None = None
         self._proj: Tensor | None = None
+        self.share_group: str | None = None
+        """Set by `add_lorafa(share_a=True)`: layers with the same group hold equal A's and share u per input."""
 
     @property
     def in_features(self) -> int:
@@ -194,10 +196,30 @@ class LoRAFALinear(nn.Module):
             self.scaling,
             p,
             proj,
+            self._shared_slot(x, p),
         )
+
+    def _shared_slot(self, x: Tensor, p: float) -> SharedProjection | None:
+        """The u slot this layer's share group keeps on the input tensor itself, so it lives exactly as long as x
+        (and a recomputed forward under activation checkpointing, with a new x, fills a new one the same way)."""
+        if self.share_group is None:
+            return None
+        device_type = x.device.type
+        cast = (
+            torch.get_autocast_dtype(device_type)
+            if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            else None
+        )
+        key = (x._version, p, cast, torch.is_grad_enabled())
+        slots: dict[str, SharedProjection] = x.__dict__.setdefault("_lorafa_shared", {})
+        slot = slots.get(self.share_group)
+        if slot is None or slot.key != key:
+            slot = slots[self.share_group] = SharedProjection(key)
+        return slot
 
     def extra_repr(self) -> str:
         return (
             f"method={self.method!r}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
             f"lora_dropout={self.lora_dropout}, projection={self.projection}, merged={self.merged}"
+            + (f", share_group={self.share_group!r}" if self.share_group else "")
         )
