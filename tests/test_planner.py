@@ -28,7 +28,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 import lorafa
 from lorafa.inject import resolve_targets
+from lorafa.loss import chunked_causal_lm_loss
 from lorafa.memory import SavedTensorTracker
+from lorafa.offload import offload_activations
 from lorafa.planner import (
     PRESETS,
     PlannerArgs,
@@ -39,6 +41,7 @@ from lorafa.planner import (
     parse_size,
     run_planner,
 )
+from lorafa.recompute import enable_cheap_recompute
 
 B, T, TT = 2, 16, 8  # batch, sequence length, T5 target length
 R = 4
@@ -79,9 +82,9 @@ class CudaDropout(TorchFunctionMode):
 
 
 def real_step(
-    family: str, attention: str, method: str, checkpointing: bool, cuda_dropout: bool = False
+    family: str, attention: str, method: str, checkpointing: bool, cuda_dropout: bool = False, **options
 ) -> SavedTensorTracker:
-    """The reference: one real training step on CPU of a random-init tiny model, tracked."""
+    """The reference: one real training step on CPU of a random-init tiny model, tracked (options: tracked_step's)."""
     d = tiny_config(family, attention)
     config = AutoConfig.for_model(d.pop("model_type"), **d)
     torch.manual_seed(0)
@@ -98,13 +101,28 @@ def real_step(
         batch.update(labels=ids, use_cache=False)
     heads = ["classifier"] if family == "roberta" else None
     with CudaDropout() if cuda_dropout else contextlib.nullcontext():
-        return tracked_step(model, method, checkpointing, batch, heads)
+        return tracked_step(model, method, checkpointing, batch, heads, **options)
 
 
 def tracked_step(
-    model, method: str, checkpointing: bool, batch: dict, heads: list[str] | None
+    model,
+    method: str,
+    checkpointing: bool,
+    batch: dict,
+    heads: list[str] | None,
+    chunked_loss: bool = False,
+    cheap_recompute: bool = False,
+    offload: dict | None = None,
 ) -> SavedTensorTracker:
-    """Set `model` up for `method` (lorafa, or PEFT as its users do) and run one tracked forward + backward."""
+    """Set `model` up for `method` (lorafa, or PEFT as its users do) and run one tracked forward + backward.
+
+    The tracker keeps what the forward saved. With `cheap_recompute`, backward rebuilds each recomputed module's
+    local graph, which saves tensors of its own while that module's backward runs (e.g. a recomputed RMSNorm keeps
+    its rsqrt, (B, T, 1) fp32): transient, not what the forward keeps for backward, so those records are dropped.
+    They were the 512 bytes (4 norms × B·T fp32) by which an earlier comparison's "loss" category differed.
+    `offload`: keyword arguments of `lorafa.offload.offload_activations`; the step then runs a second time,
+    offloaded (its saved tensors pass the offload hooks, not the tracker's; the copier sees what moves).
+    """
     model.train()
     cfg = lorafa.LoRAFAConfig(r=R, lora_alpha=2 * R, lora_dropout=0.05, method="lora", modules_to_save=heads)
     if method in ("lora", "lora-fa"):
@@ -118,11 +136,25 @@ def tracked_step(
             r=R, lora_alpha=2 * R, lora_dropout=0.05, target_modules=targets, modules_to_save=heads
         )
         model = get_peft_model(model, peft_cfg)
+    hf = model.base_model.model if method == "peft-lora" else model
+    if cheap_recompute:
+        enable_cheap_recompute(model)
     if checkpointing:
-        hf = model.base_model.model if method == "peft-lora" else model
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def loss():
+        return chunked_causal_lm_loss(hf, batch) if chunked_loss else model(**batch).loss
+
     with SavedTensorTracker(model) as tracker:
-        model(**batch).loss.backward()  # a whole step: backward must work with the tracker on
+        value = loss()
+        saved_by_forward = len(tracker.records)
+        value.backward()  # a whole step: backward must work with the tracker on
+    assert len(tracker.records) == saved_by_forward or cheap_recompute
+    del tracker.records[saved_by_forward:]
+    if offload is not None:
+        with offload_activations(**offload):
+            value = loss()
+        value.backward()
     return tracker
 
 
@@ -171,8 +203,8 @@ def compare_methods(tmp_path, family: str, attention: str, methods: list[str]) -
         check_against_real_step(family, attention, off["method"], off, on)
 
 
-def check_against_real_step(family: str, attention: str, method: str, off: dict, on: dict) -> None:
-    real_off = real_step(family, attention, method, False)
+def check_against_real_step(family: str, attention: str, method: str, off: dict, on: dict, **options) -> None:
+    real_off = real_step(family, attention, method, False, **options)
     inexact = family == "t5" and method == "full" and attention == "sdpa-flash"
     if inexact:
         # Full fine-tuning trains T5's relative position bias, so SDPA gets an additive mask that needs a
@@ -183,7 +215,9 @@ def check_against_real_step(family: str, attention: str, method: str, off: dict,
     else:
         assert off["activations_saved"] == real_off.total_bytes, method
     assert off["activations_recompute"] == 0
-    assert on["activations_saved"] == real_step(family, attention, method, True).total_bytes, method
+    assert on["activations_saved"] == real_step(family, attention, method, True, **options).total_bytes, (
+        method
+    )
     # With checkpointing, backward re-creates one layer's activations: the largest layer of the plain step.
     assert real_off.model is not None
     layers = [n for n, m in real_off.model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -452,3 +486,163 @@ def test_planner_equals_real_smollm2_step(method):
 
     folder = _asset("smollm2_model_dir")  # converted from the GGUF once (~20 s), then cached
     _compare_pretrained(folder, AutoModelForCausalLM, "causal-lm", "sdpa-flash", method, 16)
+
+
+# ---- below-the-floor options: chunked loss, cheap recompute, offloading -----------------------------------------
+def compare_option(tmp_path, family: str, attention: str, method: str, **options) -> dict:
+    """The planner with `options` against real CPU steps with the same options, checkpointing off and on."""
+    flags = {"chunked_loss": "chunked_loss", "cheap_recompute": "cheap_recompute"}
+    report = plan(tmp_path, family, attention, methods=[method], **{flags[k]: v for k, v in options.items()})
+    off, on = report["methods"]
+    check_against_real_step(family, attention, method, off, on, **options)
+    return report
+
+
+@pytest.mark.parametrize("method", ["full", "lora-fa", "peft-lora"])
+def test_planner_chunked_loss_equals_a_real_cpu_step(tmp_path, method):
+    report = compare_option(tmp_path, "llama", "sdpa-flash", method, chunked_loss=True)
+    plain = plan(tmp_path, "llama", "sdpa-flash", methods=[method], checkpointing="off")["methods"][0]
+    off = report["methods"][0]
+    if (
+        method != "full"
+    ):  # a trainable head makes the chunked loss keep dW (V, d), more than this tiny model's logits
+        # No fp32 (tokens × vocab) log-probabilities: the vocabulary (128) is larger than d (64), so it saves less.
+        assert off["activations_by_category"]["loss"] < plain["activations_by_category"]["loss"]
+        assert off["activations_saved"] < plain["activations_saved"]
+    assert report["settings"]["chunked_loss"] and "chunked loss" in format_table(report)
+
+
+@pytest.mark.parametrize(
+    "family, attention, method",
+    [
+        ("llama", "sdpa-flash", "full"),
+        ("llama", "sdpa-flash", "lora-fa"),
+        ("llama", "sdpa-flash", "peft-lora"),
+        ("roberta", "eager", "lora-fa"),  # attention and hidden dropout: regenerated masks
+        ("roberta", "sdpa-flash", "lora"),
+    ],
+)
+def test_planner_cheap_recompute_equals_a_real_cpu_step(tmp_path, family, attention, method):
+    report = compare_option(tmp_path, family, attention, method, cheap_recompute=True)
+    plain = plan(tmp_path, family, attention, methods=[method], checkpointing="off")["methods"][0]
+    assert report["methods"][0]["activations_saved"] < plain["activations_saved"]
+
+
+def test_planner_chunked_loss_with_cheap_recompute_equals_a_real_cpu_step(tmp_path):
+    compare_option(tmp_path, "llama", "sdpa-flash", "lora-fa", chunked_loss=True, cheap_recompute=True)
+
+
+def test_recompute_on_cuda_counts_no_host_rng_state(tmp_path):
+    # RegeneratedDropout keeps an RNG state, a host tensor (on CUDA, 16 bytes): no device memory with device cuda.
+    kw = dict(methods=["lora-fa"], checkpointing="off", cheap_recompute=True)
+    cuda = plan(tmp_path, "roberta", "eager", device="cuda", **kw)["methods"][0]
+    real = real_step("roberta", "eager", "lora-fa", False, cuda_dropout=True, cheap_recompute=True)
+    rng_states = [
+        r for r in real.records if r.dtype == torch.uint8 and r.shape == tuple(torch.get_rng_state().shape)
+    ]
+    assert rng_states  # one per dropout that ran
+    assert cuda["activations_saved"] == real.total_bytes - sum(r.nbytes for r in rng_states)
+
+
+class CpuCopier:
+    """An offload copier that "moves" CPU tensors to CPU copies: the library's hooks run as on a GPU.
+
+    Records the storages it moves: OffloadStats.bytes counts each moved view, and one storage may be saved as
+    several views (e.g. a tensor and its transpose).
+    """
+
+    def __init__(self):
+        self.storages = {}  # data_ptr -> storage, kept alive so that no address is reused meanwhile
+
+    def accepts(self, t):
+        return t.device.type == "cpu"
+
+    def to_host(self, t):
+        self.storages[t.untyped_storage().data_ptr()] = t.untyped_storage()
+        return t.clone(memory_format=torch.preserve_format)
+
+    def to_device(self, handle):
+        return handle
+
+
+@pytest.mark.parametrize("method", ["full", "lora-fa"])
+def test_planner_offload_equals_a_real_offloaded_step(tmp_path, method):
+    # The reference offloads a real CPU step with the library's hooks and a CPU "host" copier (device cuda's
+    # dropout kernel), so what stays is what the planner counts on the device.
+    min_bytes = 4096  # tiny model: its (B, T, d) fp32 tensors (8 KiB) move, LoRA-FA's u (512 B) stays
+    report = plan(
+        tmp_path, "llama", "sdpa-flash", methods=[method], device="cuda", offload=True,
+        offload_min_bytes=f"{min_bytes}B",
+    )  # fmt: skip
+    plain = plan(tmp_path, "llama", "sdpa-flash", methods=[method], device="cuda")["methods"]
+    for entry, no_offload, ckpt in zip(report["methods"], plain, (False, True), strict=True):
+        copier = CpuCopier()
+        offload = {"min_bytes": min_bytes, "copier": copier}
+        real = real_step("llama", "sdpa-flash", method, ckpt, cuda_dropout=True, offload=offload)
+        moved = sum(st.nbytes() for st in copier.storages.values())
+        assert 0 < moved < real.total_bytes
+        assert entry["activations_offloaded"] == moved
+        assert entry["activations_saved"] == real.total_bytes - moved
+        assert entry["activations_saved"] + entry["activations_offloaded"] == no_offload["activations_saved"]
+        assert 0 < entry["activations_transient"] <= entry["activations_offloaded"]
+        assert entry["activations"] == (
+            entry["activations_saved"] + entry["activations_recompute"] + entry["activations_transient"]
+        )
+        assert entry["activations"] < no_offload["activations"]
+    assert "host (offloaded)" in format_table(report)
+
+
+def test_offload_on_cpu_is_a_no_op(tmp_path):
+    kw = dict(methods=["lora-fa"], checkpointing="off")
+    with_offload = plan(tmp_path, "llama", "sdpa-flash", offload=True, **kw)
+    without = plan(tmp_path, "llama", "sdpa-flash", **kw)
+    assert with_offload["methods"] == without["methods"]
+    assert with_offload["settings"]["offload_min_bytes"] is None
+    assert any("no-op" in n for n in with_offload["notes"])
+
+
+def test_options_change_the_batch_search(tmp_path):
+    kw = dict(methods=["lora-fa"], checkpointing="off", gpu_memory="4MB")
+    plain = plan(tmp_path, "llama", "sdpa-flash", **kw)["methods"][0]["max_batch_size"]
+    chunked = plan(tmp_path, "llama", "sdpa-flash", chunked_loss=True, cheap_recompute=True, **kw)
+    assert chunked["methods"][0]["max_batch_size"] > plain > 0
+
+
+@pytest.mark.parametrize(
+    "family, kw, match",
+    [
+        (
+            "roberta",
+            dict(chunked_loss=True),
+            "--chunked-loss: the chunked loss is for causal LMs; .*'seq-cls'",
+        ),
+        ("t5", dict(chunked_loss=True), "--chunked-loss: .*'seq2seq'"),
+        ("llama", dict(chunked_loss=True, task="seq-cls"), "--chunked-loss: .*'seq-cls'"),
+        ("llama", dict(offload=True, offload_min_bytes="lots"), "--offload-min-bytes: cannot parse"),
+    ],
+)
+def test_bad_option_combinations_raise_naming_the_flag(tmp_path, family, kw, match):
+    with pytest.raises(ValueError, match=match):
+        plan(tmp_path, family, "sdpa-flash", **kw)
+
+
+def test_cli_options(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_config("llama", "sdpa-flash")))
+    common = ["--config", str(path), "--batch-size", "2", "--seq-len", "8", "--methods", "lora-fa"]
+    flags = ["--chunked-loss", "--cheap-recompute", "--offload", "--offload-min-bytes", "2KiB"]
+    assert main([*common, *flags, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    s = report["settings"]
+    assert s["chunked_loss"] and s["cheap_recompute"] and s["offload"] and s["offload_min_bytes"] == 2048
+    args = PlannerArgs(config=str(path), batch_size=2, seq_len=8, methods=["lora-fa"], chunked_loss=True,
+                       cheap_recompute=True, offload=True, offload_min_bytes="2KiB")  # fmt: skip
+    assert report == json.loads(json.dumps(run_planner(args)))
+    png = tmp_path / "plan.png"
+    assert main([*common, *flags, "--checkpointing", "off", "--plot", str(png)]) == 0
+    assert "chunked loss, cheap recompute, offload" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    roberta = tmp_path / "roberta.json"
+    roberta.write_text(json.dumps(tiny_config("roberta", "sdpa-flash")))
+    assert main(["--config", str(roberta), "--chunked-loss"]) == 2
+    assert "--chunked-loss" in capsys.readouterr().err

@@ -174,9 +174,11 @@ def linear_cross_entropy(
     if shift_labels:
         # transformers' ForCausalLMLoss: pad with the ignore index, then drop the first label.
         labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    targets = labels.reshape(-1).to(hidden.device)  # (N,)
-    rows = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+    targets = labels.reshape(-1)  # (N,)
+    # Select on the labels' own device: they may hold values where hidden has none (the planner's meta runs).
     keep = (targets != ignore_index).nonzero().squeeze(1)  # (n,)
+    targets, keep = targets.to(hidden.device), keep.to(hidden.device)
+    rows = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
     if keep.numel() < targets.numel():
         # index_select's backward scatters dh back and keeps only the (n,) indices.
         rows, targets = rows.index_select(0, keep), targets.index_select(0, keep)  # (n, d), (n,)
@@ -192,7 +194,8 @@ def linear_cross_entropy(
     size = chunk_size or default_chunk_size(weight.shape[0])
 
     device_type = rows.device.type
-    if torch.is_autocast_enabled(device_type):
+    # meta (the planner's shape-only runs) has no autocast to ask about.
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # Do autocast's cast explicitly (differentiably), then run the Function with dtypes fixed.
         dtype = torch.get_autocast_dtype(device_type)
         rows, weight = rows.to(dtype), weight.to(dtype)

@@ -15,6 +15,23 @@ those tensors, with the output in the kernels' token-major layout so that the `o
 the GPU. `attention="eager"` runs transformers' eager attention, which keeps the probabilities (and their dropout
 mask). PyTorch's own CPU flash kernel keeps the same tensors as the simulated one; tests/test_planner.py checks the
 planner against it.
+
+Options below the LoRA-FA floor (issue 7), each modelled by running lorafa's own code on meta:
+`chunked_loss` (causal LMs only) replaces ``model(**batch).loss`` by `lorafa.loss.chunked_causal_lm_loss`, which
+keeps dh (tokens, d) (and dW for a trainable head) instead of the fp32 (tokens × vocab) log-probabilities; the one
+chunk of logits alive at a time is transient and not counted. The labels of that run are real CPU values (no
+ignored token but the shift's last position per row), as the loss selects counted tokens by value.
+`cheap_recompute` applies `lorafa.recompute.enable_cheap_recompute` after the adapters; the local graphs it
+rebuilds in backward (e.g. a recomputed RMSNorm's rsqrt) live one module at a time and are not counted, and the
+RNG state each regenerated dropout keeps is host memory (on CUDA 16 bytes), so it costs no device memory with
+device "cuda" (with device "cpu" it is CPU memory and counted). `offload` models `lorafa.offload.offload_activations`
+(GPU only; with device "cpu" a no-op, like the library without CUDA): the library's own pack hook decides which
+saved tensors move to pinned host memory (dense, non-parameter, at least `offload_min_bytes`); they are reported
+as `activations_offloaded` (host) instead of device memory. Backward copies each back right before its node uses
+it and frees it after, so the planner adds a transient: the offloaded bytes of the largest checkpointable layer
+(or, outside the layers, of the largest offloaded tensor), an upper bound on what is back on the device at once.
+Not modelled: copies still in flight when the forward outruns the host link (device memory then grows until the
+copies catch up), and pinned host memory limits.
 """
 
 from __future__ import annotations
@@ -36,7 +53,9 @@ from torch.overrides import TorchFunctionMode
 
 from lorafa.config import LoRAFAConfig
 from lorafa.inject import add_lorafa, classification_head_names, resolve_targets
-from lorafa.memory import SavedTensorTracker, static_memory
+from lorafa.memory import CATEGORIES, SavedRecord, SavedTensorTracker, _storage_key, static_memory
+from lorafa.offload import _Offloaded, _OffloadHooks
+from lorafa.recompute import enable_cheap_recompute
 
 METHODS = ("full", "lora", "lora-fa", "peft-lora")
 ATTENTIONS = ("sdpa-flash", "eager")
@@ -219,6 +238,17 @@ class PlannerArgs:
     """Write stacked bars per method to this PNG (--plot)."""
     json: bool = False
     """Print JSON instead of a table (--json)."""
+    chunked_loss: bool = False
+    """Causal LMs: the chunked linear + cross-entropy loss of lorafa.loss, no (tokens × vocab) logits kept
+    (--chunked-loss)."""
+    cheap_recompute: bool = False
+    """Recompute norms, activations, gated products and dropout masks in backward (lorafa.recompute)
+    (--cheap-recompute)."""
+    offload: bool = False
+    """Saved activations wait in pinned host memory (lorafa.offload); a no-op with --device cpu (--offload)."""
+    offload_min_bytes: str = "1MiB"
+    """Saved tensors smaller than this stay on the GPU with --offload, as offload_activations' min_bytes
+    (--offload-min-bytes)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid flag."""
@@ -256,6 +286,7 @@ class PlannerArgs:
         if self.gpu_memory is not None:
             parse_size(self.gpu_memory, "--gpu-memory")
         parse_size(self.reserve, "--reserve")
+        parse_size(self.offload_min_bytes, "--offload-min-bytes")
 
 
 _UNITS = {
@@ -545,17 +576,71 @@ class Activations:
     """Saved-for-backward bytes of one forward + loss."""
 
     saved: int
-    """Unique storages kept after the forward (with checkpointing: the checkpoint inputs and the layers outside)."""
+    """Device bytes of the unique storages kept after the forward (with checkpointing: the checkpoint inputs and the
+    layers outside); without what offloading moves to the host, and, for device "cuda", without host tensors."""
     recompute: int
     """With checkpointing: the largest layer's saved bytes, re-created during backward; else 0."""
     by_category: dict[str, int]
     """`saved` per category (see `SavedTensorTracker.by_category`)."""
     per_layer_max: int
     """Largest saved bytes of one checkpointable layer, measured without checkpointing."""
+    offloaded: int = 0
+    """With offloading: saved bytes moved to pinned host memory (not in `saved`)."""
+    transient: int = 0
+    """With offloading: offloaded bytes back on the device at once during backward (see the module docstring)."""
 
     @property
     def total(self) -> int:
-        return self.saved + self.recompute
+        return self.saved + self.recompute + self.transient
+
+
+class _MetaCopier:
+    """An offload copier for the meta device: moves nothing, so that `_OffloadHooks` only decides what would move."""
+
+    def accepts(self, t: Tensor) -> bool:
+        return t.is_meta
+
+    def to_host(self, t: Tensor) -> None:
+        return None
+
+    def to_device(self, handle: Any) -> Tensor:
+        raise RuntimeError("a meta forward is a memory model; it has no backward")
+
+
+class _PlanTracker(SavedTensorTracker):
+    """A SavedTensorTracker that also notes where each saved storage would live while training.
+
+    `host`: storages of non-meta tensors a meta forward saves, i.e. RNG states of `RegeneratedDropout` (on CUDA a
+    16-byte host tensor). `moved`/`kept`: storages `offload_activations(min_bytes)` would / would not move, decided
+    by the library's own pack hook; a storage leaves the device only if no saved view of it stays.
+    """
+
+    def __init__(self, model: nn.Module, offload_min_bytes: int | None) -> None:
+        super().__init__(model)
+        self._offload = (
+            _OffloadHooks(_MetaCopier(), offload_min_bytes, ()) if offload_min_bytes is not None else None
+        )
+        self.host: set[int] = set()  # ids of SavedRecords
+        self.moved: set[int] = set()
+        self.kept: set[int] = set()
+
+    def _pack(self, t: Tensor) -> Tensor:
+        packed = super()._pack(t)
+        entry = self._live.get(_storage_key(t)) if t.layout == torch.strided else None
+        if entry is None:  # a parameter or buffer: not counted
+            return packed
+        rid = id(entry[0])
+        if not t.is_meta:
+            self.host.add(rid)
+        elif self._offload is not None:
+            # On meta every data_ptr() is 0, so the hook's de-duplication may merge unrelated tensors; it only
+            # merges tensors it already decided to move, so the decision itself is the library's.
+            moves = isinstance(self._offload.pack(t), _Offloaded)
+            (self.moved if moves else self.kept).add(rid)
+        return packed
+
+    def offloaded(self, r: SavedRecord) -> bool:
+        return id(r) in self.moved and id(r) not in self.kept
 
 
 def measure_activations(
@@ -565,38 +650,96 @@ def measure_activations(
     checkpointing: bool,
     plain: Activations | None = None,
     device: str = "cuda",
+    *,
+    chunked_loss: bool = False,
+    offload_min_bytes: int | None = None,
 ) -> Activations:
     """Run one meta forward + loss of `model` on `batch` and count the bytes saved for backward.
 
     With `checkpointing`, the forward without checkpointing is needed too (for the largest layer, re-created
     during backward); pass it as `plain` when already measured. `attention` and `device` pick the kernels whose
-    memory is modelled (see PlannerArgs).
+    memory is modelled (see PlannerArgs). `chunked_loss` computes the loss with `lorafa.loss` (causal LMs);
+    `offload_min_bytes` (None: no offloading) models `lorafa.offload.offload_activations` on a GPU.
     """
     if plain is None or not checkpointing:
-        tracker = _track(model, batch, attention, False, device)
-        prefix = "base_model.model." if _hf_model(model) is not model else ""
-        per_layer = [
-            sum(
-                b
-                for name, b in tracker.by_module.items()
-                if name == prefix + x or name.startswith(prefix + x + ".")
-            )
-            for x in checkpointed_layers(_hf_model(model))
-        ]
-        plain = Activations(tracker.total_bytes, 0, tracker.by_category(), max(per_layer, default=0))
+        plain = _measure(model, batch, attention, False, device, chunked_loss, offload_min_bytes, 0)
         if not checkpointing:
             return plain
-    tracker = _track(model, batch, attention, True, device)
-    return Activations(tracker.total_bytes, plain.per_layer_max, tracker.by_category(), plain.per_layer_max)
+    return _measure(
+        model, batch, attention, True, device, chunked_loss, offload_min_bytes, plain.per_layer_max
+    )
+
+
+def _measure(
+    model: nn.Module,
+    batch: dict,
+    attention: str,
+    checkpointing: bool,
+    device: str,
+    chunked_loss: bool,
+    offload_min_bytes: int | None,
+    recompute: int,
+) -> Activations:
+    tracker = _track(model, batch, attention, checkpointing, device, chunked_loss, offload_min_bytes)
+    # Host tensors are the device's memory when training on CPU; on a GPU they cost no device memory.
+    records = [r for r in tracker.records if device == "cpu" or id(r) not in tracker.host]
+    on_device = [r for r in records if not tracker.offloaded(r)]
+    by_category = dict.fromkeys(CATEGORIES, 0)
+    for r in on_device:
+        by_category[tracker.category(r.module)] += r.nbytes
+    prefix = "base_model.model." if _hf_model(model) is not model else ""
+    layers = [prefix + x for x in checkpointed_layers(_hf_model(model))]
+
+    def layer_of(r: SavedRecord) -> str | None:
+        return next((x for x in layers if r.module == x or r.module.startswith(x + ".")), None)
+
+    per_layer = dict.fromkeys(layers, 0)
+    moved_per_layer = dict.fromkeys(layers, 0)
+    moved_outside = [0]
+    for r in records:
+        layer = layer_of(r)
+        if layer is not None:
+            per_layer[layer] += r.nbytes
+        if tracker.offloaded(r):
+            if layer is not None:
+                moved_per_layer[layer] += r.nbytes
+            else:
+                moved_outside.append(r.nbytes)
+    return Activations(
+        saved=sum(r.nbytes for r in on_device),
+        recompute=recompute,
+        by_category=by_category,
+        per_layer_max=max(per_layer.values(), default=0),
+        offloaded=sum(r.nbytes for r in records if tracker.offloaded(r)),
+        transient=max([*moved_per_layer.values(), *moved_outside]),
+    )
 
 
 def _track(
-    model: nn.Module, batch: dict, attention: str, checkpointing: bool, device: str
-) -> SavedTensorTracker:
+    model: nn.Module,
+    batch: dict,
+    attention: str,
+    checkpointing: bool,
+    device: str,
+    chunked_loss: bool = False,
+    offload_min_bytes: int | None = None,
+) -> _PlanTracker:
     set_checkpointing(model, checkpointing)
+    tracker = _PlanTracker(model, offload_min_bytes)
     try:
-        with planning_mode(attention, device), SavedTensorTracker(model) as tracker:
-            model(**batch)  # the output holds the loss; its graph is dropped on return
+        with planning_mode(attention, device), tracker:
+            if chunked_loss:
+                from lorafa.loss import chunked_causal_lm_loss
+
+                # The loss selects counted tokens by value, so its labels are real: make_batch's (no padding).
+                labels = torch.ones(batch["labels"].shape, dtype=torch.long)
+                # One chunk: the chunk size only bounds the transient logits, not what is saved, and meta runs
+                # of many small chunks are slow.
+                chunked_causal_lm_loss(
+                    _hf_model(model), {**batch, "labels": labels}, chunk_size=labels.numel()
+                )
+            else:
+                model(**batch)  # the output holds the loss; its graph is dropped on return
     finally:
         set_checkpointing(model, False)
     return tracker
@@ -639,6 +782,8 @@ def _entry(method: str, checkpointing: bool, model: nn.Module, args: PlannerArgs
         "activations_saved": acts.saved,
         "activations_recompute": acts.recompute,
         "activations_by_category": acts.by_category,
+        "activations_offloaded": acts.offloaded,
+        "activations_transient": acts.transient,
         "total": st.total + acts.total,
     }
 
@@ -660,6 +805,11 @@ def run_planner(args: PlannerArgs) -> dict[str, Any]:
     dtype = parse_dtype(args.dtype)
     config = load_config(args)
     task = resolve_task(config, args.task)
+    if args.chunked_loss and task != "causal-lm":
+        raise ValueError(
+            f"--chunked-loss: the chunked loss is for causal LMs; this plan's task is {task!r} "
+            f"(model_type {config.model_type!r})"
+        )
     if task == "seq-cls":
         config.num_labels = args.num_labels
     budget = None
@@ -668,17 +818,18 @@ def run_planner(args: PlannerArgs) -> dict[str, Any]:
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     key = "max_batch_size" if args.search == "batch" else "max_seq_len"
 
+    options = _options(args)
     entries = []
     for method in args.methods:
         model = prepare_method(build_model(config, task, dtype, args.attention), args, method, task)
+        if args.cheap_recompute:
+            enable_cheap_recompute(model)  # after the adapters, which manage their own saved tensors
         batch = make_batch(
             config, task, args.batch_size, args.seq_len, args.target_len or args.seq_len, "meta"
         )
-        plain = measure_activations(model, batch, args.attention, False, device=args.device)
+        plain = _measure_or_explain(model, batch, args, False, None, options)
         for ckpt in ckpts:
-            acts = (
-                measure_activations(model, batch, args.attention, True, plain, args.device) if ckpt else plain
-            )
+            acts = _measure_or_explain(model, batch, args, True, plain, options) if ckpt else plain
             entry = _entry(method, ckpt, model, args, acts)
             if budget is not None:
                 entry[key] = _search(model, ckpt, args, config, task, budget)
@@ -701,12 +852,41 @@ def run_planner(args: PlannerArgs) -> dict[str, Any]:
             "device": args.device,
             "optimizer": args.optimizer,
             "mixed_precision": args.mixed_precision,
+            "chunked_loss": args.chunked_loss,
+            "cheap_recompute": args.cheap_recompute,
+            "offload": args.offload,
+            "offload_min_bytes": options["offload_min_bytes"],
         },
         "gpu_memory": budget,
         "search": args.search if budget is not None else None,
         "methods": entries,
         "notes": _notes(args),
     }
+
+
+def _options(args: PlannerArgs) -> dict[str, Any]:
+    """measure_activations' keyword options for `args` (offloading only on a GPU, as the library)."""
+    on_gpu = args.offload and args.device == "cuda"
+    return {
+        "chunked_loss": args.chunked_loss,
+        "offload_min_bytes": parse_size(args.offload_min_bytes, "--offload-min-bytes") if on_gpu else None,
+    }
+
+
+def _measure_or_explain(
+    model: nn.Module,
+    batch: dict,
+    args: PlannerArgs,
+    ckpt: bool,
+    plain: Activations | None,
+    options: dict[str, Any],
+) -> Activations:
+    try:
+        return measure_activations(model, batch, args.attention, ckpt, plain, args.device, **options)
+    except ValueError as e:  # e.g. a causal LM whose output head is not an nn.Linear
+        if args.chunked_loss:
+            raise ValueError(f"--chunked-loss: {e}") from e
+        raise
 
 
 def _alpha(args: PlannerArgs) -> float:
@@ -723,6 +903,7 @@ def _target_names(args: PlannerArgs, config: Any, task: str, dtype: torch.dtype)
 
 def _search(model: nn.Module, ckpt: bool, args: PlannerArgs, config: Any, task: str, budget: int) -> int:
     static = static_memory(model, args.optimizer, args.mixed_precision).total
+    options = _options(args)
     cache: dict[int, bool] = {}
 
     def fits(n: int) -> bool:
@@ -732,7 +913,7 @@ def _search(model: nn.Module, ckpt: bool, args: PlannerArgs, config: Any, task: 
             else:
                 b, t, tt = args.batch_size, n, args.target_len or n
             batch = make_batch(config, task, b, t, tt, "meta")
-            acts = measure_activations(model, batch, args.attention, ckpt, device=args.device)
+            acts = measure_activations(model, batch, args.attention, ckpt, device=args.device, **options)
             cache[n] = static + acts.total <= budget
         return cache[n]
 
@@ -772,6 +953,25 @@ def _notes(args: PlannerArgs) -> list[str]:
             "checkpointing (non-reentrant): activations = what the forward keeps (layer inputs and the parts "
             "outside the layers) + the largest layer's activations, re-created once during backward."
         )
+    if args.chunked_loss:
+        notes.append(
+            "chunked loss: keeps dh (tokens × d), plus dW for a trainable head, instead of fp32 (tokens × vocab) "
+            "log-probabilities; one chunk of logits at a time is transient (lorafa.loss.default_chunk_size)."
+        )
+    if args.cheap_recompute:
+        notes.append(
+            "cheap recompute: norms, activations, gated products and dropout masks are recomputed in backward "
+            "from their inputs (one module's local graph at a time, not counted)."
+        )
+    if args.offload and args.device == "cuda":
+        notes.append(
+            f"offload: saved tensors of at least {args.offload_min_bytes} (dense, not parameters) wait in pinned "
+            "host memory (activations_offloaded); activations include a transient, the largest layer's "
+            "offloaded bytes, copied back during backward. Not included: copies in flight when the forward "
+            "outruns the host link."
+        )
+    elif args.offload:
+        notes.append("offload: a no-op with --device cpu (offload_activations only moves CUDA tensors).")
     if args.optimizer == "adamw":
         notes.append(
             "AdamW: two moments per trainable parameter"
@@ -793,13 +993,16 @@ def format_table(report: dict[str, Any]) -> str:
         f"{s['seq_len']}"
         + (f" (targets {s['target_len']})" if s["target_len"] else "")
         + f", {s['dtype']}, r={s['r']}, dropout {s['lora_dropout']}, attention {s['attention']}, "
-        f"device {s['device']}",
+        f"device {s['device']}" + "".join(f", {o}" for o in _option_names(s)),
     ]
     search_key = None
     if report["gpu_memory"] is not None:
         search_key = "max_batch_size" if report["search"] == "batch" else "max_seq_len"
         lines.append(f"budget {format_bytes(report['gpu_memory'])}")
     header = ["method", "ckpt", "trainable", "weights", "grads+optim", "activations", "total"]
+    offloading = s["offload_min_bytes"] is not None
+    if offloading:
+        header.append("host (offloaded)")
     if search_key:
         header.append("max batch" if report["search"] == "batch" else "max seq")
     rows = [header]
@@ -813,6 +1016,8 @@ def format_table(report: dict[str, Any]) -> str:
             format_bytes(e["activations"]),
             format_bytes(e["total"]),
         ]
+        if offloading:
+            row.append(format_bytes(e["activations_offloaded"]))
         if search_key:
             row.append(str(e[search_key]))
         rows.append(row)
@@ -828,6 +1033,15 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append("")
     lines.extend(f"- {n}" for n in report["notes"])
     return "\n".join(lines)
+
+
+def _option_names(settings: dict[str, Any]) -> list[str]:
+    """The below-the-floor options a report's settings turn on, e.g. ["chunked loss", "offload"]."""
+    names = [("chunked_loss", "chunked loss"), ("cheap_recompute", "cheap recompute")]
+    out = [label for key, label in names if settings[key]]
+    if settings["offload_min_bytes"] is not None:
+        out.append("offload")
+    return out
 
 
 def plot_report(report: dict[str, Any], path: str) -> None:
@@ -853,7 +1067,10 @@ def plot_report(report: dict[str, Any], path: str) -> None:
     ax.set_xticks(list(x), labels, rotation=30, ha="right")
     ax.set_ylabel("GiB")
     s = report["settings"]
-    ax.set_title(f"{report['model']}: batch {s['batch_size']} × {s['seq_len']}, {s['dtype']}, r={s['r']}")
+    options = "".join(f", {o}" for o in _option_names(s))
+    ax.set_title(
+        f"{report['model']}: batch {s['batch_size']} × {s['seq_len']}, {s['dtype']}, r={s['r']}{options}"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -894,6 +1111,20 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-search", type=int, default=d.max_search)
     p.add_argument("--plot", default=None, help="write stacked bars to this PNG")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--chunked-loss", action="store_true", help="causal LMs: chunked linear + cross-entropy (lorafa.loss)"
+    )
+    p.add_argument(
+        "--cheap-recompute", action="store_true", help="recompute norms/activations/dropout in backward"
+    )
+    p.add_argument(
+        "--offload", action="store_true", help="saved activations in pinned host memory (GPU only)"
+    )
+    p.add_argument(
+        "--offload-min-bytes",
+        default=d.offload_min_bytes,
+        help="with a unit, e.g. 1MiB: smaller tensors stay",
+    )
 
 
 def add_memory_subparser(subparsers: Any) -> argparse.ArgumentParser:
@@ -935,6 +1166,10 @@ def args_from_namespace(ns: argparse.Namespace) -> PlannerArgs:
         max_search=ns.max_search,
         plot=ns.plot,
         json=ns.json,
+        chunked_loss=ns.chunked_loss,
+        cheap_recompute=ns.cheap_recompute,
+        offload=ns.offload,
+        offload_min_bytes=ns.offload_min_bytes,
     )
 
 

@@ -111,7 +111,8 @@ class _GatedProduct(torch.autograd.Function):
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
+    # meta (the planner's shape-only forwards, which never run backward) has no generator: the CPU one stands in.
+    if device.type in ("cpu", "meta"):
         return torch.get_rng_state()
     return cast(torch.Tensor, torch.get_device_module(device.type).get_rng_state(device))
 
