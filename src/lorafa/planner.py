@@ -824,12 +824,20 @@ def run_planner(args: PlannerArgs) -> dict[str, Any]:
         model = prepare_method(build_model(config, task, dtype, args.attention), args, method, task)
         if args.cheap_recompute:
             enable_cheap_recompute(model)  # after the adapters, which manage their own saved tensors
+        hf: Any = _hf_model(model)
+        head = hf.get_output_embeddings() if args.chunked_loss else None
+        if args.chunked_loss and not isinstance(head, nn.Linear):
+            raise ValueError(f"--chunked-loss needs an nn.Linear output head, got {type(head).__name__}")
         batch = make_batch(
             config, task, args.batch_size, args.seq_len, args.target_len or args.seq_len, "meta"
         )
-        plain = _measure_or_explain(model, batch, args, False, None, options)
+        plain = measure_activations(model, batch, args.attention, False, None, args.device, **options)
         for ckpt in ckpts:
-            acts = _measure_or_explain(model, batch, args, True, plain, options) if ckpt else plain
+            acts = (
+                measure_activations(model, batch, args.attention, True, plain, args.device, **options)
+                if ckpt
+                else plain
+            )
             entry = _entry(method, ckpt, model, args, acts)
             if budget is not None:
                 entry[key] = _search(model, ckpt, args, config, task, budget)
@@ -871,22 +879,6 @@ def _options(args: PlannerArgs) -> dict[str, Any]:
         "chunked_loss": args.chunked_loss,
         "offload_min_bytes": parse_size(args.offload_min_bytes, "--offload-min-bytes") if on_gpu else None,
     }
-
-
-def _measure_or_explain(
-    model: nn.Module,
-    batch: dict,
-    args: PlannerArgs,
-    ckpt: bool,
-    plain: Activations | None,
-    options: dict[str, Any],
-) -> Activations:
-    try:
-        return measure_activations(model, batch, args.attention, ckpt, plain, args.device, **options)
-    except ValueError as e:  # e.g. a causal LM whose output head is not an nn.Linear
-        if args.chunked_loss:
-            raise ValueError(f"--chunked-loss: {e}") from e
-        raise
 
 
 def _alpha(args: PlannerArgs) -> float:
