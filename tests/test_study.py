@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lorafa.study import (
     PARTS,
@@ -77,9 +78,12 @@ def test_smoke_aggregation_matches_hand_computed_statistics(smoke: tuple[dict, P
         others = [c.mean["eval_accuracy"] for c in enc.sweep if c.method == method]
         assert chosen.mean["eval_accuracy"] == max(others)
     # Variants train only at the lr chosen on dev for their parent method.
-    assert enc.plan.inherit == {"lora-fa+proj": "lora-fa", "lora-half": "lora"}
+    assert enc.plan.inherit == {"lora-fa+proj": "lora-fa", "lora-half": "lora", "lora-fa+shared": "lora-fa"}
     for variant, parent in enc.plan.inherit.items():
         assert {r.lr for r in enc.runs if r.method == variant} == {enc.chosen[parent].lr}
+    for r in enc.runs:  # the share_a variant differs from LoRA-FA by exactly that flag
+        adapter = yaml.safe_load((Path(r.run_dir) / "config.yaml").read_text())["adapter"]
+        assert adapter["share_a"] == (r.method == "lora-fa+shared")
     # Reported numbers are test metrics of exactly the chosen lr's runs, and the report prints them.
     for method, final in enc.final.items():
         runs = [r for r in enc.runs if r.method == method and r.test is not None]
