@@ -158,3 +158,21 @@ def test_half_layer_targets_adapt_only_the_top_half(tmp_path: Path) -> None:
 def test_config_errors_name_the_field(field: str, kwargs: dict) -> None:
     with pytest.raises(ValueError, match=field):
         StudyConfig(**kwargs).validate()
+
+
+def test_reuse_matches_resolved_configs_not_text(tmp_path: Path) -> None:
+    """A finished run is reused when its config resolves to the same TrainConfig, even if written by an older
+    lorafa that lacked a field now at its default; any changed value means it is trained again."""
+    from lorafa.study import _finished
+    from lorafa.train_config import config_from_dict
+
+    raw = {"model": "m", "task": "classification", "method": "lora-fa", "output_dir": str(tmp_path), "lr": 1e-3,
+           "adapter": {"r": 4}, "data": {"train_file": "t.csv"}}  # fmt: skip
+    full = yaml.safe_load(config_from_dict(raw).to_yaml())
+    del full["adapter"]["share_a"]  # as an older lorafa wrote it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(full))
+    assert _finished(tmp_path, raw) is None  # no metrics.json: not finished
+    (tmp_path / "metrics.json").write_text(json.dumps({"eval_accuracy": 0.5}))
+    assert _finished(tmp_path, raw) == {"eval_accuracy": 0.5}
+    assert _finished(tmp_path, {**raw, "lr": 2e-3}) is None
+    assert _finished(tmp_path, {**raw, "adapter": {"r": 4, "share_a": True}}) is None

@@ -392,12 +392,17 @@ def half_layer_targets(model: str) -> str:
 
 def _finished(out: Path, raw: dict[str, Any]) -> dict[str, float] | None:
     """metrics.json of a finished run in `out` trained with exactly the config `raw`, else None."""
-    from lorafa.train_config import config_from_dict
+    from lorafa.train_config import config_from_dict, read_yaml
 
     metrics, config = out / "metrics.json", out / "config.yaml"
     if not (metrics.is_file() and config.is_file()):
         return None
-    if config.read_text() != config_from_dict(raw).to_yaml():
+    # Compare resolved configs, so that a field added to lorafa since the run (at its default) still matches.
+    try:
+        old = config_from_dict(read_yaml(config)).to_yaml()
+    except ValueError:
+        return None
+    if old != config_from_dict(raw).to_yaml():
         return None
     return dict(json.loads(metrics.read_text()))
 
