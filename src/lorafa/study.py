@@ -560,7 +560,7 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
             train={"batch_size": 2, "epochs": 1, "warmup_ratio": 0.06, "schedule": "linear",
                    "eval_before": True, "eval_every": 30, "logging_every": 5, "eval_batch_size": 8},
             adapter={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-            grid={"lora": [5e-4, 1e-3, 2e-3], "lora-fa": [1e-3, 2e-3, 5e-3, 1e-2], "full": [3e-5]},
+            grid={"lora": [5e-4, 1e-3, 2e-3, 5e-3], "lora-fa": [1e-3, 2e-3, 5e-3, 1e-2, 2e-2], "full": [3e-5]},
             inherit={"lora-fa+proj": "lora-fa", "lora-fa+shared": "lora-fa"},
             seeds=[0],
             notes=[
@@ -569,7 +569,8 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
                 "first version (120 pairs, 60 steps, LoRA 5e-4 and LoRA-FA 1e-3 fixed) gave LoRA-FA 1.039× "
                 "LoRA's loss with the gap opening late, so this one trains twice as long and sweeps. The first "
                 "launch swept LoRA 5e-4, 1e-3 and LoRA-FA 1e-3, 2e-3, 5e-3; both were best at the top of their "
-                "range on dev, so LoRA 2e-3 and LoRA-FA 1e-2 were added.",
+                "range on dev, so LoRA 2e-3 and LoRA-FA 1e-2 were added, and then (LoRA best at 2e-3) LoRA 5e-3 and LoRA-FA "
+                "2e-2, so that each sweep brackets its best lr.",
                 "The tokenizer's chat template formats each pair (SmolLM2 adds its default system prompt); the "
                 "prompt tokens are masked out of the loss. Eval loss is per response token on held-out pairs.",
             ],
