@@ -913,8 +913,9 @@ def render_report(
         "so every method sees the same tokens.",
         "- Splits: the data is shuffled once (seed 0) into disjoint train / dev / test files. Where a method sweeps "
         "several learning rates, every (method, lr) is trained with every seed, the lr with the best dev mean is "
-        "chosen, and only the chosen runs are evaluated on test. Variants (`lora-fa+proj`, `lora-half`) train "
-        "once per seed at the lr chosen on dev for their parent method (`lora-fa`, `lora`). Where a part has one "
+        "chosen, and only the chosen runs are evaluated on test. Variants ("
+        + ", ".join(sorted({f"`{v}`" for r in results.values() for v in r.plan.inherit}))
+        + ") train once per seed at the lr chosen on dev for their parent method. Where a part has one "
         "lr per method, runs are evaluated on test directly. No reported number was tuned on the split it is "
         "reported on.",
         "- The seed sets the data order, dropout, the classification head's initialisation and A's initialisation "
@@ -1006,20 +1007,28 @@ def render_part(part: PartResult, charts: list[str]) -> list[str]:
     if plan.selects:
         name = "accuracy (%)" if plan.metric == "eval_accuracy" else "eval loss"
         scale, digits = (100, 2) if plan.metric == "eval_accuracy" else (1, 4)
-        lines += ["", "Learning-rate sweep (dev split, mean ± std over seeds; ✓ = chosen; single-class runs: "
-                  "runs whose dev predictions are all one class, Matthews correlation exactly 0):", "",
-                  f"| method | lr | runs | dev {name} | dev macro-F1 (%) | single-class runs | |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        classes = plan.task == "classification"
+        lines += (
+            ["", "Learning-rate sweep (dev split, mean ± std over seeds; ✓ = chosen; single-class runs: runs whose "
+             "dev predictions are all one class, Matthews correlation exactly 0):", "",
+             f"| method | lr | runs | dev {name} | dev macro-F1 (%) | single-class runs | |",
+             "|---|---|---|---|---|---|---|"]
+            if classes else
+            ["", "Learning-rate sweep (dev split, mean ± std over seeds; ✓ = chosen):", "",
+             f"| method | lr | runs | dev {name} | |", "|---|---|---|---|---|"]
+        )  # fmt: skip
         for c in part.sweep:
             mark = "✓" if part.chosen.get(c.method) is c else ""
+            value = _pm(c, plan.metric, scale, digits)
+            if not classes:
+                lines.append(f"| {c.method} | {c.lr:g} | {c.n} | {value} | {mark} |")
+                continue
             f1 = _pm(c, "eval_f1", 100, 2) if "eval_f1" in c.mean else "–"
             collapsed = sum(
                 1 for r in part.runs
                 if (r.method, r.lr) == (c.method, c.lr) and r.metrics.get("eval_mcc", 1.0) == 0.0
             )  # fmt: skip
-            lines.append(
-                f"| {c.method} | {c.lr:g} | {c.n} | {_pm(c, plan.metric, scale, digits)} | {f1} | {collapsed} | {mark} |"
-            )
+            lines.append(f"| {c.method} | {c.lr:g} | {c.n} | {value} | {f1} | {collapsed} | {mark} |")
         edges = [
             f"`{m}` ({c.lr:g} is the {'smallest' if c.lr == min(plan.grid[m]) else 'largest'} lr tried)"
             for m, c in part.chosen.items()
