@@ -161,7 +161,7 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
         layer.train(base.training)  # a new module defaults to training mode; keep the model's mode
         _set_submodule(model, name, layer)
     if cfg.share_a:
-        _share_a(model, names)
+        _share_a(model)
     for name in saved:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
@@ -180,24 +180,18 @@ def share_groups(model: nn.Module) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def _share_a(model: nn.Module, names: list[str]) -> None:
+def _share_a(model: nn.Module) -> None:
     """Group adapted siblings (same parent module) by input width; give each group its first member's A."""
-    by_key: dict[tuple[str, int], list[str]] = {}
-    for name in names:
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        layer = model.get_submodule(name)
-        assert isinstance(layer, LoRAFALinear)
-        by_key.setdefault((parent, layer.in_features), []).append(name)
-    for members in by_key.values():
+    groups: dict[tuple[str, int], list[tuple[str, LoRAFALinear]]] = {}
+    for name, layer in lorafa_layers(model):
+        groups.setdefault((name.rpartition(".")[0], layer.in_features), []).append((name, layer))
+    for members in groups.values():
         if len(members) < 2:
             continue
-        first = model.get_submodule(members[0])
-        assert isinstance(first, LoRAFALinear)
-        for name in members:
-            layer = model.get_submodule(name)
-            assert isinstance(layer, LoRAFALinear)
+        first_name, first = members[0]
+        for _, layer in members:
             layer.lora_A.weight.copy_(first.lora_A.weight)
-            layer.share_group = members[0]
+            layer.share_group = first_name
 
 
 def _require_adapters(model: nn.Module) -> list[tuple[str, LoRAFALinear]]:
