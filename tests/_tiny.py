@@ -33,32 +33,19 @@ def tiny(family: str, seed: int = 0) -> torch.nn.Module:
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
+    encoder = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
+    )
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**decoder))
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**decoder))
     elif family == "bert":
-        cfg = BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            num_labels=3,
-        )
-        model = BertForSequenceClassification(cfg)
+        model = BertForSequenceClassification(BertConfig(**encoder, max_position_embeddings=64, num_labels=3))
     elif family == "roberta":
-        cfg = RobertaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=72,
-            num_labels=2,
+        model = RobertaForSequenceClassification(
+            RobertaConfig(**encoder, max_position_embeddings=72, num_labels=2)
         )
-        model = RobertaForSequenceClassification(cfg)
     elif family == "t5":
         cfg = T5Config(
             vocab_size=VOCAB,

@@ -35,6 +35,15 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
+def _assert_same_adapter(out_a: Path, out_b: Path, atol: float, rtol: float, trained: bool = False) -> None:
+    """The adapters two runs saved hold the same tensors within tolerance; with `trained`, some B moved from 0."""
+    a, b = _adapter(out_a), _adapter(out_b)
+    if trained:
+        assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol)
+
+
 def _config(toys: Path, out: Path, *overrides: str) -> TrainConfig:
     args = run_args(toys, "classification", out, *overrides)[1:]
     return load_config(None, args)
@@ -230,10 +239,7 @@ def test_loss_decreases_on_a_learnable_task(toys, tmp_path):
 def test_gradient_accumulation_equals_a_bigger_batch(toys, tmp_path):
     big = train(_config(toys, tmp_path / "big", "batch_size=8", "max_steps=3"))
     acc = train(_config(toys, tmp_path / "acc", "batch_size=4", "grad_accum=2", "max_steps=3"))
-    a, b = _adapter(tmp_path / "big"), _adapter(tmp_path / "acc")
-    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
+    _assert_same_adapter(tmp_path / "big", tmp_path / "acc", atol=2e-6, rtol=1e-5, trained=True)
     assert big["eval_loss"] == pytest.approx(acc["eval_loss"], abs=1e-5)
 
 
@@ -253,9 +259,7 @@ def test_gradient_checkpointing_gives_the_same_adapter(toys, tmp_path):
             "gradient_checkpointing=true",
         )
     )  # fmt: skip
-    a, b = _adapter(tmp_path / "plain"), _adapter(tmp_path / "ckpt")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    _assert_same_adapter(tmp_path / "plain", tmp_path / "ckpt", atol=1e-6, rtol=1e-5)
 
 
 def test_resume_is_bit_identical(toys, tmp_path, monkeypatch):
@@ -350,9 +354,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(toys, tmp
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("Done in") == 1  # only the main process reports
-    a, b = _adapter(tmp_path / "single"), _adapter(tmp_path / "ddp")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    _assert_same_adapter(tmp_path / "single", tmp_path / "ddp", atol=1e-5, rtol=1e-4)
     # Every process wrote its RNG state into the shared checkpoint.
     checkpoint = tmp_path / "ddp" / "checkpoints" / "checkpoint-16"
     assert {p.name for p in checkpoint.glob("rng_state_*.pt")} == {"rng_state_0.pt", "rng_state_1.pt"}
@@ -375,19 +377,14 @@ def _sft_config(toys: Path, out: Path, *overrides: str) -> TrainConfig:
 def test_chunked_loss_trains_like_the_plain_loss(toys, tmp_path):
     chunked = train(_sft_config(toys, tmp_path / "chunked", "chunked_loss=true"))
     plain = train(_sft_config(toys, tmp_path / "plain", "chunked_loss=false"))
-    a, b = _adapter(tmp_path / "chunked"), _adapter(tmp_path / "plain")
-    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    _assert_same_adapter(tmp_path / "chunked", tmp_path / "plain", atol=1e-5, rtol=1e-4, trained=True)
     assert chunked["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
 
 
 def test_cheap_recompute_trains_like_the_plain_model(toys, tmp_path):
     train(_config(toys, tmp_path / "plain", "max_steps=3"))
     train(_config(toys, tmp_path / "cheap", "max_steps=3", "cheap_recompute=true"))
-    a, b = _adapter(tmp_path / "plain"), _adapter(tmp_path / "cheap")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    _assert_same_adapter(tmp_path / "plain", tmp_path / "cheap", atol=1e-6, rtol=1e-5)
 
 
 def test_prepare_model_applies_the_memory_options(toys):
