@@ -19,6 +19,7 @@ from torch import nn
 import lorafa
 from lorafa import allocator, offload
 from lorafa.allocator import OPT_OUT_ENV, malloc_settings, reexec_with_malloc_tuning, should_tune_malloc
+from lorafa.models import enable_activation_checkpointing
 from lorafa.offload import OffloadStats, offload_activations
 from lorafa.recompute import enable_cheap_recompute
 
@@ -145,7 +146,7 @@ def test_composes_with_activation_checkpointing(reentrant):
     model = tiny_llama()
     params = list(model.parameters())
     want = loss_and_grads(model, params)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_activation_checkpointing(model, use_reentrant=reentrant)
     copier = FakeCopier()
     got = loss_and_grads(model, params, offload_activations(0, copier=copier))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)

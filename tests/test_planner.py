@@ -30,6 +30,7 @@ import lorafa
 from lorafa.inject import resolve_targets
 from lorafa.loss import chunked_causal_lm_loss
 from lorafa.memory import SavedTensorTracker
+from lorafa.models import enable_activation_checkpointing
 from lorafa.offload import offload_activations
 from lorafa.planner import (
     PRESETS,
@@ -140,7 +141,7 @@ def tracked_step(
     if cheap_recompute:
         enable_cheap_recompute(model)
     if checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(hf)
 
     def loss():
         return chunked_causal_lm_loss(hf, batch) if chunked_loss else model(**batch).loss

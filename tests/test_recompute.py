@@ -10,6 +10,7 @@ from torch import nn
 from transformers.activations import GELUActivation, NewGELUActivation
 
 import lorafa
+from lorafa.models import enable_activation_checkpointing
 from lorafa.recompute import (
     GatedMLP,
     RecomputedLeaf,
@@ -261,7 +262,7 @@ def test_composes_with_activation_checkpointing(kind, reentrant):
     want = loss_and_grads(model, batch, params)
 
     enable_cheap_recompute(model)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_activation_checkpointing(model, use_reentrant=reentrant)
     torch.manual_seed(0)
     loss = model(**batch).loss
     loss.backward()  # reentrant checkpointing only supports .backward()

@@ -12,6 +12,7 @@ import lorafa
 from lorafa.autograd import dropout_mask, keep_probability
 from lorafa.inject import share_groups
 from lorafa.layer import LoRAFALinear
+from lorafa.models import enable_activation_checkpointing
 
 
 def _cfg(share: bool, p: float = 0.0, **kw) -> lorafa.LoRAFAConfig:
@@ -125,7 +126,7 @@ def test_checkpointing_recomputes_the_shared_mask():
         model = lorafa.add_lorafa(tiny("llama").train(), _cfg(True, p=0.2))
         _nonzero_b(model)
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         torch.manual_seed(5)
         model(input_ids=ids, labels=ids).loss.backward()
         return [p.grad for p in model.parameters() if p.requires_grad]

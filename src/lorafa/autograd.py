@@ -38,7 +38,8 @@ def keep_probability(p: float) -> float:
 def dropout_mask(
     shape: torch.Size, seed: int, p: float, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """The keep-mask m ∈ {0, 1} of `shape` in `dtype`: a pure function of (seed, p, shape, device type)."""
+    """The keep-mask m ∈ {0, 1} of `shape` in `dtype`: a pure function of (seed, p, shape, device type, and on
+    accelerators dtype), with P(m = 1) = keep_probability(p)."""
     if device.type == "meta":
         return torch.empty(shape, dtype=dtype, device=device)
     n = 1
@@ -46,6 +47,10 @@ def dropout_mask(
         n *= size
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
+    if device.type != "cpu":
+        # Accelerators: one fused kernel writing the mask in its final dtype. The integer trick below pays on CPU
+        # only; on a GPU its five memory passes per mask would dominate the adapter's cost.
+        return torch.empty(shape, dtype=dtype, device=device).bernoulli_(keep_probability(p), generator=gen)
     words = (n + 3) // 4
     bits = torch.randint(-(2**63), 2**63 - 1, (words,), dtype=torch.int64, generator=gen, device=device)
     r = bits.view(torch.int16)[:n].view(shape).to(torch.float32)  # integers, uniform over [-32768, 32767]
@@ -174,7 +179,7 @@ class LoRAFALinearFunction(torch.autograd.Function):
             if mask is None:
                 dx.addmm_(h, a)  # accumulate in place
             else:
-                dx.add_((h @ a).mul_(mask))  # the adapter path's gradient passes the same mask
+                dx.addcmul_(h @ a, mask)  # the adapter path's gradient passes the same mask (one fused pass)
 
         # dB = s·gᵀ·u; computed in the activation dtype, accumulated into B's dtype.
         dB = None

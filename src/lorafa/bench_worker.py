@@ -31,6 +31,7 @@ from torch import nn
 
 from lorafa.bench_models import METHODS, MODELS
 from lorafa.bench_settings import Job
+from lorafa.models import enable_activation_checkpointing
 
 __all__ = ["RESULT_PREFIX", "run_job", "worker_main"]
 
@@ -66,15 +67,6 @@ def _adapted_names(model: nn.Module, r: int, heads: list[str]) -> list[str]:
     return resolve_targets(model, LoRAFAConfig(r=r, modules_to_save=heads or None))
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
-    # Non-reentrant: needs no input that requires grad, and replays the RNG state (LoRA-FA's dropout seeds).
-    kwargs, hf = {"use_reentrant": False}, cast(Any, model)
-    if hasattr(hf, "activation_checkpointing_enable"):  # the name since transformers 5
-        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
 def _prepare(
     model: nn.Module, task: str, job: Job, notes: list[str]
 ) -> tuple[nn.Module, torch.optim.Optimizer | None, LossFn]:
@@ -104,7 +96,7 @@ def _prepare(
 
         targets = _adapted_names(model, job.r, heads)
         if method == "peft-lora-ckpt":
-            _enable_checkpointing(model)
+            enable_activation_checkpointing(model)
         cfg = LoraConfig(
             r=job.r,
             lora_alpha=job.lora_alpha,  # type: ignore[arg-type]  # PEFT annotates int, computes in float
@@ -129,7 +121,7 @@ def _prepare(
         )
         add_lorafa(model, cfg_fa)
         if method in ("lora-fa-ckpt", "lora-ckpt"):
-            _enable_checkpointing(model)
+            enable_activation_checkpointing(model)
         if method in ("lora-fa-lean", "lora-fa-recompute"):
             from lorafa.recompute import enable_cheap_recompute
 

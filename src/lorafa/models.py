@@ -117,12 +117,22 @@ def prepare_model(
             raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
         # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine, and it
         # replays the CPU RNG state, so LoRA-FA's regenerated dropout masks match (lorafa.autograd).
-        hf = cast(Any, model)
-        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
-            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+    """Turn on transformers' per-layer activation checkpointing, under either of its names.
+
+    transformers >= 5.18 calls it `activation_checkpointing_enable` (the old `gradient_checkpointing_enable`
+    warns); earlier releases have only the old name.
+    """
+    hf = cast(Any, model)
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(hf, "activation_checkpointing_enable"):
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class LossModel(nn.Module):

@@ -54,6 +54,7 @@ from torch.overrides import TorchFunctionMode
 from lorafa.config import LoRAFAConfig
 from lorafa.inject import add_lorafa, classification_head_names, resolve_targets
 from lorafa.memory import CATEGORIES, SavedRecord, SavedTensorTracker, _storage_key, static_memory
+from lorafa.models import enable_activation_checkpointing
 from lorafa.offload import _Offloaded, _OffloadHooks
 from lorafa.recompute import enable_cheap_recompute
 
@@ -547,10 +548,7 @@ def set_checkpointing(model: nn.Module, on: bool) -> None:
     """Turn non-reentrant activation checkpointing of every transformer layer on or off."""
     hf: Any = _hf_model(model)
     if on:
-        if hasattr(hf, "activation_checkpointing_enable"):
-            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(hf)
     elif hasattr(hf, "activation_checkpointing_disable"):
         hf.activation_checkpointing_disable()
     else:
