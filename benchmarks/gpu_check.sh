@@ -3,7 +3,7 @@
 # a ~1.1B LLaMA shape, a profile of one LoRA-FA step, and the CPU suite under that machine's torch/transformers/
 # peft as a compatibility check. Logs and the bench report go to $OUT (default ./gpu-out). Wheels for packages
 # missing there go in .whl/. Environment knobs (defaults = everything):
-#   METHODS / DROPOUT   bench methods and LoRA dropouts;  SUITE=0 skips the CPU suite;  PROFILE=0 skips the profile;
+#   METHODS / DROPOUT   bench methods and LoRA dropouts;  SUITE=0 / PROFILE=0 / BENCH=0 skip the CPU suite / profile / bench;
 #   TESTS               extra pytest node ids to run first with long tracebacks.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -32,12 +32,14 @@ if [ "${PROFILE:-1}" = 1 ]; then
     --seq 1024 --steps 2 --rows 30 > "$OUT/profile.log" 2>&1
   head -40 "$OUT/profile.log"
 fi
+if [ "${BENCH:-1}" = 1 ]; then
 echo "== bench llama-1b"
 # shellcheck disable=SC2086
 timeout ${BENCH_TIMEOUT:-260} python3 -m lorafa.bench --models llama-1b --device cuda --dtype bfloat16 \
   --batch 8 --seq 1024 --steps 5 --warmup 2 --dropout ${DROPOUT:-0.05} --timeout 90 \
   --methods ${METHODS:-full peft-lora peft-lora-fa lora lora-fa lora-fa-shared lora-fa-lean floor peft-lora-ckpt lora-fa-ckpt} \
   --out-dir "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
+fi
 if [ "${SUITE:-1}" = 1 ]; then
   echo "== CPU suite (compatibility)"
   timeout ${SUITE_TIMEOUT:-150} python3 -m pytest -q -n 12 -m "not assets and not gpu" tests -p no:cacheprovider \

@@ -147,12 +147,14 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         loss_sum = torch.zeros((), device=accelerator.device)
         tokens = 0
         for i, indices in enumerate(group):
-            batch = {k: v.to(accelerator.device) for k, v in collator(rows(data.train, indices)).items()}
+            host_batch = collator(rows(data.train, indices))
+            # Counted on the host: no device sync per micro-batch.
             tokens += (
-                int(batch["attention_mask"].sum())
-                if "attention_mask" in batch
-                else batch["input_ids"].numel()
+                int(host_batch["attention_mask"].sum())
+                if "attention_mask" in host_batch
+                else host_batch["input_ids"].numel()
             )
+            batch = {k: v.to(accelerator.device) for k, v in host_batch.items()}
             # Gradients are all-reduced only on the group's last backward.
             sync = accelerator.no_sync(trainee) if i < len(group) - 1 else nullcontext()
             with sync:
@@ -161,9 +163,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             loss_sum += loss.detach().float()
         # One all-reduce gives every process the step's mean loss and the input tokens of all processes.
         stats = torch.stack(
-            [loss_sum.double() / len(group), torch.tensor(float(tokens), dtype=torch.float64)]
+            [
+                loss_sum.double() / len(group),
+                torch.tensor(float(tokens), dtype=torch.float64, device=loss_sum.device),
+            ]
         )
-        stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum")
+        stats = accelerator.reduce(stats, reduction="sum")
         step_loss, tokens = float(stats[0]) / world, int(stats[1])
         if not math.isfinite(step_loss):
             raise TrainingDiverged(_diverged_message(step_loss, state, out))
