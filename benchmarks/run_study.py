@@ -18,7 +18,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from lorafa.study import PARTS, StudyConfig, results_json, run_study
+from lorafa.study import PARTS, StudyConfig, run_study
+from lorafa.study_report import results_json
 
 
 def main(argv: list[str] | None = None) -> int:

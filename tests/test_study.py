@@ -19,10 +19,10 @@ from lorafa.study import (
     aggregate,
     best_cells,
     half_layer_targets,
-    make_smoke_model,
     mean_std,
     run_study,
 )
+from lorafa.study_plans import make_smoke_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
