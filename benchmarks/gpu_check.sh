@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a lent CUDA machine (see DEVELOPERS.md): CUDA-only tests, the GPU memory/speed bench on
+# One-shot GPU check for a CUDA machine (results: docs/GPU.md): CUDA-only tests, the GPU memory/speed bench on
 # a ~1.1B LLaMA shape, a profile of one LoRA-FA step, and the CPU suite under that machine's torch/transformers/
 # peft as a compatibility check. Logs and the bench report go to $OUT (default ./gpu-out). Wheels for packages
 # missing there go in .whl/. Environment knobs (defaults = everything):
