@@ -176,3 +176,14 @@ def test_reuse_matches_resolved_configs_not_text(tmp_path: Path) -> None:
     assert _finished(tmp_path, raw) == {"eval_accuracy": 0.5}
     assert _finished(tmp_path, {**raw, "lr": 2e-3}) is None
     assert _finished(tmp_path, {**raw, "adapter": {"r": 4, "share_a": True}}) is None
+    # A recorded data fingerprint must match the files now at the config's paths.
+    from lorafa.study import data_fingerprint
+
+    train_file = tmp_path / "t.jsonl"
+    train_file.write_text('{"text": "a", "label": 0}\n')
+    raw = {**raw, "data": {"train_file": str(train_file)}}
+    (tmp_path / "config.yaml").write_text(config_from_dict(raw).to_yaml())
+    (tmp_path / "data_sha256.json").write_text(json.dumps(data_fingerprint(raw)))
+    assert _finished(tmp_path, raw) == {"eval_accuracy": 0.5}
+    train_file.write_text('{"text": "b", "label": 1}\n')  # same path, other rows
+    assert _finished(tmp_path, raw) is None

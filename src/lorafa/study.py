@@ -31,6 +31,7 @@ them when it runs.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -306,8 +307,9 @@ def run_study(cfg: StudyConfig) -> dict[str, PartResult]:
 def run_part(plan: PartPlan, runs_dir: Path, runner: Runner, reuse: bool = False) -> PartResult:
     """Train every (method, lr, seed) of `plan`, choose each method's lr and score the chosen runs on test.
 
-    With `reuse`, a run folder whose metrics.json exists and whose config.yaml equals this run's resolved config
-    is not trained again (nor a test score recomputed for the same test file).
+    With `reuse`, a run folder whose metrics.json exists, whose config.yaml equals this run's resolved config and
+    whose recorded data fingerprint (if any) matches the files now at those paths is not trained again (nor a test
+    score recomputed for a test file with the same path and contents).
     """
     started = time.perf_counter()
     runs: list[RunResult] = []
@@ -321,6 +323,8 @@ def run_part(plan: PartPlan, runs_dir: Path, runner: Runner, reuse: bool = False
                 reused = value is not None
                 if not reused:
                     value, error = runner.call(_train_run, raw)
+                    if error is None:
+                        _atomic_write(out / _FINGERPRINT, json.dumps(data_fingerprint(raw)).encode())
                 runs.append(
                     RunResult(plan.name, method, lr, seed, str(out), value or {}, error=error, reused=reused)
                 )
@@ -340,14 +344,14 @@ def run_part(plan: PartPlan, runs_dir: Path, runner: Runner, reuse: bool = False
             if r.error is None and cell is not None and cell.lr == r.lr:
                 saved = Path(r.run_dir) / "test_metrics.json"
                 old = json.loads(saved.read_text()) if reuse and saved.is_file() else {}
-                if old.get("test_file") == plan.files["test"]:
+                digest = _sha256(plan.files["test"])
+                if old.get("test_file") == plan.files["test"] and old.get("test_sha256") == digest:
                     test, error = old["metrics"], None
                 else:
                     test, error = runner.call(_test_eval, r.run_dir, plan.files["test"])
                     if error is None:
-                        _atomic_write(
-                            saved, json.dumps({"test_file": plan.files["test"], "metrics": test}).encode()
-                        )
+                        record = {"test_file": plan.files["test"], "test_sha256": digest, "metrics": test}
+                        _atomic_write(saved, json.dumps(record).encode())
                 r.test = {**(test or {}), **_cost(r.metrics)} if error is None else None
                 r.error = r.error or error
                 _log(
@@ -424,7 +428,26 @@ def _finished(out: Path, raw: dict[str, Any]) -> dict[str, float] | None:
         return None
     if old != config_from_dict(raw).to_yaml():
         return None
+    # Same paths can hold other data (a split rewritten by a later version of the grid): compare contents too.
+    # Runs from before fingerprints were written have none and are taken as they are.
+    saved = out / _FINGERPRINT
+    if saved.is_file() and json.loads(saved.read_text()) != data_fingerprint(raw):
+        return None
     return dict(json.loads(metrics.read_text()))
+
+
+_FINGERPRINT = "data_sha256.json"
+
+
+def data_fingerprint(raw: dict[str, Any]) -> dict[str, str]:
+    """sha256 of each data file a run config names (train_file, eval_file): path → hex digest."""
+    data = raw.get("data", {})
+    files = [data.get(key) for key in ("train_file", "eval_file")]
+    return {f: _sha256(f) for f in files if f and Path(f).is_file()}
+
+
+def _sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _train_run(raw: dict[str, Any]) -> dict[str, float]:
