@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from lorafa.study import mean_std
+from lorafa.study import _atomic_write, mean_std
 from lorafa.study_plans import rotten_tomatoes_rows
 
 PARTS: dict[str, dict[str, Any]] = {
@@ -57,9 +57,7 @@ def write_train(study: Path, work: Path, rows: list[dict[str, Any]], n: int) -> 
     if len(train) < n:
         raise ValueError(f"only {len(train)} rows are left outside dev and test; {n} asked")
     work.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(train))
-    tmp.replace(path)
+    _atomic_write(path, "".join(train).encode())
     return path
 
 

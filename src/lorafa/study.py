@@ -339,12 +339,12 @@ def run_part(plan: PartPlan, runs_dir: Path, runner: Runner, reuse: bool = False
     sweep = aggregate(runs)
     chosen = best_cells(sweep, plan.metric)
     if plan.selects:
+        digest = _sha256(plan.files["test"])  # once per part: every chosen run is scored on the same file
         for r in runs:
             cell = chosen.get(r.method)
             if r.error is None and cell is not None and cell.lr == r.lr:
                 saved = Path(r.run_dir) / "test_metrics.json"
                 old = json.loads(saved.read_text()) if reuse and saved.is_file() else {}
-                digest = _sha256(plan.files["test"])
                 if old.get("test_file") == plan.files["test"] and old.get("test_sha256") == digest:
                     test, error = old["metrics"], None
                 else:
