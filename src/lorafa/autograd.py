@@ -137,10 +137,9 @@ class LoRAFALinearFunction(torch.autograd.Function):
             if shared is not None:
                 shared.u, shared.seed = u, seed
 
-        y = x @ w.t()  # (N, d_out)
+        # (N, d_out); the bias is added inside the GEMM (as F.linear does), not in a separate pass
+        y = x @ w.t() if bias is None else torch.addmm(bias.to(dt), x, w.t())
         y.addmm_(u, bm.t(), alpha=scaling)  # accumulate s·u·Bᵀ in place: no (N, d_out) temporary
-        if bias is not None:
-            y.add_(bias.to(dt))
 
         save_x = ctx.needs_input_grad[3]
         ctx.save_for_backward(u, x if save_x else None, weight, lora_A, lora_B, projection)
