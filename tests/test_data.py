@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lorafa.data import IGNORE_INDEX, DataConfig, build_datasets, load_table, make_collator
+from lorafa.data import IGNORE_INDEX, DataConfig, build_datasets, load_table, make_collator, parse_hub_id
 
 WORDS = [
     "user",
@@ -269,6 +269,187 @@ def test_dataset_dict_folder_splits_and_class_label(tmp_path, bert_tok):
     assert data.eval["input_ids"] == [[BOS, *ids("awful"), EOS]]
     # Processing stays in memory: no cache files appear next to the user's data.
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "glue").rglob("*")) == before
+
+
+# ---------------------------------------------------------------------------------- data folders, Hub datasets
+
+
+def write_folder(folder: Path, files: dict[str, pd.DataFrame]) -> Path:
+    for name, df in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        write(df, folder / name)
+    return folder
+
+
+FOLDER_LAYOUTS = {
+    "csv": {"train.csv": SENTIMENT, "test.csv": SENTIMENT.iloc[:2]},
+    "parquet-shards": {
+        "data/train-00000-of-00002.parquet": SENTIMENT.iloc[:3],
+        "data/train-00001-of-00002.parquet": SENTIMENT.iloc[3:],
+        "data/validation-00000-of-00001.parquet": SENTIMENT.iloc[:2],
+    },
+}
+
+
+@pytest.mark.parametrize("layout", list(FOLDER_LAYOUTS))
+def test_folder_of_data_files_splits_by_field(tmp_path, bert_tok, layout):
+    folder = write_folder(tmp_path / "my_data", FOLDER_LAYOUTS[layout])
+    before = sorted(p.relative_to(tmp_path) for p in folder.rglob("*"))
+    train = load_table(str(folder), "train_file", cache_dir=str(tmp_path / "hf-cache"))
+    evals = load_table(str(folder), "eval_file", cache_dir=str(tmp_path / "hf-cache"))
+    assert train["text"] == list(SENTIMENT.text) and evals["text"] == list(SENTIMENT.text[:2])
+
+    # End to end: the same folder as train_file and eval_file of a classification run.
+    data = build_datasets(cfg(tmp_path, folder, eval_file=str(folder)), bert_tok, "classification")
+    assert data.label_names == ["neg", "pos"]
+    assert data.train["input_ids"] == [[BOS, *ids(t), EOS] for t in SENTIMENT.text]
+    assert data.train["labels"] == [1, 0, 1, 0, 1, 0] and data.eval["labels"] == [1, 0]
+    # datasets' Arrow copies go to cache_dir, never next to the user's files.
+    assert sorted(p.relative_to(tmp_path) for p in folder.rglob("*")) == before
+
+
+def test_folder_with_one_file_serves_both_fields(tmp_path):
+    folder = write_folder(tmp_path / "reviews", {"reviews.jsonl": SENTIMENT})
+    for field in ("train_file", "eval_file"):
+        table = load_table(str(folder), field, cache_dir=str(tmp_path / "hf-cache"))
+        assert table["text"] == list(SENTIMENT.text)
+
+
+def test_folder_without_the_split_a_field_means(tmp_path):
+    folder = write_folder(tmp_path / "d", {"dev.csv": SENTIMENT, "test.csv": SENTIMENT})
+    with pytest.raises(ValueError, match=r"train_file: .* has splits \['validation', 'test'\]"):
+        load_table(str(folder), "train_file", cache_dir=str(tmp_path / "hf-cache"))
+    # dev.csv is datasets' validation split, which eval_file prefers to test.
+    assert len(load_table(str(folder), "eval_file", cache_dir=str(tmp_path / "hf-cache"))) == len(SENTIMENT)
+
+
+@pytest.mark.parametrize(
+    ("spec", "parsed"),
+    [
+        ("rotten_tomatoes", ("rotten_tomatoes", None, None)),
+        ("stanfordnlp/imdb", ("stanfordnlp/imdb", None, None)),
+        ("stanfordnlp/imdb@test", ("stanfordnlp/imdb", None, "test")),
+        ("nyu-mll/glue:sst2", ("nyu-mll/glue", "sst2", None)),
+        ("nyu-mll/glue:sst2@validation", ("nyu-mll/glue", "sst2", "validation")),
+        ("wikimedia/wikipedia:20231101.en@train", ("wikimedia/wikipedia", "20231101.en", "train")),
+    ],
+)
+def test_parse_hub_id(spec, parsed):
+    assert parse_hub_id(spec) == parsed
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "train.csv",
+        "data.jsonl.gz",
+        "owner/train.parquet",
+        "glue:sst2.tsv",
+        "./my_data",
+        "../data",
+        ".hidden",
+        "/data/train",
+        "~/data",
+        "a/b/c",
+        "my data",
+        "owner/name:a:b",
+        "owner/name@",
+        r"C:\data\train",
+        "",
+    ],
+)
+def test_parse_hub_id_rejects_paths(spec):
+    assert parse_hub_id(spec) is None
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Replace datasets.load_dataset for Hub ids (local folders still load for real); record the calls."""
+    import datasets
+
+    real = datasets.load_dataset
+    calls: list[tuple] = []
+    splits = {
+        name: datasets.Dataset.from_pandas(SENTIMENT.iloc[i:], preserve_index=False)
+        for i, name in enumerate(["train", "validation", "test"])
+    }
+
+    def load_dataset(path, name=None, split=None, cache_dir=None, **kwargs):
+        if Path(path).exists():
+            return real(path, name, split=split, cache_dir=cache_dir, **kwargs)
+        calls.append((path, name, split, cache_dir))
+        return splits[split] if split else datasets.DatasetDict(splits)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls, splits
+
+
+def test_hub_id_loads_the_split_the_field_means(tmp_path, fake_hub, monkeypatch):
+    calls, splits = fake_hub
+    cache = str(tmp_path / "hf-cache")
+    assert load_table("nyu-mll/glue:sst2", "train_file", cache)["text"] == splits["train"]["text"]
+    assert load_table("nyu-mll/glue:sst2", "eval_file", cache)["text"] == splits["validation"]["text"]
+    assert load_table("stanfordnlp/imdb@test", "train_file", cache)["text"] == splits["test"]["text"]
+    assert calls == [
+        ("nyu-mll/glue", "sst2", None, cache),
+        ("nyu-mll/glue", "sst2", None, cache),
+        ("stanfordnlp/imdb", None, "test", cache),
+    ]
+    # A local folder of the same name wins over the Hub.
+    monkeypatch.chdir(tmp_path)
+    write_folder(tmp_path / "rotten_tomatoes", {"train.csv": SENTIMENT.iloc[:2]})
+    assert load_table("rotten_tomatoes", "train_file", cache)["text"] == list(SENTIMENT.text[:2])
+    assert len(calls) == 3
+
+
+def test_hub_dataset_without_the_split_a_field_means(tmp_path, monkeypatch):
+    import datasets
+
+    one = datasets.Dataset.from_pandas(SENTIMENT, preserve_index=False)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: datasets.DatasetDict({"a": one, "b": one}))
+    with pytest.raises(ValueError, match=r"eval_file: .* has splits \['a', 'b'\].*nyu-mll/glue:sst2@SPLIT"):
+        load_table("nyu-mll/glue:sst2", "eval_file", str(tmp_path / "hf-cache"))
+
+
+def test_hub_id_offline_fails_fast_naming_the_field(tmp_path, bert_tok, monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+
+    # datasets and huggingface_hub read these variables at import time, so their flags are patched too.
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    for field in ("train_file", "eval_file"):
+        with pytest.raises(FileNotFoundError) as info:
+            load_table("lorafa-tests/no-such-dataset:cfg@train", field, str(tmp_path / "hf-cache"))
+        message = str(info.value)
+        assert message.startswith(
+            f"{field}: no local file or folder named 'lorafa-tests/no-such-dataset:cfg@train'"
+        )
+        assert "loading it as a Hugging Face Hub dataset" in message and "failed" in message
+        assert "\n" not in message
+    train = write(SENTIMENT, tmp_path / "t.csv")
+    with pytest.raises(FileNotFoundError, match="eval_file: .*Hub dataset"):
+        build_datasets(cfg(tmp_path, train, eval_file="rotten_tomatoes"), bert_tok, "classification")
+
+
+@pytest.mark.parametrize(
+    "spec", ["nope.csv", "data/train.parquet", "./my_data", "~/lorafa-no-such-folder", "a/b/c", "ABSOLUTE"]
+)
+def test_missing_paths_never_reach_the_hub(tmp_path, monkeypatch, spec):
+    import datasets
+
+    def load_dataset(*args, **kwargs):
+        raise AssertionError(f"load_dataset called with {args}")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    spec = str(tmp_path / "missing") if spec == "ABSOLUTE" else spec
+    with pytest.raises(FileNotFoundError, match="eval_file: no such file or folder"):
+        load_table(spec, "eval_file", str(tmp_path / "hf-cache"))
 
 
 def test_seeded_split_is_reproducible(tmp_path, bert_tok):

@@ -1,9 +1,10 @@
-"""Local data files → tokenized Hugging Face datasets and a padding collator, for each training task (issue 3).
+"""Data files or Hub datasets → tokenized Hugging Face datasets and a padding collator, per task (issue 3).
 
 `build_datasets(cfg, tokenizer, task)` reads a CSV / TSV / JSON / JSONL / Parquet / text file (optionally
-compressed: .gz, .bz2, .xz) or a `save_to_disk` folder through `datasets`, checks it (missing file or column,
-empty set, labels that do not parse, eval labels unseen in training), holds out a seeded eval split when no eval
-file is given, and tokenizes it for one task:
+compressed: .gz, .bz2, .xz), a folder of such files, a `save_to_disk` folder or a Hugging Face Hub dataset
+(`OWNER/NAME:CONFIG@SPLIT`) through `datasets`, checks it (missing file or column, empty set, labels that do not
+parse, eval labels unseen in training), holds out a seeded eval split when no eval file is given, and tokenizes it
+for one task:
 
 - `classification`: one text or a text pair → input_ids, attention_mask (token_type_ids), labels = class id
 - `regression`: the same with a float label
@@ -51,6 +52,8 @@ _READERS = {
 }
 _COMPRESSIONS = (".gz", ".bz2", ".xz")
 _EVAL_SPLITS = ("validation", "eval", "test")
+# A Hub dataset id with optional config and split: "rotten_tomatoes", "stanfordnlp/imdb@test", "nyu-mll/glue:sst2".
+_HUB_ID = re.compile(r"(?P<id>[\w.-]+(?:/[\w.-]+)?)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.-]+))?")
 # The config fields naming the columns each task reads; `_select_roles` renames the columns to these fields.
 _ROLES = {
     "classification": ("text_column", "text_pair_column", "label_column"),
@@ -66,10 +69,12 @@ class DataConfig:
     """Where the data is and how to read it. `validate()` raises ValueError naming the first invalid field."""
 
     train_file: str = ""
-    """Training data: a .csv/.tsv/.json/.jsonl/.parquet/.txt file (.gz/.bz2/.xz too), a `save_to_disk` folder,
-    or `asset:NAME` (see `lorafa.assets`)."""
+    """Training data: a .csv/.tsv/.json/.jsonl/.parquet/.txt file (.gz/.bz2/.xz too), a folder of such files (its
+    `train` split), a `save_to_disk` folder, `asset:NAME` (see `lorafa.assets`), or, when no such local path
+    exists, a Hub dataset `OWNER/NAME[:CONFIG][@SPLIT]` (default split `train`)."""
     eval_file: str | None = None
-    """Evaluation data in the same forms; None holds out `eval_split` of the training data instead."""
+    """Evaluation data in the same forms (a folder's or Hub dataset's default split is the first of validation,
+    eval, test); None holds out `eval_split` of the training data instead."""
     eval_split: float = 0.1
     """Fraction of train_file held out (seeded) for evaluation when eval_file is None; 0 means no evaluation."""
     text_column: str = "text"
@@ -108,9 +113,13 @@ class DataConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
         if not isinstance(self.train_file, str) or not self.train_file:
-            raise ValueError(f"train_file must be a path or asset:NAME, got {self.train_file!r}")
+            raise ValueError(
+                f"train_file must be a path, Hub dataset id or asset:NAME, got {self.train_file!r}"
+            )
         if self.eval_file is not None and (not isinstance(self.eval_file, str) or not self.eval_file):
-            raise ValueError(f"eval_file must be a path, asset:NAME or None, got {self.eval_file!r}")
+            raise ValueError(
+                f"eval_file must be a path, Hub dataset id, asset:NAME or None, got {self.eval_file!r}"
+            )
         if isinstance(self.eval_split, bool) or not isinstance(self.eval_split, int | float):
             raise ValueError(f"eval_split must be a number in [0, 1), got {self.eval_split!r}")
         if not 0.0 <= self.eval_split < 1.0:
@@ -179,30 +188,77 @@ class PreparedData:
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def load_table(path: str, field: str = "train_file", cache_dir: str | None = None) -> Any:
-    """Read one data file or `save_to_disk` folder into a `datasets.Dataset`.
+def parse_hub_id(spec: str) -> tuple[str, str | None, str | None] | None:
+    """Split a Hub dataset spec `OWNER/NAME[:CONFIG][@SPLIT]` into (dataset id, config, split).
+
+    Only strings shaped like Hub ids count, so a mistyped local path never reaches the network: None for anything
+    starting with `.`, `/` or `~`, holding more than one `/` or other characters outside `[A-Za-z0-9_.-]`, or
+    whose id, config or split ends in a data file extension (`.csv`, `.gz`, ...).
 
     Args:
-        path: A file path, a folder written by `save_to_disk`, or `asset:NAME`.
-        field: The config field that named it, for error messages.
-        cache_dir: Forwarded to `datasets.load_dataset`.
+        spec: E.g. `rotten_tomatoes`, `stanfordnlp/imdb@test`, `nyu-mll/glue:sst2@validation`.
+
+    Returns:
+        (id, config or None, split or None), or None when `spec` is not shaped like a Hub id.
+    """
+    m = _HUB_ID.fullmatch(spec)
+    if m is None or spec.startswith(".") or any(_is_data_file_name(p) for p in m.groups() if p):
+        return None
+    return m["id"], m["config"], m["split"]
+
+
+def _is_data_file_name(name: str) -> bool:
+    suffix = Path(name.lower()).suffix
+    return suffix in _READERS or suffix in _COMPRESSIONS
+
+
+def load_table(path: str, field: str = "train_file", cache_dir: str | None = None) -> Any:
+    """Read a data file, a folder of them, a `save_to_disk` folder or a Hub dataset into a `datasets.Dataset`.
+
+    A local path wins over a Hub dataset of the same name. From a folder of data files (split names inferred
+    from file names by `datasets.load_dataset`, e.g. `train.csv`, `test.csv`, `data/train-*.parquet`) or a
+    Hub dataset without `@SPLIT`, `field` picks the split: train for train_file, the first of validation / eval /
+    test for eval_file; a lone split is taken whatever its name.
+
+    Args:
+        path: A file path, a folder, `asset:NAME`, or a Hub dataset `OWNER/NAME[:CONFIG][@SPLIT]`
+            (see `parse_hub_id`).
+        field: The config field that named it, for error messages and the default split.
+        cache_dir: Forwarded to `datasets` (its Arrow copies of files and downloads).
 
     Raises:
-        FileNotFoundError: nothing exists at `path`.
-        ValueError: unknown file type, unreadable or empty file.
+        FileNotFoundError: nothing exists at `path`, and it is not shaped like a Hub id or loading that Hub
+            dataset failed (offline, unknown id, config or split); the message gives the reason in one line.
+        ValueError: unknown file type, unreadable or empty file or folder, no split that `field` means.
     """
     import datasets
 
     resolved = Path(resolve(path)).expanduser()
     if not resolved.exists():
-        raise FileNotFoundError(f"{field}: no such file or folder: {resolved}")
-    if resolved.is_dir():
-        try:
-            loaded = datasets.load_from_disk(str(resolved))
-        except FileNotFoundError as e:
-            raise ValueError(
-                f"{field}: {resolved} is a folder but not one written by Dataset.save_to_disk ({e})"
-            ) from e
+        hub = parse_hub_id(path)
+        if hub is None:
+            raise FileNotFoundError(f"{field}: no such file or folder: {resolved}")
+        ds = _load_hub(path, hub, field, cache_dir)
+    elif resolved.is_dir():
+        # save_to_disk writes dataset_dict.json (a DatasetDict) or state.json (a Dataset); load_from_disk reads
+        # exactly these. Any other folder is data files, whose splits load_dataset infers from their names (it
+        # makes no Hub request for a local folder).
+        saved = ("dataset_dict.json", "state.json")
+        if any((resolved / name).is_file() for name in saved):
+            try:
+                loaded = datasets.load_from_disk(str(resolved))
+            except FileNotFoundError as e:
+                raise ValueError(
+                    f"{field}: {resolved} is an incomplete Dataset.save_to_disk folder ({e})"
+                ) from e
+        else:
+            try:
+                loaded = datasets.load_dataset(str(resolved), cache_dir=cache_dir)
+            except Exception as e:  # no data files, mixed formats, parser errors: each its own type
+                raise ValueError(
+                    f"{field}: {resolved} is neither a Dataset.save_to_disk folder nor a folder of data files "
+                    f"that datasets.load_dataset reads ({_one_line(e)})"
+                ) from e
         ds = _pick_split(loaded, field, resolved) if isinstance(loaded, datasets.DatasetDict) else loaded
     else:
         name = resolved.name.lower()
@@ -225,15 +281,45 @@ def load_table(path: str, field: str = "train_file", cache_dir: str | None = Non
     return ds
 
 
-def _pick_split(dataset_dict: Any, field: str, path: Path) -> Any:
-    """The split of a DatasetDict folder that `field` means: train for train_file, validation/test for eval_file."""
+def _load_hub(spec: str, hub: tuple[str, str | None, str | None], field: str, cache_dir: str | None) -> Any:
+    """The Dataset of a Hub spec; FileNotFoundError with the reason in one line when it cannot be loaded."""
+    import datasets
+
+    name, config, split = hub
+    try:
+        loaded = datasets.load_dataset(name, config, split=split, cache_dir=cache_dir)
+    except Exception as e:  # offline, unknown id / config / split, gated repo: each its own exception type
+        parts = {"id": name, "config": config, "split": split}
+        what = ", ".join(f"{k} {v!r}" for k, v in parts.items() if v is not None)
+        raise FileNotFoundError(
+            f"{field}: no local file or folder named {spec!r}, and loading it as a Hugging Face Hub dataset "
+            f"({what}) failed: {_one_line(e)}"
+        ) from e
+    if isinstance(loaded, datasets.DatasetDict):
+        return _pick_split(
+            loaded, field, spec, hint=f"; name one as {name}{f':{config}' if config else ''}@SPLIT"
+        )
+    return loaded
+
+
+def _one_line(e: Exception, limit: int = 300) -> str:
+    """`Type: first line of the message`, cut to `limit` characters (datasets' errors can span many lines)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _pick_split(dataset_dict: Any, field: str, source: Path | str, hint: str = "") -> Any:
+    """The split of a DatasetDict that `field` means: train for train_file, validation/eval/test for eval_file."""
     wanted = ("train",) if field == "train_file" else _EVAL_SPLITS
     for split in wanted:
         if split in dataset_dict:
             return dataset_dict[split]
     if len(dataset_dict) == 1:
         return next(iter(dataset_dict.values()))
-    raise ValueError(f"{field}: {path} has splits {list(dataset_dict)}; expected one of {list(wanted)}")
+    raise ValueError(
+        f"{field}: {source} has splits {list(dataset_dict)}; expected one of {list(wanted)}{hint}"
+    )
 
 
 def _required_columns(cfg: DataConfig, task: str) -> dict[str, str]:
