@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorafa.config import LoRAFAConfig
+from lorafa.heads import outermost_modules
 from lorafa.inject import _is_linear, _name_matches, add_lorafa, lorafa_layers, share_groups
 
 PREFIX = "base_model.model."
@@ -245,10 +246,14 @@ def load_adapter(
         )
     if not any(True for _ in lorafa_layers(model)):
         if cfg.modules_to_save:
-            # PEFT records its task's usual head names (e.g. ["classifier", "score"]); keep those that exist.
-            present = [
-                m for m in cfg.modules_to_save if any(_name_matches(n, [m]) for n, _ in model.named_modules())
-            ]
+            keys, names = cfg.modules_to_save, [n for n, _ in model.named_modules() if n]
+            if meta is None:
+                # PEFT records its task's usual head names (e.g. ["classifier", "score"]) and saves every module
+                # whose name ends with one, without a dot boundary (peft.utils.other._set_trainable): its
+                # "classifier" also saves DistilBERT's pre_classifier. Select what PEFT saved.
+                present = outermost_modules(model, [n for n in names if any(n.endswith(k) for k in keys)])
+            else:
+                present = [k for k in keys if any(_name_matches(n, [k]) for n in names)]
             cfg = LoRAFAConfig(**{**cfg.to_dict(), "modules_to_save": present or None})
         add_lorafa(model, cfg)
     layers = dict(lorafa_layers(model))

@@ -192,11 +192,13 @@ def is_run_dir(path: Path) -> bool:
 
 def _num_labels_from_adapter(folder: Path, heads: list[str]) -> int | None:
     """Rows of the classification head's output layer stored in an adapter file (BERT `classifier.weight`,
-    RoBERTa `classifier.out_proj.weight`, LLaMA `score.weight`)."""
+    RoBERTa `classifier.out_proj.weight`, LLaMA `score.weight`, BART `classification_head.out_proj.weight`)."""
     from safetensors import safe_open
 
     with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
-        for head in heads:
+        # Heads are saved in model order, so the output layer is the last one: DistilBERT's ["pre_classifier",
+        # "classifier"] has a hidden × hidden pre_classifier.weight first.
+        for head in reversed(heads):
             for key in (f"{PREFIX}{head}.weight", f"{PREFIX}{head}.out_proj.weight"):
                 if key in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
                     return int(f.get_slice(key).get_shape()[0])

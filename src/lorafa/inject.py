@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from lorafa.config import LoRAFAConfig
+from lorafa.heads import HEAD_NAMES, new_module_names
+from lorafa.heads import classification_head_names as classification_head_names  # re-exported, its old home
 from lorafa.layer import LoRAFALinear, is_conv1d
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -19,7 +21,9 @@ _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
-    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
+    # transformers >= 5 fuses each MoE layer's experts into 3-D parameters (experts.gate_up_proj/down_proj), which
+    # are not linear layers, so only attention can be adapted (PEFT's own default here is attention too).
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
@@ -33,8 +37,12 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
 
-# Heads that a task model adds on top of the backbone; trained and saved via modules_to_save, never adapted.
-HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head")
+
+# Architectures where adapting every linear layer (the fallback) would silently leave out a part of each block.
+NO_DEFAULT_TARGETS: dict[str, str] = {
+    "xlnet": "XLNet's attention keeps its projections (q, k, v, o, r) as raw parameters, not linear layers, so "
+    "only its feed-forward layers can be adapted; set target_modules=['layer_1', 'layer_2'] to do that knowingly",
+}
 
 
 def lorafa_layers(model: nn.Module) -> Iterator[tuple[str, LoRAFALinear]]:
@@ -64,17 +72,23 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def classification_head_names(model: nn.Module) -> list[str]:
-    """Top-level task heads of a transformers model (e.g. ["classifier"], ["score"]) for modules_to_save."""
-    return [name for name, _ in model.named_children() if name in HEAD_NAMES and name != "lm_head"]
-
-
 def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
     """Names of the modules `cfg` adapts in `model`; raises ValueError when nothing matches or a match isn't linear."""
     tm = cfg.target_modules
     if tm is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        tm = DEFAULT_TARGETS.get(str(model_type), "all-linear")
+        model_type = str(getattr(getattr(model, "config", None), "model_type", None))
+        if model_type in NO_DEFAULT_TARGETS:
+            raise ValueError(
+                f"target_modules: no default for model_type {model_type!r}: {NO_DEFAULT_TARGETS[model_type]}"
+            )
+        tm = DEFAULT_TARGETS.get(model_type, "all-linear")
+    elif isinstance(tm, list):
+        raw = [n for n, _ in model.named_parameters() if _name_matches(n, tm)]
+        if raw:
+            raise ValueError(
+                f"target_modules {tm} name parameters, not modules: {raw[:4]}; lorafa adapts nn.Linear and Conv1D "
+                "layers only (fused weights such as transformers' MoE experts cannot be adapted)"
+            )
     heads = _output_head_names(model)
     saved = _resolve_modules_to_save(model, cfg.modules_to_save or [])
     names: list[str] = []
@@ -142,6 +156,7 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
         raise ValueError("the model already has LoRA-FA adapters: add_lorafa was applied twice")
     names = resolve_targets(model, cfg)
     saved = _resolve_modules_to_save(model, cfg.modules_to_save or [])
+    _check_new_modules_saved(model, names, saved)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -168,6 +183,22 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
     model.lorafa_config = cfg  # type: ignore[assignment]
     model.lorafa_modules_to_save = saved  # type: ignore[assignment]
     return model
+
+
+def _check_new_modules_saved(model: nn.Module, targets: list[str], saved: list[str]) -> None:
+    """Raise if a module the checkpoint did not provide (lorafa.heads) would be adapted or stay frozen."""
+    uncovered = [
+        m for m in new_module_names(model) if not any(m == s or m.startswith(s + ".") for s in saved)
+    ]
+    if uncovered:
+        adapted = [t for t in targets if any(t == m or t.startswith(m + ".") for m in uncovered)]
+        fate = (
+            f"adapted as frozen random layers ({adapted})" if adapted else "left frozen at their random init"
+        )
+        raise ValueError(
+            f"modules {uncovered} were newly initialised when the model was loaded (the checkpoint has no weights "
+            f"for them) and would be {fate}: add them to modules_to_save so they train and are saved"
+        )
 
 
 def share_groups(model: nn.Module) -> dict[str, list[str]]:

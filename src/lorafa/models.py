@@ -14,7 +14,8 @@ from torch import nn
 
 from lorafa.assets import resolve
 from lorafa.config import LoRAFAConfig
-from lorafa.inject import add_lorafa, classification_head_names
+from lorafa.heads import NEW_KEYS_ATTR, classification_head_names, new_module_names
+from lorafa.inject import add_lorafa
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,6 +40,9 @@ def load_model(
 ) -> nn.Module:
     """A pretrained model with the head `task` needs.
 
+    The names of the parameters the checkpoint did not provide (a new task head) are kept in
+    `model.lorafa_new_keys`, so that `prepare_model` trains and saves them (`lorafa.heads`).
+
     Args:
         model: Hugging Face id, local folder or `asset:NAME`.
         task: classification | regression | sft | clm | seq2seq.
@@ -51,7 +55,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     path = resolve(model)
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "output_loading_info": True}
     if task in ("classification", "regression"):
         kwargs["num_labels"] = 1 if task == "regression" else num_labels
         if task == "regression":
@@ -61,13 +65,17 @@ def load_model(
             kwargs["label2id"] = {str(n): int(i) for i, n in id2label.items()}
         # A checkpoint that already has a head for another label set gets a fresh head of the right size.
         kwargs["ignore_mismatched_sizes"] = True
-        loaded = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        auto: Any = AutoModelForSequenceClassification
     elif task in ("sft", "clm"):
-        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        auto = AutoModelForCausalLM
     elif task == "seq2seq":
-        loaded = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
+        auto = AutoModelForSeq2SeqLM
     else:
         raise ValueError(f"task must be classification, regression, sft, clm or seq2seq, got {task!r}")
+    loaded, info = auto.from_pretrained(path, **kwargs)
+    # transformers reports mismatched keys as (name, checkpoint shape, model shape).
+    new = set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]}
+    setattr(loaded, NEW_KEYS_ATTR, sorted(new))
     if pad_token_id is not None and getattr(loaded.config, "pad_token_id", None) is None:
         loaded.config.pad_token_id = pad_token_id
     return loaded
@@ -83,9 +91,10 @@ def prepare_model(
 ) -> nn.Module:
     """Make `model` trainable by `method`, in place.
 
-    full: every parameter trains. lora / lora-fa: `add_lorafa` with `adapter` (method taken from `method`); for
-    classification/regression the task head is trained and saved too (modules_to_save) unless `adapter` names
-    modules itself.
+    full: every parameter trains. lora / lora-fa: `add_lorafa` with `adapter` (method taken from `method`). Unless
+    `adapter` names modules_to_save itself, the task head is trained and saved too: for classification/regression
+    `classification_head_names`, for the other tasks any module the checkpoint did not provide (an untied
+    `lm_head` missing from a base-model checkpoint). Modules named by the user must cover those new modules.
 
     Args:
         model: A model from `load_model`.
@@ -103,8 +112,10 @@ def prepare_model(
             p.requires_grad_(True)
     else:
         settings = {**adapter.to_dict(), "method": method}
-        if settings["modules_to_save"] is None and task in ("classification", "regression"):
-            settings["modules_to_save"] = classification_head_names(model) or None
+        if settings["modules_to_save"] is None:
+            classify = task in ("classification", "regression")
+            heads = classification_head_names(model) if classify else new_module_names(model)
+            settings["modules_to_save"] = heads or None
         add_lorafa(model, LoRAFAConfig(**settings))
     if cheap_recompute:
         try:
