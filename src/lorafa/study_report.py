@@ -115,6 +115,10 @@ def render_report(
         lines.append(f"| {a.claim} | {a.measured} | {verdict} |")
     lines += [
         "",
+        "These rows are at this study's budgets (120 steps per part). The same comparisons with 4-5x the training "
+        "data, same settings, dev and test files: [RESULTS_LONG.md](RESULTS_LONG.md) (`python "
+        "benchmarks/long_budget.py`).",
+        "",
         "## Protocol",
         "",
         "- Same budget: within a part every method trains on the same training file for the same number of steps; "
