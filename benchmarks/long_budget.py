@@ -219,16 +219,18 @@ def write_report(path: Path) -> None:
             mark = " (chosen)" if float(lr) == res["chosen_lr"][m] else ""
             lines.append(f"| {m} | {lr}{mark} | {value:.4f} |")
         head = " | ".join(f"test {k[5:]}" for k in keys)
-        lines += ["", f"| method | lr | {head} | per seed ({keys[0][5:]}) | trainable | train time (s) | peak RSS (GiB) |",
-                  "|---|---:|" + "---:|" * (len(keys) + 4)]  # fmt: skip
+        lines += ["", f"| method | lr | {head} | per seed ({keys[0][5:]}) | dev (mean) | trainable | train time (s) | "
+                  "peak RSS (GiB) |",
+                  "|---|---:|" + "---:|" * (len(keys) + 5)]  # fmt: skip
         for m, r in res["test"].items():
             scale = 100 if keys[0] == "eval_accuracy" else 1
             cells = " | ".join(f"{scale * mean_std(r[k])[0]:.{2 if scale == 100 else 4}f} ± "
                                f"{scale * mean_std(r[k])[1]:.{2 if scale == 100 else 4}f}" for k in keys)  # fmt: skip
             seeds = ", ".join(f"{scale * v:.{2 if scale == 100 else 4}f}" for v in r[keys[0]])
             t = mean_std(r["train_runtime_s"])
+            dev = f"{scale * mean_std(r['dev'])[0]:.{2 if scale == 100 else 4}f}" if "dev" in r else "—"
             label = m + (" (variant)" if m in res.get("variants", {}) else "")
-            lines.append(f"| {label} | {r['lr']:g} | {cells} | {seeds} | {r['trainable_params'] / 1e3:.1f}k | "
+            lines.append(f"| {label} | {r['lr']:g} | {cells} | {seeds} | {dev} | {r['trainable_params'] / 1e3:.1f}k | "
                          f"{t[0]:.0f} ± {t[1]:.0f} | {max(r['peak_memory_bytes']) / 2**30:.2f} |")  # fmt: skip
         for v, spec in res.get("variants", {}).items():
             lines.append(
