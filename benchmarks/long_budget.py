@@ -33,8 +33,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lorafa.study import _atomic_write, mean_std
 from lorafa.study_plans import chatterbot_rows, rotten_tomatoes_rows
+from lorafa.study_report import acceptance_from_means
 
 PARTS: dict[str, dict[str, Any]] = {
     "encoder": {
@@ -55,8 +58,6 @@ PARTS: dict[str, dict[str, Any]] = {
                                     "overrides": ["adapter.r=16", "adapter.lora_alpha=32"]}},
     },
 }  # fmt: skip
-# Issue 6's targets: encoder accuracy (points) vs LoRA and full FT; decoder eval loss as a multiple of LoRA's.
-TARGETS = {"encoder": [("lora", -1.0), ("full", -2.0)], "decoder": [("lora", 1.02)]}
 REPORT = Path("docs/RESULTS_LONG.md")
 
 
@@ -108,7 +109,7 @@ def main() -> None:
 def run_part(name: str, jobs: int) -> None:
     part = PARTS[name]
     study, work = Path("runs/study") / name, Path(part["work"])
-    base = study / "runs" / "lora_lr0.002_seed0" / "config.yaml"  # the study's settings for this part
+    base = base_config(name)
     train_file = write_train(study, work, part["rows"](), part["n_train"])
     overrides = [f"data.train_file={train_file}", f"data.eval_file={study / 'dev.jsonl'}", *part["overrides"]]
     pool = ThreadPoolExecutor(jobs)
@@ -169,25 +170,6 @@ def run_part(name: str, jobs: int) -> None:
               f"{r['trainable_params']:.0f} trainable")  # fmt: skip
 
 
-def acceptance(name: str, test: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """(target, measured, met) rows of issue 6 for part `name` from its test results (mean over seeds)."""
-    rows = []
-    fa = mean_std(test["lora-fa"][PARTS[name]["metric"]])[0]
-    for ref, bound in TARGETS[name]:
-        if ref not in test:
-            continue
-        other = mean_std(test[ref][PARTS[name]["metric"]])[0]
-        if name == "encoder":
-            gap = 100 * (fa - other)
-            rows.append((f"LoRA-FA mean test accuracy ≥ {ref} {bound:+.1f} points",
-                         f"{100 * fa:.2f} vs {100 * other:.2f} ({gap:+.2f} points)", gap >= bound))  # fmt: skip
-        else:
-            ratio = fa / other
-            rows.append((f"LoRA-FA mean test loss ≤ {bound} × {ref}'s",
-                         f"{fa:.4f} vs {other:.4f} (ratio {ratio:.4f})", ratio <= bound))  # fmt: skip
-    return rows
-
-
 def write_report(path: Path) -> None:
     """docs/RESULTS_LONG.md from every part's WORK/results.json (parts without one are listed as not run)."""
     lines = [
@@ -210,7 +192,7 @@ def write_report(path: Path) -> None:
             continue
         res = json.loads(file.read_text())
         metric, keys = part["metric"], part["report"]
-        steps = -(-part["n_train"] // _batch_size(name))
+        steps = -(-part["n_train"] // yaml.safe_load(base_config(name).read_text())["batch_size"])
         lines.append(f"{part['n_train']} training rows, {steps} steps, seeds {list(part['seeds'])}; "
                      f"dev {metric} of each (method, lr) with seed 0:")  # fmt: skip
         lines += ["", "| method | lr | dev " + metric + " (seed 0) |", "|---|---:|---:|"]
@@ -219,16 +201,16 @@ def write_report(path: Path) -> None:
             mark = " (chosen)" if float(lr) == res["chosen_lr"][m] else ""
             lines.append(f"| {m} | {lr}{mark} | {value:.4f} |")
         head = " | ".join(f"test {k[5:]}" for k in keys)
+        # accuracy in percent with 2 decimals, losses as they are with 4
+        fmt = (lambda v: f"{100 * v:.2f}") if keys[0] == "eval_accuracy" else (lambda v: f"{v:.4f}")
         lines += ["", f"| method | lr | {head} | per seed ({keys[0][5:]}) | dev (mean) | trainable | train time (s) | "
                   "peak RSS (GiB) |",
                   "|---|---:|" + "---:|" * (len(keys) + 5)]  # fmt: skip
         for m, r in res["test"].items():
-            scale = 100 if keys[0] == "eval_accuracy" else 1
-            cells = " | ".join(f"{scale * mean_std(r[k])[0]:.{2 if scale == 100 else 4}f} ± "
-                               f"{scale * mean_std(r[k])[1]:.{2 if scale == 100 else 4}f}" for k in keys)  # fmt: skip
-            seeds = ", ".join(f"{scale * v:.{2 if scale == 100 else 4}f}" for v in r[keys[0]])
+            cells = " | ".join(f"{fmt(mean_std(r[k])[0])} ± {fmt(mean_std(r[k])[1])}" for k in keys)
+            seeds = ", ".join(fmt(v) for v in r[keys[0]])
             t = mean_std(r["train_runtime_s"])
-            dev = f"{scale * mean_std(r['dev'])[0]:.{2 if scale == 100 else 4}f}" if "dev" in r else "—"
+            dev = fmt(mean_std(r["dev"])[0]) if "dev" in r else "—"
             label = m + (" (variant)" if m in res.get("variants", {}) else "")
             lines.append(f"| {label} | {r['lr']:g} | {cells} | {seeds} | {dev} | {r['trainable_params'] / 1e3:.1f}k | "
                          f"{t[0]:.0f} ± {t[1]:.0f} | {max(r['peak_memory_bytes']) / 2**30:.2f} |")  # fmt: skip
@@ -237,18 +219,17 @@ def write_report(path: Path) -> None:
                 f"\n`{v}`: method {spec['method']} with {' '.join(spec['overrides'])}, lr {spec['lr']:g}."
             )
         lines += ["", "| target (issue 6) | measured | result |", "|---|---|---|"]
-        for target, measured, met in acceptance(name, res["test"]):
-            lines.append(f"| {name}: {target} | {measured} | {'met' if met else '**missed**'} |")
+        means = {m: {metric: mean_std(r[metric])[0]} for m, r in res["test"].items()}
+        for a in acceptance_from_means({name: means}):
+            verdict = {True: "met", False: "**missed**", None: "not run"}[a.passed]
+            lines.append(f"| {a.claim} | {a.measured} | {verdict} |")
     _atomic_write(path, ("\n".join(lines) + "\n").encode())
     print(f"wrote {path}")
 
 
-def _batch_size(name: str) -> int:
-    config = Path("runs/study") / name / "runs" / "lora_lr0.002_seed0" / "config.yaml"
-    for line in config.read_text().splitlines():
-        if line.startswith("batch_size:"):
-            return int(line.split(":")[1])
-    raise ValueError(f"{config}: no batch_size")
+def base_config(name: str) -> Path:
+    """The config.yaml of one of the study's runs of part `name`: the settings every run here starts from."""
+    return Path("runs/study") / name / "runs" / "lora_lr0.002_seed0" / "config.yaml"
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch import nn
 
 from lorafa.config import LoRAFAConfig
 from lorafa.heads import outermost_modules
-from lorafa.inject import _is_linear, _name_matches, add_lorafa, lorafa_layers, share_groups
+from lorafa.inject import _is_linear, _name_matches, _within, add_lorafa, lorafa_layers, share_groups
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -61,10 +61,7 @@ def _compact_targets(model: nn.Module, adapted: list[str], saved: list[str]) -> 
     selected = {
         n
         for n, m in model.named_modules()
-        if n
-        and _name_matches(n, suffixes)
-        and (_is_linear(m) or n in adapted)
-        and not any(n == s or n.startswith(s + ".") for s in saved)
+        if n and _name_matches(n, suffixes) and (_is_linear(m) or n in adapted) and not _within(n, saved)
     }
     return suffixes if selected == set(adapted) else sorted(adapted)
 

@@ -56,6 +56,11 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def _within(name: str, roots: list[str]) -> bool:
+    """Whether module `name` is one of `roots` or nested inside one."""
+    return any(name == r or name.startswith(r + ".") for r in roots)
+
+
 def _name_matches(name: str, keys: list[str]) -> bool:
     return any(name == k or name.endswith("." + k) for k in keys)
 
@@ -95,7 +100,7 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
     for name, module in model.named_modules():
         if not name or _name_matches(name, cfg.exclude_modules):
             continue
-        if any(name == s or name.startswith(s + ".") for s in saved):
+        if _within(name, saved):
             continue  # a module trained fully (modules_to_save) is not adapted
         if tm == "all-linear":
             hit = _is_linear(module) and name not in heads
@@ -187,11 +192,9 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
 
 def _check_new_modules_saved(model: nn.Module, targets: list[str], saved: list[str]) -> None:
     """Raise if a module the checkpoint did not provide (lorafa.heads) would be adapted or stay frozen."""
-    uncovered = [
-        m for m in new_module_names(model) if not any(m == s or m.startswith(s + ".") for s in saved)
-    ]
+    uncovered = [m for m in new_module_names(model) if not _within(m, saved)]
     if uncovered:
-        adapted = [t for t in targets if any(t == m or t.startswith(m + ".") for m in uncovered)]
+        adapted = [t for t in targets if _within(t, uncovered)]
         fate = (
             f"adapted as frozen random layers ({adapted})" if adapted else "left frozen at their random init"
         )
