@@ -60,8 +60,9 @@ def dropout_mask(
 
 
 def _autocast_off(device_type: str) -> AbstractContextManager[object]:
-    # Devices without autocast (e.g. "meta", used by the memory planner) have nothing to turn off.
-    if torch.amp.is_autocast_available(device_type):
+    # Devices without autocast (e.g. "meta", used by the memory planner) have nothing to turn off; where autocast
+    # is off already, skip torch.autocast's context manager (tens of microseconds per call, twice per layer).
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return nullcontext()
 
@@ -76,14 +77,20 @@ class SharedProjection:
     seed: int = 0
 
 
+def _can_fold(dtype: torch.dtype, no_dropout: bool) -> bool:
+    """Whether W + s·B·A may stand in for the two paths: only without dropout (the mask applies to the adapter path
+    alone) and only in fp32/fp64 (in 16-bit, W + s·B·A would round the small adapter term away)."""
+    return no_dropout and dtype in (torch.float32, torch.float64)
+
+
 def _fold_backward(g: Tensor, weight: Tensor, no_dropout: bool) -> bool:
     """Whether backward computes ∂L/∂x as g·(W + s·B·A) instead of g·W + (s·g·B)·A.
 
-    Only without dropout (the mask applies to the adapter path alone), only in fp32/fp64 (in 16-bit, W + s·B·A
-    would round the small adapter term away), and only when the (d_out, d_in) temporary is no larger than dx
-    (N ≥ d_out), which is also when it costs fewer multiply-adds.
+    The (d_out, d_in) temporary costs d_out·d_in·r multiply-adds against N·(d_out + d_in)·r for g·B and h·A; fold
+    when min(d_out, d_in) ≤ N, where it is both cheaper and no larger than g (N, d_out) or dx (N, d_in), tensors
+    backward holds anyway.
     """
-    return no_dropout and g.dtype in (torch.float32, torch.float64) and g.shape[0] >= weight.shape[0]
+    return _can_fold(g.dtype, no_dropout) and min(weight.shape) <= g.shape[0]
 
 
 def _draw_seed() -> int:
@@ -138,6 +145,8 @@ class LoRAFALinearFunction(torch.autograd.Function):
                 shared.u, shared.seed = u, seed
 
         # (N, d_out); the bias is added inside the GEMM (as F.linear does), not in a separate pass
+        # Folding s·B·A into W here, as backward does, measured slower: the (d_out, d_in) temporary costs a copy of
+        # W plus a memory-bound k=r GEMM, more than the one extra pass over y below.
         y = x @ w.t() if bias is None else torch.addmm(bias.to(dt), x, w.t())
         y.addmm_(u, bm.t(), alpha=scaling)  # accumulate s·u·Bᵀ in place: no (N, d_out) temporary
 
