@@ -419,3 +419,17 @@ def test_prepare_model_applies_the_memory_options(toys):
         LoRAFAConfig(),
     )
     assert all(p.requires_grad for p in full.parameters())
+
+
+def test_gradient_init_of_a_runs_inside_train(toys, tmp_path):
+    # init_lora_weights=gradient: train() sets A from its first training batches before the first step.
+    args = ("adapter.init_lora_weights=gradient", "adapter.init_batches=2", "max_steps=3")
+    m = train(_config(toys, tmp_path / "a", *args))
+    assert 0.0 < m["a_gradient_share"] <= 1.0
+    again = train(_config(toys, tmp_path / "b", *args))
+    _assert_same_adapter(tmp_path / "a", tmp_path / "b", atol=0, rtol=0, trained=True)
+    assert again["a_gradient_share"] == m["a_gradient_share"]
+    for k, a in _adapter(tmp_path / "a").items():
+        if "lora_A" in k:  # orthogonal rows, not Kaiming's random ones
+            gram = a @ a.t()
+            torch.testing.assert_close(gram, torch.diag(gram.diagonal()), atol=1e-5 * float(gram.max()), rtol=0)

@@ -7,6 +7,7 @@ backward) and `lorafa.layer` (the LoRAFALinear module that wraps a frozen base l
 from lorafa.adapter import load_adapter, read_adapter_config, save_adapter
 from lorafa.autograd import lorafa_linear
 from lorafa.config import LoRAFAConfig
+from lorafa.gradient_init import init_a_from_gradients
 from lorafa.inject import (
     add_lorafa,
     lorafa_layers,
@@ -29,6 +30,7 @@ __all__ = [
     "chunked_causal_lm_loss",
     "disable_cheap_recompute",
     "enable_cheap_recompute",
+    "init_a_from_gradients",
     "load_adapter",
     "lorafa_layers",
     "lorafa_linear",

@@ -290,6 +290,8 @@ def load_adapter(
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(state[k].to(device=v.device, dtype=v.dtype))
+    for layer in layers.values():
+        layer.a_pending = False  # A comes from the file
     if not is_trainable:
         for p in model.parameters():
             p.requires_grad_(False)

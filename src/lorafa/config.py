@@ -29,7 +29,11 @@ class LoRAFAConfig:
     modules_to_save: list[str] | None = None
     """Modules (names/suffixes) trained fully and saved with the adapter, e.g. a classification head."""
     init_lora_weights: str = "kaiming"
-    """Initialisation of A: "kaiming" (uniform, PEFT's default), "gaussian" (N(0, 1/r²)) or "orthogonal"."""
+    """Initialisation of A: "kaiming" (uniform, PEFT's default), "gaussian" (N(0, 1/r²)), "orthogonal", or
+    "gradient" (top right singular vectors of the base weight's gradient on `init_batches` training batches; set by
+    `lorafa.init_a_from_gradients`, which `lorafa train` calls; not in the paper, see docs/TRAINING.md)."""
+    init_batches: int = 8
+    """Training batches whose summed gradient sets A when init_lora_weights is "gradient"."""
     init_seed: int | None = 0
     """Seed for A; each layer uses (init_seed, its module name). None draws from the global RNG."""
     projection: bool = False
@@ -59,6 +63,14 @@ class LoRAFAConfig:
             raise ValueError(
                 f"init_lora_weights must be one of {list(INITS)}, got {self.init_lora_weights!r}"
             )
+        if (
+            isinstance(self.init_batches, bool)
+            or not isinstance(self.init_batches, int)
+            or self.init_batches < 1
+        ):
+            raise ValueError(f"init_batches must be a positive integer, got {self.init_batches!r}")
+        if self.init_lora_weights == "gradient" and self.share_a:
+            raise ValueError("init_lora_weights='gradient' does not support share_a=True (one A per layer)")
         if not isinstance(self.share_a, bool):
             raise ValueError(f"share_a must be true or false, got {self.share_a!r}")
         if self.share_a and self.method != "lora-fa":

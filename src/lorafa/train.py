@@ -32,6 +32,7 @@ from lorafa.checkpoint import (
 )
 from lorafa.data import PreparedData, build_datasets, make_collator
 from lorafa.evaluate import base_model_path, evaluate, rows, write_labels
+from lorafa.gradient_init import init_a_from_gradients
 from lorafa.inject import trainable_parameters
 from lorafa.models import LossModel, check_token_ids, load_model, load_tokenizer, prepare_model
 from lorafa.train_config import TrainConfig
@@ -87,6 +88,19 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     model = prepare_model(
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
     )
+    extra_metrics: dict[str, float] = {}
+    if cfg.method != "full" and cfg.adapter.init_lora_weights == "gradient" and checkpoint is None:
+        # A from the first training batches' gradient (lorafa.gradient_init); a resumed run loads its A instead.
+        model.to(accelerator.device)
+        n_init = cfg.adapter.init_batches
+        first = epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed, rank, world)[:n_init]
+        kept = init_a_from_gradients(
+            model,
+            ({k: v.to(accelerator.device) for k, v in collator(rows(data.train, i)).items()} for i in first),
+            LossModel(model, cfg.task, use_chunked_loss(cfg)),
+            (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None,
+        )
+        extra_metrics["a_gradient_share"] = sum(kept.values()) / len(kept)  # a random A keeps about r/d_in
     trainable, total = trainable_parameters(model)
     optimizer = make_optimizer(model, cfg)
     batches_per_epoch = len(epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed, rank, world))
@@ -247,6 +261,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             "total_params": float(total),
             "train_samples": float(len(data.train)),
             "steps": float(state.step),
+            **extra_metrics,
         }
     )
     if main:

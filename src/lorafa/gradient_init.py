@@ -1,0 +1,204 @@
+"""Data-aware A for LoRA-FA: the top right singular vectors of the full-weight gradient (opt-in, not in the paper).
+
+LoRA-FA trains only B, so every change of an adapted weight W' = W + s·B·A lies in A's row space. With the full-weight
+gradient G = ∂L/∂W (d_out, d_in), B's gradient is g_B = s·G·Aᵀ, and one SGD step on B changes W' by
+−η·s²·G·Aᵀ·A: the part of G that A's rows can see. A random A (the paper's) sees a random r-dimensional slice of
+G's row space, about r/d_in of its energy. Taking A's rows from the top-r right singular vectors Vᵣ of G, summed over
+a few training batches at the start (B = 0, so W' = W), keeps the largest share of ‖G‖² any rank-r row space can
+(Eckart–Young); this is the idea of LoRA-GA (Wang et al. 2024) and LoRA-One (Zhang et al. 2025) applied to the frozen
+factor. A stays frozen afterwards: memory and speed are those of LoRA-FA. `init_lora_weights="gradient"` selects it;
+`lorafa train` calls `init_a_from_gradients` on the first `init_batches` training batches.
+
+Row i of A is c_i·v_i, with c_i chosen so that u_i = A_i·x has, over the calibration tokens, the mean square a
+Kaiming-uniform row gives on the same inputs, E‖x‖²/(3·d_in). Unscaled (or scaled to Kaiming's row norm), the top
+directions, which follow the largest input features, gave u up to orders of magnitude larger than the random init's:
+a larger and uneven effective learning rate that made SmolLM2 SFT unstable at the random init's learning rates.
+A's rows stay orthogonal (A·Aᵀ is diagonal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lorafa.inject import lorafa_layers
+
+__all__ = ["init_a_from_gradients"]
+
+# Above this min(d_out, d_in) a randomized low-rank SVD replaces the exact one (seconds per layer on CPU otherwise).
+_EXACT_SVD_MAX = 2048
+
+
+def init_a_from_gradients(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[Any], Tensor],
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, float]:
+    """Set every adapter's frozen A to the top-r right singular vectors of its base weight's gradient, in place
+    (each row scaled as described in the module docstring).
+
+    The model runs in eval mode (no dropout) on `batches`, twice (forward+backward, then forward only for the
+    row scales); for each adapted layer, with x (N, d_in) its input and
+    g = ∂L/∂y (N, d_out) its output gradient, G += gᵀ·x is accumulated in fp32 (one fp32 copy of the adapted weights,
+    freed when done). Gradients that backward leaves on B or on modules_to_save are cleared afterwards.
+
+    Args:
+        model: a model prepared with `add_lorafa`, adapters not merged, B still zero.
+        batches: the calibration batches (training data), each passed to `loss_fn`.
+        loss_fn: batch -> scalar loss of `model`.
+        reduce: sums a tensor over processes (data parallel), so that every process derives the same A.
+
+    Returns:
+        For each adapted module name, the share of ‖G‖²_F that A's row space keeps (a random A keeps about r/d_in).
+
+    Raises:
+        ValueError: no adapters, merged adapters, share_a, B not zero, or no batch reached the adapters.
+    """
+    layers = dict(lorafa_layers(model))
+    if not layers:
+        raise ValueError("init_a_from_gradients: the model has no adapters (call lorafa.add_lorafa first)")
+    for name, layer in layers.items():
+        if layer.merged:
+            raise ValueError(f"init_a_from_gradients: {name} is merged; unmerge it first")
+        if layer.share_group is not None:
+            raise ValueError(
+                "init_a_from_gradients: not supported with share_a (layers would need one shared A)"
+            )
+        if bool(layer.lora_B.weight.detach().any()):
+            raise ValueError(f"init_a_from_gradients: {name}'s B is not zero (A must be set before training)")
+
+    grads: dict[str, Tensor] = {}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                return
+            x = args[0].detach()
+
+            def on_grad(g: Tensor) -> None:
+                x2 = x.reshape(-1, x.shape[-1]).float()  # (N, d_in)
+                g2 = g.reshape(-1, g.shape[-1]).float()  # (N, d_out)
+                if name not in grads:
+                    grads[name] = g2.t() @ x2  # (d_out, d_in)
+                else:
+                    grads[name].addmm_(g2.t(), x2)
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    calibration = list(batches)  # read twice: gradients, then input scales
+    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in calibration:
+            loss_fn(batch).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+
+    if not grads:
+        raise ValueError(
+            "init_a_from_gradients: no gradient reached the adapters (no batches, or no loss path)"
+        )
+    kept: dict[str, float] = {}
+    rows: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            A = layer.lora_A.weight
+            G = grads.pop(name, None)
+            if G is None:
+                G = torch.zeros(layer.out_features, A.shape[1], device=A.device)
+            if reduce is not None:
+                G = reduce(G)
+            total = float(G.square().sum())
+            if total == 0.0:  # no signal (e.g. the layer does not reach the loss): keep the random A
+                kept[name] = 0.0
+                layer.a_pending = False
+            else:
+                rows[name] = _top_right_singular_vectors(G, A.shape[0])  # (r, d_in)
+                kept[name] = float((G @ rows[name].t()).square().sum()) / total
+            del G
+    scales = _kaiming_scales(model, layers, rows, calibration, loss_fn, reduce)
+    with torch.no_grad():
+        for name, vr in rows.items():
+            A = layers[name].lora_A.weight
+            A.copy_((vr * scales[name][:, None]).to(A.dtype))
+            layers[name].a_pending = False
+    return kept
+
+
+def _kaiming_scales(
+    model: nn.Module,
+    layers: dict[str, Any],
+    rows: dict[str, Tensor],
+    batches: list[Any],
+    loss_fn: Callable[[Any], Tensor],
+    reduce: Callable[[Tensor], Tensor] | None,
+) -> dict[str, Tensor]:
+    """Per-row scales c (r,) for the orthonormal rows V (r, d_in) of each layer, so that u_i = c_i·v_i·x has, over the
+    calibration tokens, the RMS that a Kaiming-uniform row gives on the same inputs: E[(a·x)²] = E‖x‖²/(3·d_in).
+
+    The top gradient directions are where the inputs are largest (outlier features), so unscaled they would hand
+    B's optimizer a u up to orders of magnitude larger than the random init's, which acts as a much larger and
+    uneven learning rate (measured: unstable at the random init's learning rates). One forward pass, no graph.
+    """
+    sums = {n: torch.zeros(v.shape[0] + 2, dtype=torch.float64, device=v.device) for n, v in rows.items()}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, d_in)
+            u = x @ rows[name].t()  # (N, r)
+            acc = sums[name]
+            acc[:-2] += u.square().sum(0).double()
+            acc[-2] += float(x.square().sum())
+            acc[-1] += x.shape[0]
+
+        return hook
+
+    handles = [layers[n].register_forward_hook(make_hook(n)) for n in rows]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                loss_fn(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    scales = {}
+    for name, acc in sums.items():
+        acc = reduce(acc) if reduce is not None else acc
+        d_in = rows[name].shape[1]
+        target = float(acc[-2]) / (3.0 * d_in)  # per token: E‖x‖² / (3·d_in)
+        per_row = acc[:-2]  # per token times count, like target's numerator
+        floor = 1e-12 * max(target, 1e-30)
+        c = torch.where(
+            per_row > floor,
+            (target / per_row.clamp_min(floor)).sqrt(),
+            torch.full_like(per_row, (1 / 3) ** 0.5),
+        )
+        scales[name] = c.float()
+    return scales
+
+
+def _top_right_singular_vectors(G: Tensor, r: int) -> Tensor:
+    """The top-r right singular vectors of G (d_out, d_in) as orthonormal rows (r, d_in), fp32."""
+    if min(G.shape) <= _EXACT_SVD_MAX:
+        _, _, vh = torch.linalg.svd(G, full_matrices=False)
+        return vh[:r].contiguous()
+    # svd_lowrank draws its sketch from the global RNG: seed it for a reproducible A, and leave the RNG as it was.
+    with torch.random.fork_rng(
+        devices=[G.device] if G.device.type != "cpu" else [], device_type=G.device.type
+    ):
+        torch.manual_seed(0)
+        _, _, v = torch.svd_lowrank(G, q=min(min(G.shape), 2 * r + 8), niter=6)
+    return v[:, :r].t().contiguous()

@@ -1,0 +1,161 @@
+"""init_lora_weights="gradient": A from the top right singular vectors of the base weights' gradient."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _tiny import batch, tiny
+
+import lorafa
+from lorafa.layer import LoRAFALinear
+
+R = 4
+
+
+def _gradient_model(family: str, **extra) -> torch.nn.Module:
+    targets = None if family in ("bert", "t5") else "all-linear"
+    cfg = lorafa.LoRAFAConfig(
+        r=R, lora_alpha=8, target_modules=targets, init_lora_weights="gradient", **extra
+    )
+    return lorafa.add_lorafa(tiny(family), cfg)
+
+
+def _reference_gradients(family: str, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """∂L/∂W of every linear weight, summed over `batches`, by plain autograd on the unadapted model (eval mode)."""
+    ref = tiny(family)
+    ref.requires_grad_(True)
+    for b in batches:
+        ref(**b).loss.backward()
+    return {n: m.weight.grad for n, m in ref.named_modules() if getattr(m, "weight", None) is not None}
+
+
+def _reference_inputs(
+    family: str, batches: list[dict[str, torch.Tensor]], names: list[str]
+) -> dict[str, torch.Tensor]:
+    """Every token's input (N, d_in) to each named linear layer over `batches`, from the unadapted model."""
+    ref, seen = tiny(family), {n: [] for n in names}
+    hooks = [
+        ref.get_submodule(n).register_forward_hook(
+            lambda m, a, o, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        for b in batches:
+            ref(**b)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(v).double() for n, v in seen.items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", "t5"])
+def test_a_spans_the_top_right_singular_vectors_of_the_weight_gradient(family):
+    model = _gradient_model(family)
+    batches = [batch(family, seed=s) for s in range(3)]
+    kept = lorafa.init_a_from_gradients(model, batches, lambda b: model(**b).loss)
+    grads = _reference_gradients(family, batches)
+    layers = dict(lorafa.lorafa_layers(model))
+    inputs = _reference_inputs(family, batches, list(layers))
+    assert kept.keys() == layers.keys()
+    for name, layer in layers.items():
+        G = grads[f"{name}"].double()
+        G = G.t() if layer.fan_in_fan_out else G  # Conv1D stores (d_in, d_out)
+        _, S, Vh = torch.linalg.svd(G, full_matrices=False)
+        A = layer.lora_A.weight.detach().double()
+        # Orthogonal rows ...
+        gram = A @ A.t()
+        torch.testing.assert_close(gram, torch.diag(gram.diagonal()), atol=1e-6, rtol=0)
+        # ... spanning the top-r right singular subspace of G (compared as projectors: sign- and rotation-free) ...
+        unit = A / A.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(unit.t() @ unit, Vh[:R].t() @ Vh[:R], atol=1e-5, rtol=0)
+        assert kept[name] == pytest.approx(float((S[:R] ** 2).sum() / (S**2).sum()), abs=1e-5)
+        # ... each scaled so that u_i = a_i·x has the mean square a Kaiming-uniform row gives: E‖x‖²/(3·d_in).
+        x = inputs[name]
+        target = float(x.square().sum(1).mean()) / (3 * x.shape[1])
+        torch.testing.assert_close(
+            (x @ A.t()).square().mean(0), torch.full((R,), target, dtype=x.dtype), rtol=1e-4, atol=0
+        )
+        # No rank-r row space keeps more of G than this one; the random (Kaiming) A it replaced keeps less.
+        rand = torch.empty_like(A)
+        torch.nn.init.kaiming_uniform_(rand, a=5**0.5)
+        q, _ = torch.linalg.qr(rand.t())
+        assert kept[name] >= float((G @ q).square().sum() / G.square().sum()) - 1e-9
+
+
+def test_training_refuses_a_pending_a_and_gradients_are_cleared():
+    model = _gradient_model("llama")
+    model.train()
+    with pytest.raises(RuntimeError, match="init_a_from_gradients"):
+        model(**batch("llama")).loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    model(**batch("llama"))  # inference does not need A
+    lorafa.init_a_from_gradients(model, [batch("llama")], lambda b: model(**b).loss)
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training is False  # the caller's mode is restored
+    model.train()
+    model(**batch("llama")).loss.backward()  # now it trains; only B receives gradients
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == ("lora_B" in n), n
+
+
+def test_deterministic_and_independent_of_the_random_placeholder():
+    a = _gradient_model("llama", init_seed=0)
+    b = _gradient_model("llama", init_seed=1)
+    batches = [batch("llama", seed=s) for s in range(2)]
+    for m in (a, b):
+        lorafa.init_a_from_gradients(m, batches, lambda x, m=m: m(**x).loss)
+    for (name, la), (_, lb) in zip(lorafa.lorafa_layers(a), lorafa.lorafa_layers(b), strict=True):
+        pa, pb = la.lora_A.weight.t() @ la.lora_A.weight, lb.lora_A.weight.t() @ lb.lora_A.weight
+        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_saved_adapter_reloads_exactly_and_is_not_pending(tmp_path):
+    model = _gradient_model("llama")
+    lorafa.init_a_from_gradients(model, [batch("llama")], lambda b: model(**b).loss)
+    with torch.no_grad():
+        for _, layer in lorafa.lorafa_layers(model):
+            layer.lora_B.weight.normal_()
+    lorafa.save_adapter(model, tmp_path / "ad")
+    fresh = lorafa.load_adapter(tiny("llama"), tmp_path / "ad")
+    assert not any(layer.a_pending for _, layer in lorafa.lorafa_layers(fresh))
+    ids = batch("llama")["input_ids"]
+    model.eval()
+    fresh.eval()
+    torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+    fresh.train()
+    fresh(**batch("llama")).loss.backward()  # trainable straight away
+
+
+def test_bad_use_is_named():
+    with pytest.raises(ValueError, match="init_batches"):
+        lorafa.LoRAFAConfig(init_lora_weights="gradient", init_batches=0)
+    with pytest.raises(ValueError, match="share_a"):
+        lorafa.LoRAFAConfig(init_lora_weights="gradient", share_a=True)
+    with pytest.raises(ValueError, match="no adapters"):
+        lorafa.init_a_from_gradients(tiny("llama"), [batch("llama")], lambda b: torch.zeros(()))
+    model = _gradient_model("llama")
+    with pytest.raises(ValueError, match="no gradient reached"):
+        lorafa.init_a_from_gradients(model, [], lambda b: model(**b).loss)
+    with torch.no_grad():
+        next(layer for _, layer in lorafa.lorafa_layers(model)).lora_B.weight.fill_(1.0)
+    with pytest.raises(ValueError, match="B is not zero"):
+        lorafa.init_a_from_gradients(model, [batch("llama")], lambda b: model(**b).loss)
+
+
+def test_lora_method_also_takes_a_gradient_a():
+    cfg = lorafa.LoRAFAConfig(r=R, lora_alpha=8, method="lora", init_lora_weights="gradient")
+    model = lorafa.add_lorafa(tiny("llama"), cfg)
+    ref = copy.deepcopy(model)
+    lorafa.init_a_from_gradients(model, [batch("llama")], lambda b: model(**b).loss)
+    changed = [
+        n
+        for (n, la), (_, lb) in zip(lorafa.lorafa_layers(model), lorafa.lorafa_layers(ref), strict=True)
+        if not torch.equal(la.lora_A.weight, lb.lora_A.weight)
+    ]
+    assert changed and all(isinstance(model.get_submodule(n), LoRAFALinear) for n in changed)
+    model.train()
+    model(**batch("llama")).loss.backward()
+    assert all(layer.lora_A.weight.grad is not None for _, layer in lorafa.lorafa_layers(model))
