@@ -141,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
 
     timing = {}
     for p in (0.0, 0.05):
-        med = interleaved_medians(
-            {"lorafa": lorafa_model("lora-fa", p), "peft": peft_model(p, False)}, ids, args.steps
-        )
+        models = {"lorafa": lorafa_model("lora-fa", p), "peft": peft_model(p, False)}
+        if p == 0:  # the frozen model alone, for scale: no exact adapter can be faster than it
+            models["floor"] = floor_model()
+        med = interleaved_medians(models, ids, args.steps)
         timing[p] = med
         checks.append(
             (
@@ -170,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         f"| step time (forward+backward, median of {args.steps}) | lorafa LoRA-FA (s) | PEFT LoRA (s) |",
         "|---|---:|---:|",
         *[f"| dropout {p} | {m['lorafa']:.3f} | {m['peft']:.3f} |" for p, m in timing.items()],
+        "",
+        f"Frozen floor (no adapters) in the dropout-0 interleaving: {timing[0.0]['floor']:.3f} s = "
+        f"{timing[0.0]['floor'] / timing[0.0]['peft']:.3f} x PEFT LoRA; LoRA-FA = "
+        f"{timing[0.0]['lorafa'] / timing[0.0]['floor']:.3f} x the floor.",
         "",
         "| check | value | target |",
         "|---|---:|---|",

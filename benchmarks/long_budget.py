@@ -41,15 +41,17 @@ from lorafa.study_report import acceptance_from_means
 
 PARTS: dict[str, dict[str, Any]] = {
     "encoder": {
-        "grid": {"lora": [1e-3, 2e-3], "lora-fa": [2e-3, 5e-3], "full": [1e-4, 3e-4]},
+        "grid": {"lora": [1e-3, 2e-3], "lora-fa": [2e-3, 5e-3], "full": [1e-4, 3e-4], "lora-fa+grad": [2e-3, 5e-3]},
         "n_train": 9600, "rows": rotten_tomatoes_rows, "work": "runs/study-long", "seeds": (0, 1, 2),
         "metric": "eval_accuracy", "higher": True, "overrides": [], "report": ["eval_accuracy", "eval_f1"],
     },
     # 1,015 distinct prompts (lorafa.study_plans.chatterbot_rows) minus the study's 40 dev and 40 test pairs: all
     # the rest. The grids first bracketed each method's study (1x) choice, 2e-3 for both; LoRA-FA was then best at
     # its top lr (5e-3) on dev, so 1e-2 was added before any seed beyond 0 or any test evaluation of LoRA-FA.
+    # lora-fa+grad (A from the gradient, `init_lora_weights: gradient`; both parts) was added in a later session,
+    # with its own sweep: its study (1x) choice, 2e-3, and LoRA-FA's 3.9x choice, 5e-3.
     "decoder": {
-        "grid": {"lora": [1e-3, 2e-3], "lora-fa": [1e-3, 2e-3, 5e-3, 1e-2]},
+        "grid": {"lora": [1e-3, 2e-3], "lora-fa": [1e-3, 2e-3, 5e-3, 1e-2], "lora-fa+grad": [2e-3, 5e-3]},
         "n_train": 935, "rows": chatterbot_rows, "work": "runs/study-long-decoder", "seeds": (0, 1, 2),
         "metric": "eval_loss", "higher": False, "overrides": [], "report": ["eval_loss", "eval_perplexity"],
         # LoRA-FA at twice the rank (about LoRA's number of trainable parameters), at the study's 1x LoRA-FA lr;
@@ -59,6 +61,11 @@ PARTS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 REPORT = Path("docs/RESULTS_LONG.md")
+
+# Grid labels that are not TrainConfig methods: the method they train with and the overrides that define them.
+FLAVOURS: dict[str, tuple[str, list[str]]] = {
+    "lora-fa+grad": ("lora-fa", ["adapter.init_lora_weights=gradient"])
+}
 
 
 def write_train(study: Path, work: Path, rows: list[dict[str, Any]], n: int) -> Path:
@@ -120,7 +127,10 @@ def run_part(name: str, jobs: int) -> None:
         label: str, lr: float, seed: int, method: str | None = None, extra: tuple[str, ...] = ()
     ) -> Future[dict[str, Any]]:
         out = work / "runs" / f"{label}_lr{lr:g}_seed{seed}"
-        return pool.submit(train, base, [*overrides, *extra], out, method or label, lr, seed)
+        flavour_method, flavour_overrides = FLAVOURS.get(label, (label, []))
+        return pool.submit(
+            train, base, [*overrides, *flavour_overrides, *extra], out, method or flavour_method, lr, seed
+        )
 
     sweep = {(m, lr): run(m, lr, 0) for m, lrs in grid.items() for lr in lrs}
     chosen = {

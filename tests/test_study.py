@@ -187,3 +187,28 @@ def test_reuse_matches_resolved_configs_not_text(tmp_path: Path) -> None:
     assert _finished(tmp_path, raw) == {"eval_accuracy": 0.5}
     train_file.write_text('{"text": "b", "label": 1}\n')  # same path, other rows
     assert _finished(tmp_path, raw) is None
+
+
+def test_acceptance_rows_per_lora_fa_flavour() -> None:
+    from lorafa.study_report import acceptance_from_means
+
+    enc = {
+        "lora": {"eval_accuracy": 0.80},
+        "full": {"eval_accuracy": 0.80},
+        "lora-fa": {"eval_accuracy": 0.785},
+    }
+    dec = {"lora": {"eval_loss": 2.0}, "lora-fa": {"eval_loss": 2.05}}
+    rows = acceptance_from_means({"encoder": enc, "decoder": dec})
+    assert [r.passed for r in rows] == [
+        False,
+        True,
+        False,
+    ]  # gap −1.5 vs LoRA (≥ −1.0 needed), vs full (≥ −2.0)
+    assert "(gap -1.50 points)" in rows[0].measured and "(ratio 1.0250)" in rows[2].measured
+    assert not any("gradient" in r.claim for r in rows)  # no rows for a flavour that did not run
+    enc["lora-fa+grad"] = {"eval_accuracy": 0.795}
+    dec["lora-fa+grad"] = {"eval_loss": 2.03}
+    rows = acceptance_from_means({"encoder": enc, "decoder": dec})
+    grad = [r for r in rows if "gradient A" in r.claim]
+    assert len(rows) == 6 and [r.passed for r in grad] == [True, True, True]
+    assert "(gap -0.50 points)" in grad[0].measured and "(ratio 1.0150)" in grad[-1].measured

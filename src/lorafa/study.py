@@ -79,6 +79,11 @@ METHODS: dict[str, MethodSpec] = {
     "lora-fa+orth": MethodSpec(
         "lora-fa", adapter={"init_lora_weights": "orthogonal"}, label="LoRA-FA with orthogonal rows of A"
     ),
+    "lora-fa+grad": MethodSpec(
+        "lora-fa",
+        adapter={"init_lora_weights": "gradient"},
+        label="LoRA-FA with A from the gradient of the first training batches (opt-in init, not in the paper)",
+    ),
     "lora-fa-2r": MethodSpec(
         "lora-fa",
         rank_factor=2,

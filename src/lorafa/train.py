@@ -91,6 +91,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     extra_metrics: dict[str, float] = {}
     if cfg.method != "full" and cfg.adapter.init_lora_weights == "gradient" and checkpoint is None:
         # A from the first training batches' gradient (lorafa.gradient_init); a resumed run loads its A instead.
+        init_started = time.perf_counter()
         model.to(accelerator.device)
         n_init = cfg.adapter.init_batches
         first = epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed, rank, world)[:n_init]
@@ -101,6 +102,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None,
         )
         extra_metrics["a_gradient_share"] = sum(kept.values()) / len(kept)  # a random A keeps about r/d_in
+        extra_metrics["a_init_s"] = time.perf_counter() - init_started  # not part of train_runtime_s
     trainable, total = trainable_parameters(model)
     optimizer = make_optimizer(model, cfg)
     batches_per_epoch = len(epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed, rank, world))
