@@ -433,3 +433,25 @@ def test_gradient_init_of_a_runs_inside_train(toys, tmp_path):
         if "lora_A" in k:  # orthogonal rows, not Kaiming's random ones
             gram = a @ a.t()
             torch.testing.assert_close(gram, torch.diag(gram.diagonal()), atol=1e-5 * float(gram.max()), rtol=0)
+
+
+def test_gradient_init_resume_reloads_a_instead_of_recomputing(toys, tmp_path, monkeypatch):
+    common = ("adapter.init_lora_weights=gradient", "adapter.init_batches=2", "max_steps=4", "eval_every=0")
+    whole = train(_config(toys, tmp_path / "whole", *common))
+    out = tmp_path / "parts"
+    saved = train_module.save_checkpoint
+
+    def crash_after_first_checkpoint(*args, **kwargs):
+        saved(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(toys, out, *common, "checkpoint_every=2"))
+    monkeypatch.setattr(train_module, "save_checkpoint", saved)
+    calls = []
+    monkeypatch.setattr(train_module, "init_a_from_gradients", lambda *a, **k: calls.append(1))
+    resumed = train(_config(toys, out, *common, "checkpoint_every=2", f"resume={out}"))
+    assert calls == []  # A came from the checkpoint
+    _assert_same_adapter(tmp_path / "whole", out, atol=0, rtol=0, trained=True)
+    assert resumed["eval_loss"] == whole["eval_loss"]
