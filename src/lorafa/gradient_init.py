@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafa.inject import lorafa_layers
+from lorafa.layer import LoRAFALinear
 
 __all__ = ["init_a_from_gradients"]
 
@@ -137,7 +138,7 @@ def init_a_from_gradients(
 
 def _kaiming_scales(
     model: nn.Module,
-    layers: dict[str, Any],
+    layers: dict[str, LoRAFALinear],
     rows: dict[str, Tensor],
     batches: list[Any],
     loss_fn: Callable[[Any], Tensor],
