@@ -56,8 +56,12 @@ PARTS: dict[str, dict[str, Any]] = {
         "metric": "eval_loss", "higher": False, "overrides": [], "report": ["eval_loss", "eval_perplexity"],
         # LoRA-FA at twice the rank (about LoRA's number of trainable parameters), at the study's 1x LoRA-FA lr;
         # informative only: the acceptance row is LoRA-FA at LoRA's rank.
+        # lora-fa-2r+grad (added with lora-fa+grad): the same with A from the gradient, at the lr both chose (2e-3).
         "variants": {"lora-fa-2r": {"method": "lora-fa", "lr": 2e-3,
-                                    "overrides": ["adapter.r=16", "adapter.lora_alpha=32"]}},
+                                    "overrides": ["adapter.r=16", "adapter.lora_alpha=32"]},
+                     "lora-fa-2r+grad": {"method": "lora-fa", "lr": 2e-3,
+                                         "overrides": ["adapter.r=16", "adapter.lora_alpha=32",
+                                                       "adapter.init_lora_weights=gradient"]}},
     },
 }  # fmt: skip
 REPORT = Path("docs/RESULTS_LONG.md")
