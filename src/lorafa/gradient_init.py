@@ -18,7 +18,8 @@ A's rows stay orthogonal (A·Aᵀ is diagonal).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -93,16 +94,11 @@ def init_a_from_gradients(
         return hook
 
     calibration = list(batches)  # read twice: gradients, then input scales
-    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
     try:
-        for batch in calibration:
-            loss_fn(batch).backward()
+        with _hooked_eval(model, {layer: make_hook(name) for name, layer in layers.items()}):
+            for batch in calibration:
+                loss_fn(batch).backward()
     finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
         model.zero_grad(set_to_none=True)
 
     if not grads:
@@ -151,36 +147,28 @@ def _kaiming_scales(
     B's optimizer a u up to orders of magnitude larger than the random init's, which acts as a much larger and
     uneven learning rate (measured: unstable at the random init's learning rates). One forward pass, no graph.
     """
-    sums = {n: torch.zeros(v.shape[0] + 2, dtype=torch.float64, device=v.device) for n, v in rows.items()}
+    # Per layer: Σ_tokens u_i² for each row i, then Σ_tokens ‖x‖² (both sums over the same tokens).
+    sums = {n: torch.zeros(v.shape[0] + 1, dtype=torch.float64, device=v.device) for n, v in rows.items()}
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, d_in)
             u = x @ rows[name].t()  # (N, r)
             acc = sums[name]
-            acc[:-2] += u.square().sum(0).double()
-            acc[-2] += float(x.square().sum())
-            acc[-1] += x.shape[0]
+            acc[:-1] += u.square().sum(0).double()
+            acc[-1] += float(x.square().sum())
 
         return hook
 
-    handles = [layers[n].register_forward_hook(make_hook(n)) for n in rows]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                loss_fn(batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with _hooked_eval(model, {layers[n]: make_hook(n) for n in rows}), torch.no_grad():
+        for batch in batches:
+            loss_fn(batch)
     scales = {}
     for name, acc in sums.items():
         acc = reduce(acc) if reduce is not None else acc
         d_in = rows[name].shape[1]
-        target = float(acc[-2]) / (3.0 * d_in)  # per token: E‖x‖² / (3·d_in)
-        per_row = acc[:-2]  # per token times count, like target's numerator
+        target = float(acc[-1]) / (3.0 * d_in)  # Σ_tokens ‖x‖² / (3·d_in): a Kaiming row's Σ_tokens u²
+        per_row = acc[:-1]
         floor = 1e-12 * max(target, 1e-30)
         c = torch.where(
             per_row > floor,
@@ -189,6 +177,20 @@ def _kaiming_scales(
         )
         scales[name] = c.float()
     return scales
+
+
+@contextmanager
+def _hooked_eval(model: nn.Module, hooks: dict[nn.Module, Callable[..., None]]) -> Iterator[None]:
+    """Run the body with `model` in eval mode and each forward hook registered; restore the mode, drop the hooks."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
 
 
 def _top_right_singular_vectors(G: Tensor, r: int) -> Tensor:

@@ -40,6 +40,11 @@ class Acceptance:
     passed: bool | None
     """None when a method it needs did not run."""
 
+    @property
+    def verdict(self) -> str:
+        """The result cell of a report row: met, **missed** or not run."""
+        return {True: "met", False: "**missed**", None: "not run"}[self.passed]
+
 
 FA_GRAD = "lora-fa+grad"
 """LoRA-FA with A from the gradient (`init_lora_weights: gradient`): its acceptance rows come after plain LoRA-FA's."""
@@ -131,8 +136,7 @@ def render_report(
         "|---|---|---|",
     ]
     for a in acceptance(results):
-        verdict = {True: "met", False: "**missed**", None: "not run"}[a.passed]
-        lines.append(f"| {a.claim} | {a.measured} | {verdict} |")
+        lines.append(f"| {a.claim} | {a.measured} | {a.verdict} |")
     lines += [
         "",
         "These rows are at this study's budgets (120 steps per part). The same comparisons with 4-5x the training "

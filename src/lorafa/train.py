@@ -88,13 +88,14 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     model = prepare_model(
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
     )
+    first_epoch = epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed, rank, world)
     extra_metrics: dict[str, float] = {}
     if cfg.method != "full" and cfg.adapter.init_lora_weights == "gradient" and checkpoint is None:
         # A from the first training batches' gradient (lorafa.gradient_init); a resumed run loads its A instead.
         init_started = time.perf_counter()
         model.to(accelerator.device)
         n_init = cfg.adapter.init_batches
-        first = epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed, rank, world)[:n_init]
+        first = first_epoch[:n_init]
         kept = init_a_from_gradients(
             model,
             ({k: v.to(accelerator.device) for k, v in collator(rows(data.train, i)).items()} for i in first),
@@ -105,7 +106,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         extra_metrics["a_init_s"] = time.perf_counter() - init_started  # not part of train_runtime_s
     trainable, total = trainable_parameters(model)
     optimizer = make_optimizer(model, cfg)
-    batches_per_epoch = len(epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed, rank, world))
+    batches_per_epoch = len(first_epoch)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, cfg, total_steps)
