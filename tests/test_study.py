@@ -189,15 +189,17 @@ def test_reuse_matches_resolved_configs_not_text(tmp_path: Path) -> None:
     assert _finished(tmp_path, raw) is None
 
 
-def test_acceptance_rows_per_lora_fa_flavour() -> None:
-    from lorafa.study_report import acceptance_from_means
+def test_acceptance_rows_for_plain_lora_fa_and_its_dev_chosen_flavour() -> None:
+    from lorafa.study_report import acceptance_from_means, best_on_dev
 
     enc = {
         "lora": {"eval_accuracy": 0.80},
         "full": {"eval_accuracy": 0.80},
         "lora-fa": {"eval_accuracy": 0.785},
+        "lora-fa+grad": {"eval_accuracy": 0.795},
+        "lora-fa-2r": {"eval_accuracy": 0.799},
     }
-    dec = {"lora": {"eval_loss": 2.0}, "lora-fa": {"eval_loss": 2.05}}
+    dec = {"lora": {"eval_loss": 2.0}, "lora-fa": {"eval_loss": 2.05}, "lora-fa-2r": {"eval_loss": 2.03}}
     rows = acceptance_from_means({"encoder": enc, "decoder": dec})
     assert [r.passed for r in rows] == [
         False,
@@ -205,10 +207,19 @@ def test_acceptance_rows_per_lora_fa_flavour() -> None:
         False,
     ]  # gap −1.5 vs LoRA (≥ −1.0 needed), vs full (≥ −2.0)
     assert "(gap -1.50 points)" in rows[0].measured and "(ratio 1.0250)" in rows[2].measured
-    assert not any("gradient" in r.claim for r in rows)  # no rows for a flavour that did not run
-    enc["lora-fa+grad"] = {"eval_accuracy": 0.795}
-    dec["lora-fa+grad"] = {"eval_loss": 2.03}
-    rows = acceptance_from_means({"encoder": enc, "decoder": dec})
-    grad = [r for r in rows if "gradient A" in r.claim]
-    assert len(rows) == 6 and [r.passed for r in grad] == [True, True, True]
-    assert "(gap -0.50 points)" in grad[0].measured and "(ratio 1.0150)" in grad[-1].measured
+    # The flavour is chosen on dev: +grad (dev 0.83 > 0.82), although 2r is better on test (0.799 > 0.795)
+    best = {
+        "encoder": best_on_dev(
+            {"lora": 0.9, "lora-fa": 0.81, "lora-fa+grad": 0.83, "lora-fa-2r": 0.82}, True
+        ),
+        "decoder": best_on_dev({"lora": 1.0, "full": 1.0, "lora-fa": 2.2, "lora-fa-2r": 2.1}, False),
+    }
+    assert best == {"encoder": "lora-fa+grad", "decoder": "lora-fa-2r"}  # never a method that is not LoRA-FA
+    rows = acceptance_from_means({"encoder": enc, "decoder": dec}, best)
+    extra = [r for r in rows if "best of its sweep" in r.claim]
+    assert len(rows) == 6 and [r.passed for r in extra] == [True, True, True]
+    assert "`lora-fa+grad`" in extra[0].claim and "(gap -0.50 points)" in extra[0].measured
+    assert "`lora-fa-2r`" in extra[2].claim and "(ratio 1.0150)" in extra[2].measured
+    rows = acceptance_from_means({"encoder": enc, "decoder": dec}, {"encoder": "lora-fa", "decoder": None})
+    assert len(rows) == 3  # plain LoRA-FA chosen (or nothing to choose): no second set of rows
+    assert best_on_dev({"lora": 0.9}, True) is None

@@ -89,6 +89,12 @@ METHODS: dict[str, MethodSpec] = {
         rank_factor=2,
         label="LoRA-FA at twice the rank (about LoRA's number of trainable parameters)",
     ),
+    "lora-fa-2r+grad": MethodSpec(
+        "lora-fa",
+        rank_factor=2,
+        adapter={"init_lora_weights": "gradient"},
+        label="LoRA-FA at twice the rank with A from the gradient (opt-in init, not in the paper)",
+    ),
 }
 
 

@@ -48,9 +48,10 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
                    "eval_before": False, "eval_every": 0, "logging_every": 10, "eval_batch_size": 64},
             adapter={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "modules_to_save": ["classifier", "pooler"]},
             grid={"full": [1e-4, 3e-4], "lora": [5e-4, 1e-3, 2e-3, 5e-3], "lora-fa": [1e-3, 2e-3, 5e-3],
-                  "lora-fa+grad": [1e-3, 2e-3, 5e-3]},
+                  "lora-fa+grad": [1e-3, 2e-3, 5e-3], "lora-fa-2r": [1e-3, 2e-3, 5e-3],
+                  "lora-fa-2r+grad": [1e-3, 2e-3, 5e-3]},
             inherit={"lora-fa+proj": "lora-fa", "lora-half": "lora", "lora-fa+shared": "lora-fa",
-                     "lora-fa+orth": "lora-fa", "lora-fa-2r": "lora-fa"},
+                     "lora-fa+orth": "lora-fa"},
             seeds=seeds,
             notes=[
                 "Rows with category `plot` (plot summaries, not critic snippets) are dropped; the classes are "
@@ -64,11 +65,15 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
                 "lr, so 5e-4 is added. After the first launch of this grid LoRA was best at its top lr (2e-3) on "
                 "dev, so 5e-3 was added; and, LoRA-FA trailing, three LoRA-FA variants at its dev-chosen lr were "
                 "added to see what the gap depends on: orthogonal A, twice the rank (r=16, lora_alpha=32: about "
-                "LoRA's number of trainable parameters) and share_a. The acceptance rows use plain LoRA-FA at r=8.",
+                "LoRA's number of trainable parameters) and share_a.",
                 "lora-fa+grad (added in a later session, with its own sweep over LoRA-FA's lrs): A from the top-r "
                 "right singular vectors of the base weights' gradient on the first 8 training batches "
                 "(`init_lora_weights: gradient`, `lorafa.gradient_init`); still LoRA-FA (A frozen, only B trains, "
-                "same memory), but not the paper's random A. Its acceptance rows are listed separately.",
+                "same memory), but not the paper's random A.",
+                "lora-fa-2r (a variant at LoRA-FA's lr until a later session, which gave it, and lora-fa-2r+grad, a "
+                "sweep over LoRA-FA's lrs in both parts): the paper's LoRA-FA with a random A at r=16, lora_alpha=32, "
+                "about LoRA's number of trainable parameters and AdamW state, still keeping 16 numbers per token and "
+                "adapted layer for backward (LoRA keeps the layer's whole input, 384 or 1536 numbers here).",
             ],
         )  # fmt: skip
     if name == "decoder":
@@ -85,7 +90,8 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
                    "eval_before": True, "eval_every": 30, "logging_every": 5, "eval_batch_size": 8},
             adapter={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
             grid={"lora": [1e-3, 2e-3, 5e-3], "lora-fa": [1e-3, 2e-3, 5e-3, 1e-2], "full": [3e-5],
-                  "lora-fa+grad": [1e-3, 2e-3, 5e-3]},
+                  "lora-fa+grad": [1e-3, 2e-3, 5e-3], "lora-fa-2r": [1e-3, 2e-3, 5e-3],
+                  "lora-fa-2r+grad": [1e-3, 2e-3, 5e-3]},
             inherit={"lora-fa+proj": "lora-fa"},
             seeds=[0],
             notes=[
@@ -109,6 +115,10 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
                 "init's RMS (`init_lora_weights: gradient`). Before it joined the grid, single-seed dev runs outside "
                 "the study (runs/gi) chose that scaling: without it (rows of norm 1/√3) u was ~10× larger, training "
                 "was unstable at ≥ 1e-3 and the best dev loss was 2.0193 at 5e-4; with it, 2.0109 at 2e-3.",
+                "lora-fa-2r and lora-fa-2r+grad (added in a later session, each with a sweep over LoRA-FA's lower "
+                "three lrs): LoRA-FA at r=16, lora_alpha=32 (about LoRA's number of trainable parameters) with the "
+                "paper's random A or the gradient A; 16 numbers per token and adapted layer kept for backward "
+                "against LoRA's 576 or 1536.",
             ],
         )  # fmt: skip
     if name == "seq2seq":
