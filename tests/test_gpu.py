@@ -80,3 +80,13 @@ def test_cuda_dropout_is_reproducible_under_checkpoint():
     a, b = grads(False), grads(True)
     for ga, gb in zip(a, b, strict=True):
         torch.testing.assert_close(ga, gb, atol=0, rtol=0)
+
+
+def test_cuda_gradient_init_budget_is_a_share_of_free_memory():
+    from lorafa.gradient_init import gradient_init_budget
+
+    device = torch.device("cuda")
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = gradient_init_budget(device)
+    assert budget is not None and 0 < budget <= free // 4 + 1
+    assert gradient_init_budget(torch.device("cpu")) is None

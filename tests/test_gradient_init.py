@@ -112,6 +112,46 @@ def test_deterministic_and_independent_of_the_random_placeholder():
         torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_layers_in_groups_under_a_byte_budget_give_the_same_a():
+    batches = [batch("llama", seed=s) for s in range(2)]
+    whole, grouped = _gradient_model("llama"), _gradient_model("llama")
+    calls = {"whole": 0, "grouped": 0}
+
+    def loss_of(model, key):
+        def fn(b):
+            calls[key] += 1
+            return model(**b).loss
+
+        return fn
+
+    kept = lorafa.init_a_from_gradients(whole, batches, loss_of(whole, "whole"))
+    layers = dict(lorafa.lorafa_layers(grouped))
+    sizes = [4 * la.out_features * la.lora_A.weight.shape[1] for la in layers.values()]
+    budget = 2 * max(sizes)  # room for two of the largest accumulators, fewer than all of them
+    kept_g = lorafa.init_a_from_gradients(grouped, batches, loss_of(grouped, "grouped"), max_bytes=budget)
+    # One forward+backward pass over the batches per group, plus the forward pass for the row scales.
+    groups, used = 1, 0
+    for size in sizes:
+        if used and used + size > budget:
+            groups, used = groups + 1, 0
+        used += size
+    assert groups > 2
+    assert calls == {"whole": 2 * len(batches), "grouped": (groups + 1) * len(batches)}
+    assert kept_g == kept
+    for (name, la), (_, lb) in zip(lorafa.lorafa_layers(whole), layers.items(), strict=True):
+        torch.testing.assert_close(lb.lora_A.weight, la.lora_A.weight, atol=0, rtol=0, msg=name)
+        assert not lb.a_pending
+    assert all(p.grad is None for p in grouped.parameters())
+    one_each = _gradient_model("llama")  # a budget below one layer's accumulator: one layer per pass
+    lorafa.init_a_from_gradients(one_each, batches, lambda b: one_each(**b).loss, max_bytes=1)
+    for (name, la), (_, lc) in zip(lorafa.lorafa_layers(whole), lorafa.lorafa_layers(one_each), strict=True):
+        torch.testing.assert_close(lc.lora_A.weight, la.lora_A.weight, atol=0, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="max_bytes"):
+        lorafa.init_a_from_gradients(
+            _gradient_model("llama"), batches, lambda b: whole(**b).loss, max_bytes=0
+        )
+
+
 def test_saved_adapter_reloads_exactly_and_is_not_pending(tmp_path):
     model = _gradient_model("llama")
     lorafa.init_a_from_gradients(model, [batch("llama")], lambda b: model(**b).loss)

@@ -39,20 +39,25 @@ def init_a_from_gradients(
     batches: Iterable[Any],
     loss_fn: Callable[[Any], Tensor],
     reduce: Callable[[Tensor], Tensor] | None = None,
+    max_bytes: int | None = None,
 ) -> dict[str, float]:
     """Set every adapter's frozen A to the top-r right singular vectors of its base weight's gradient, in place
     (each row scaled as described in the module docstring).
 
-    The model runs in eval mode (no dropout) on `batches`, twice (forward+backward, then forward only for the
-    row scales); for each adapted layer, with x (N, d_in) its input and
-    g = ∂L/∂y (N, d_out) its output gradient, G += gᵀ·x is accumulated in fp32 (one fp32 copy of the adapted weights,
-    freed when done). Gradients that backward leaves on B or on modules_to_save are cleared afterwards.
+    The model runs in eval mode (no dropout) on `batches`: forward+backward passes, then one forward-only pass for
+    the row scales. For each adapted layer, with x (N, d_in) its input and g = ∂L/∂y (N, d_out) its output
+    gradient, G += gᵀ·x is accumulated in fp32: 4·d_out·d_in bytes per layer, freed once its A is set. With
+    `max_bytes`, the layers are taken in groups (module order) whose accumulators fit in it, one forward+backward
+    pass over `batches` per group; the result is the same. Gradients that backward leaves on B or on
+    modules_to_save are cleared afterwards.
 
     Args:
         model: a model prepared with `add_lorafa`, adapters not merged, B still zero.
         batches: the calibration batches (training data), each passed to `loss_fn`.
         loss_fn: batch -> scalar loss of `model`.
         reduce: sums a tensor over processes (data parallel), so that every process derives the same A.
+        max_bytes: most bytes of gradient accumulators held at once (a layer larger than this gets a pass of its
+            own); None: all layers in one pass (one fp32 copy of the adapted weights).
 
     Returns:
         For each adapted module name, the share of ‖G‖²_F that A's row space keeps (a random A keeps about r/d_in).
@@ -72,6 +77,9 @@ def init_a_from_gradients(
             )
         if bool(layer.lora_B.weight.detach().any()):
             raise ValueError(f"init_a_from_gradients: {name}'s B is not zero (A must be set before training)")
+
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"init_a_from_gradients: max_bytes must be positive, got {max_bytes}")
 
     grads: dict[str, Tensor] = {}
 
@@ -93,36 +101,41 @@ def init_a_from_gradients(
 
         return hook
 
-    calibration = list(batches)  # read twice: gradients, then input scales
-    try:
-        with _hooked_eval(model, {layer: make_hook(name) for name, layer in layers.items()}):
-            for batch in calibration:
-                loss_fn(batch).backward()
-    finally:
-        model.zero_grad(set_to_none=True)
-
-    if not grads:
+    calibration = list(batches)  # read once per group, then once more for the input scales
+    kept: dict[str, float] = {}
+    rows: dict[str, Tensor] = {}
+    reached = False
+    for group in _groups(layers, max_bytes):
+        try:
+            with _hooked_eval(model, {layers[name]: make_hook(name) for name in group}):
+                for batch in calibration:
+                    loss_fn(batch).backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+        reached = reached or bool(grads)
+        with torch.no_grad():
+            for name in group:
+                layer = layers[name]
+                A = layer.lora_A.weight
+                G = grads.pop(name, None)
+                if G is None:
+                    G = torch.zeros(layer.out_features, A.shape[1], device=A.device)
+                if reduce is not None:
+                    G = reduce(G)
+                total = float(G.square().sum())
+                if total == 0.0:  # no signal (e.g. the layer does not reach the loss): keep the random A
+                    kept[name] = 0.0
+                else:
+                    rows[name] = _top_right_singular_vectors(G, A.shape[0])  # (r, d_in)
+                    kept[name] = float((G @ rows[name].t()).square().sum()) / total
+                del G
+    if not reached:
         raise ValueError(
             "init_a_from_gradients: no gradient reached the adapters (no batches, or no loss path)"
         )
-    kept: dict[str, float] = {}
-    rows: dict[str, Tensor] = {}
-    with torch.no_grad():
-        for name, layer in layers.items():
-            A = layer.lora_A.weight
-            G = grads.pop(name, None)
-            if G is None:
-                G = torch.zeros(layer.out_features, A.shape[1], device=A.device)
-            if reduce is not None:
-                G = reduce(G)
-            total = float(G.square().sum())
-            if total == 0.0:  # no signal (e.g. the layer does not reach the loss): keep the random A
-                kept[name] = 0.0
-                layer.a_pending = False
-            else:
-                rows[name] = _top_right_singular_vectors(G, A.shape[0])  # (r, d_in)
-                kept[name] = float((G @ rows[name].t()).square().sum()) / total
-            del G
+    for name in layers:
+        if name not in rows:
+            layers[name].a_pending = False
     scales = _kaiming_scales(model, layers, rows, calibration, loss_fn, reduce)
     with torch.no_grad():
         for name, vr in rows.items():
@@ -130,6 +143,16 @@ def init_a_from_gradients(
             A.copy_((vr * scales[name][:, None]).to(A.dtype))
             layers[name].a_pending = False
     return kept
+
+
+def gradient_init_budget(device: torch.device) -> int | None:
+    """`max_bytes` for `init_a_from_gradients` as `lorafa train` sets it: on a CUDA device a quarter of its free
+    memory (the calibration passes' own activations need the rest; more groups only cost more passes), elsewhere
+    None (one pass; the accumulators are one fp32 copy of the adapted weights in host memory)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, free // 4)
 
 
 def _kaiming_scales(
@@ -177,6 +200,23 @@ def _kaiming_scales(
         )
         scales[name] = c.float()
     return scales
+
+
+def _groups(layers: dict[str, LoRAFALinear], max_bytes: int | None) -> list[list[str]]:
+    """Layer names in module order, cut into runs whose fp32 accumulators (4·d_out·d_in bytes each) fit in
+    `max_bytes` (a layer larger than that on its own); one group when `max_bytes` is None."""
+    if max_bytes is None:
+        return [list(layers)]
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, layer in layers.items():
+        size = 4 * layer.out_features * layer.lora_A.weight.shape[1]
+        if groups[-1] and used + size > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
 
 
 @contextmanager

@@ -49,7 +49,7 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
             adapter={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "modules_to_save": ["classifier", "pooler"]},
             grid={"full": [1e-4, 3e-4], "lora": [5e-4, 1e-3, 2e-3, 5e-3], "lora-fa": [1e-3, 2e-3, 5e-3],
                   "lora-fa+grad": [1e-3, 2e-3, 5e-3], "lora-fa-2r": [1e-3, 2e-3, 5e-3],
-                  "lora-fa-2r+grad": [1e-3, 2e-3, 5e-3]},
+                  "lora-fa-2r+grad": [5e-4, 1e-3, 2e-3, 5e-3]},
             inherit={"lora-fa+proj": "lora-fa", "lora-half": "lora", "lora-fa+shared": "lora-fa",
                      "lora-fa+orth": "lora-fa"},
             seeds=seeds,
@@ -71,7 +71,8 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
                 "(`init_lora_weights: gradient`, `lorafa.gradient_init`); still LoRA-FA (A frozen, only B trains, "
                 "same memory), but not the paper's random A.",
                 "lora-fa-2r (a variant at LoRA-FA's lr until a later session, which gave it, and lora-fa-2r+grad, a "
-                "sweep over LoRA-FA's lrs in both parts): the paper's LoRA-FA with a random A at r=16, lora_alpha=32, "
+                "sweep over LoRA-FA's lrs in both parts; lora-fa-2r+grad was best at 1e-3, the bottom, so 5e-4 was "
+                "added): the paper's LoRA-FA with a random A at r=16, lora_alpha=32, "
                 "about LoRA's number of trainable parameters and AdamW state, still keeping 16 numbers per token and "
                 "adapted layer for backward (LoRA keeps the layer's whole input, 384 or 1536 numbers here).",
             ],

@@ -32,7 +32,7 @@ from lorafa.checkpoint import (
 )
 from lorafa.data import PreparedData, build_datasets, make_collator
 from lorafa.evaluate import base_model_path, evaluate, rows, write_labels
-from lorafa.gradient_init import init_a_from_gradients
+from lorafa.gradient_init import gradient_init_budget, init_a_from_gradients
 from lorafa.inject import trainable_parameters
 from lorafa.models import LossModel, check_token_ids, load_model, load_tokenizer, prepare_model
 from lorafa.train_config import TrainConfig
@@ -101,6 +101,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             ({k: v.to(accelerator.device) for k, v in collator(rows(data.train, i)).items()} for i in first),
             LossModel(model, cfg.task, use_chunked_loss(cfg)),
             (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None,
+            gradient_init_budget(accelerator.device),
         )
         extra_metrics["a_gradient_share"] = sum(kept.values()) / len(kept)  # a random A keeps about r/d_in
         extra_metrics["a_init_s"] = time.perf_counter() - init_started  # not part of train_runtime_s
