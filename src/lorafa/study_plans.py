@@ -91,8 +91,8 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
                    "eval_before": True, "eval_every": 30, "logging_every": 5, "eval_batch_size": 8},
             adapter={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
             grid={"lora": [1e-3, 2e-3, 5e-3], "lora-fa": [1e-3, 2e-3, 5e-3, 1e-2], "full": [3e-5],
-                  "lora-fa+grad": [1e-3, 2e-3, 5e-3], "lora-fa-2r": [1e-3, 2e-3, 5e-3],
-                  "lora-fa-2r+grad": [1e-3, 2e-3, 5e-3]},
+                  "lora-fa+grad": [1e-3, 2e-3, 5e-3], "lora-fa-2r": [5e-4, 1e-3, 2e-3, 5e-3],
+                  "lora-fa-2r+grad": [5e-4, 1e-3, 2e-3, 5e-3]},
             inherit={"lora-fa+proj": "lora-fa"},
             seeds=[0],
             notes=[
@@ -117,7 +117,8 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
                 "the study (runs/gi) chose that scaling: without it (rows of norm 1/√3) u was ~10× larger, training "
                 "was unstable at ≥ 1e-3 and the best dev loss was 2.0193 at 5e-4; with it, 2.0109 at 2e-3.",
                 "lora-fa-2r and lora-fa-2r+grad (added in a later session, each with a sweep over LoRA-FA's lower "
-                "three lrs): LoRA-FA at r=16, lora_alpha=32 (about LoRA's number of trainable parameters) with the "
+                "three lrs; both were best at 1e-3, the bottom, so 5e-4 was added): LoRA-FA at r=16, "
+                "lora_alpha=32 (about LoRA's number of trainable parameters) with the "
                 "paper's random A or the gradient A; 16 numbers per token and adapted layer kept for backward "
                 "against LoRA's 576 or 1536.",
             ],
