@@ -52,10 +52,11 @@ PARTS: dict[str, dict[str, Any]] = {
     # with its own sweep: its study (1x) choice, 2e-3, and LoRA-FA's 3.9x choice, 5e-3; 2e-3 came out best, at the
     # bottom, so the next session added 1e-3 (its test loss at 2e-3 had been read by then). That session also gave
     # lora-fa-2r (twice the rank, random A: LoRA's number of trainable parameters), until then a variant at 2e-3,
-    # a sweep of its own (5e-3 had been tried on dev outside this script, runs-extra: moved in as it was).
+    # a sweep of its own (5e-3 had been tried on dev outside this script, runs-extra: moved in as it was), and added
+    # lora-fa+inputs (A from the inputs' principal directions) at the gradient A's and plain LoRA-FA's choices.
     "decoder": {
         "grid": {"lora": [1e-3, 2e-3], "lora-fa": [1e-3, 2e-3, 5e-3, 1e-2], "lora-fa+grad": [1e-3, 2e-3, 5e-3],
-                 "lora-fa-2r": [1e-3, 2e-3, 5e-3]},
+                 "lora-fa-2r": [1e-3, 2e-3, 5e-3], "lora-fa+inputs": [2e-3, 5e-3]},
         "n_train": 935, "rows": chatterbot_rows, "work": "runs/study-long-decoder", "seeds": (0, 1, 2),
         "metric": "eval_loss", "higher": False, "overrides": [], "report": ["eval_loss", "eval_perplexity"],
         # lora-fa-2r+grad (added with lora-fa+grad): twice the rank with A from the gradient, at the lr both chose

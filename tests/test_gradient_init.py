@@ -17,7 +17,7 @@ R = 4
 def _gradient_model(family: str, **extra) -> torch.nn.Module:
     targets = None if family in ("bert", "t5") else "all-linear"
     cfg = lorafa.LoRAFAConfig(
-        r=R, lora_alpha=8, target_modules=targets, init_lora_weights="gradient", **extra
+        r=R, lora_alpha=8, target_modules=targets, **{"init_lora_weights": "gradient", **extra}
     )
     return lorafa.add_lorafa(tiny(family), cfg)
 
@@ -82,6 +82,40 @@ def test_a_spans_the_top_right_singular_vectors_of_the_weight_gradient(family):
         torch.nn.init.kaiming_uniform_(rand, a=5**0.5)
         q, _ = torch.linalg.qr(rand.t())
         assert kept[name] >= float((G @ q).square().sum() / G.square().sum()) - 1e-9
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_inputs_statistic_gives_the_inputs_principal_directions(family):
+    model = _gradient_model(family, init_lora_weights="inputs")
+    batches = [batch(family, seed=s) for s in range(3)]
+    model.train()
+    with pytest.raises(RuntimeError, match="not set yet"):
+        model(**batches[0])
+    grouped = copy.deepcopy(model)
+    kept = lorafa.init_a_from_gradients(model, batches, lambda b: model(**b).loss, statistic="inputs")
+    layers = dict(lorafa.lorafa_layers(model))
+    inputs = _reference_inputs(family, batches, list(layers))
+    for name, layer in layers.items():
+        x = inputs[name]  # (N, d_in), from the unadapted model
+        _, S, Vh = torch.linalg.svd(x, full_matrices=False)
+        A = layer.lora_A.weight.detach().double()
+        unit = A / A.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(unit.t() @ unit, Vh[:R].t() @ Vh[:R], atol=1e-5, rtol=0, msg=name)
+        assert kept[name] == pytest.approx(float((S[:R] ** 2).sum() / (S**2).sum()), abs=1e-5)
+        target = float(x.square().sum(1).mean()) / (3 * x.shape[1])
+        torch.testing.assert_close(
+            (x @ A.t()).square().mean(0), torch.full((R,), target, dtype=x.dtype), rtol=1e-4, atol=0
+        )
+    lorafa.init_a_from_gradients(
+        grouped, batches, lambda b: grouped(**b).loss, max_bytes=1, statistic="inputs"
+    )
+    for (name, la), (_, lb) in zip(lorafa.lorafa_layers(model), lorafa.lorafa_layers(grouped), strict=True):
+        torch.testing.assert_close(lb.lora_A.weight, la.lora_A.weight, atol=0, rtol=0, msg=name)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="statistic"):
+        lorafa.init_a_from_gradients(
+            _gradient_model(family), batches, lambda b: model(**b).loss, statistic="weights"
+        )
 
 
 def test_training_refuses_a_pending_a_and_gradients_are_cleared():

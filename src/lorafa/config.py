@@ -31,9 +31,10 @@ class LoRAFAConfig:
     init_lora_weights: str = "kaiming"
     """Initialisation of A: "kaiming" (uniform, PEFT's default), "gaussian" (N(0, 1/r²)), "orthogonal", or
     "gradient" (top right singular vectors of the base weight's gradient on `init_batches` training batches; set by
-    `lorafa.init_a_from_gradients`, which `lorafa train` calls; not in the paper, see docs/TRAINING.md)."""
+    `lorafa.init_a_from_gradients`, which `lorafa train` calls; not in the paper, see docs/TRAINING.md), or "inputs"
+    (the same from the layer inputs' principal directions, as EVA does for LoRA)."""
     init_batches: int = 8
-    """Training batches whose summed gradient sets A when init_lora_weights is "gradient"."""
+    """Training batches that set A when init_lora_weights is "gradient" or "inputs"."""
     init_seed: int | None = 0
     """Seed for A; each layer uses (init_seed, its module name). None draws from the global RNG."""
     projection: bool = False
@@ -69,8 +70,10 @@ class LoRAFAConfig:
             or self.init_batches < 1
         ):
             raise ValueError(f"init_batches must be a positive integer, got {self.init_batches!r}")
-        if self.init_lora_weights == "gradient" and self.share_a:
-            raise ValueError("init_lora_weights='gradient' does not support share_a=True (one A per layer)")
+        if self.init_lora_weights in ("gradient", "inputs") and self.share_a:
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} does not support share_a=True (one A per layer)"
+            )
         if not isinstance(self.share_a, bool):
             raise ValueError(f"share_a must be true or false, got {self.share_a!r}")
         if self.share_a and self.method != "lora-fa":

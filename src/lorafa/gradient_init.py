@@ -40,6 +40,7 @@ def init_a_from_gradients(
     loss_fn: Callable[[Any], Tensor],
     reduce: Callable[[Tensor], Tensor] | None = None,
     max_bytes: int | None = None,
+    statistic: str = "gradient",
 ) -> dict[str, float]:
     """Set every adapter's frozen A to the top-r right singular vectors of its base weight's gradient, in place
     (each row scaled as described in the module docstring).
@@ -58,13 +59,24 @@ def init_a_from_gradients(
         reduce: sums a tensor over processes (data parallel), so that every process derives the same A.
         max_bytes: most bytes of gradient accumulators held at once (a layer larger than this gets a pass of its
             own); None: all layers in one pass (one fp32 copy of the adapted weights).
+        statistic: "gradient" (G = Σ gᵀ·x, above) or "inputs": A's rows from the top-r right singular vectors of
+            the layer's inputs X (N, d_in), i.e. the top eigenvectors of C = Σ xᵀ·x (d_in, d_in; forward passes
+            only), the principal directions EVA (Paischer et al. 2024) gives LoRA's A, without its rank
+            redistribution. Scaled the same way.
 
     Returns:
-        For each adapted module name, the share of ‖G‖²_F that A's row space keeps (a random A keeps about r/d_in).
+        For each adapted module name, the share of ‖G‖²_F (or of Σ‖x‖², for "inputs") that A's row space keeps
+        (a random A keeps about r/d_in).
 
     Raises:
-        ValueError: no adapters, merged adapters, share_a, B not zero, or no batch reached the adapters.
+        ValueError: no adapters, merged adapters, share_a, B not zero, unknown statistic, or no batch reached the
+            adapters.
     """
+    if statistic not in ("gradient", "inputs"):
+        raise ValueError(
+            f"init_a_from_gradients: statistic must be 'gradient' or 'inputs', got {statistic!r}"
+        )
+    inputs = statistic == "inputs"
     layers = dict(lorafa_layers(model))
     if not layers:
         raise ValueError("init_a_from_gradients: the model has no adapters (call lorafa.add_lorafa first)")
@@ -85,6 +97,13 @@ def init_a_from_gradients(
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if inputs:
+                x2 = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, d_in)
+                if name not in grads:
+                    grads[name] = x2.t() @ x2  # (d_in, d_in)
+                else:
+                    grads[name].addmm_(x2.t(), x2)
+                return
             if not (torch.is_grad_enabled() and output.requires_grad):
                 return
             x = args[0].detach()
@@ -105,11 +124,15 @@ def init_a_from_gradients(
     kept: dict[str, float] = {}
     rows: dict[str, Tensor] = {}
     reached = False
-    for group in _groups(layers, max_bytes):
+    for group in _groups(layers, max_bytes, inputs):
         try:
             with _hooked_eval(model, {layers[name]: make_hook(name) for name in group}):
                 for batch in calibration:
-                    loss_fn(batch).backward()
+                    if inputs:
+                        with torch.no_grad():
+                            loss_fn(batch)
+                    else:
+                        loss_fn(batch).backward()
         finally:
             model.zero_grad(set_to_none=True)
         reached = reached or bool(grads)
@@ -119,7 +142,7 @@ def init_a_from_gradients(
                 A = layer.lora_A.weight
                 G = grads.pop(name, None)
                 if G is None:
-                    G = torch.zeros(layer.out_features, A.shape[1], device=A.device)
+                    G = torch.zeros(A.shape[1] if inputs else layer.out_features, A.shape[1], device=A.device)
                 if reduce is not None:
                     G = reduce(G)
                 total = float(G.square().sum())
@@ -127,7 +150,10 @@ def init_a_from_gradients(
                     kept[name] = 0.0
                 else:
                     rows[name] = _top_right_singular_vectors(G, A.shape[0])  # (r, d_in)
-                    kept[name] = float((G @ rows[name].t()).square().sum()) / total
+                    if inputs:  # share of Σ‖x‖² = trace(C) in A's row space: trace(V·C·Vᵀ) / trace(C)
+                        kept[name] = float((rows[name] @ G * rows[name]).sum()) / float(G.trace())
+                    else:
+                        kept[name] = float((G @ rows[name].t()).square().sum()) / total
                 del G
     if not reached:
         raise ValueError(
@@ -202,15 +228,17 @@ def _kaiming_scales(
     return scales
 
 
-def _groups(layers: dict[str, LoRAFALinear], max_bytes: int | None) -> list[list[str]]:
-    """Layer names in module order, cut into runs whose fp32 accumulators (4·d_out·d_in bytes each) fit in
-    `max_bytes` (a layer larger than that on its own); one group when `max_bytes` is None."""
+def _groups(layers: dict[str, LoRAFALinear], max_bytes: int | None, inputs: bool = False) -> list[list[str]]:
+    """Layer names in module order, cut into runs whose fp32 accumulators (4·d_out·d_in bytes each, 4·d_in² for
+    the "inputs" statistic) fit in `max_bytes` (a layer larger than that on its own); one group when `max_bytes`
+    is None."""
     if max_bytes is None:
         return [list(layers)]
     groups: list[list[str]] = [[]]
     used = 0
     for name, layer in layers.items():
-        size = 4 * layer.out_features * layer.lora_A.weight.shape[1]
+        d_in = layer.lora_A.weight.shape[1]
+        size = 4 * (d_in if inputs else layer.out_features) * d_in
         if groups[-1] and used + size > max_bytes:
             groups.append([])
             used = 0

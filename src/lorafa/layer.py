@@ -18,7 +18,7 @@ from lorafa.autograd import SharedProjection, lorafa_linear
 from lorafa.projection import projection_matrix
 
 METHODS = ("lora-fa", "lora")
-INITS = ("kaiming", "gaussian", "orthogonal", "gradient")
+INITS = ("kaiming", "gaussian", "orthogonal", "gradient", "inputs")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -51,8 +51,8 @@ def init_lora_A(weight: Tensor, init: str, seed: int | None, name: str) -> None:
     "gaussian": N(0, 1/r²) (PEFT's "gaussian").
     "orthogonal": orthogonal rows of norm 1/√3 (kaiming's expected row norm), so A·Aᵀ = I/3 and the
       gradient projection (A·Aᵀ)⁻¹ is a plain rescale.
-    "gradient": a kaiming placeholder here; `lorafa.init_a_from_gradients` sets A from training data (the layer
-      refuses to train until then, see `LoRAFALinear.a_pending`).
+    "gradient", "inputs": a kaiming placeholder here; `lorafa.init_a_from_gradients` sets A from training data
+      (the layer refuses to train until then, see `LoRAFALinear.a_pending`).
     With a seed, each layer draws from its own generator seeded by (seed, crc32(module name)), so A does not
     depend on the order in which layers are created or on the global RNG.
     """
@@ -62,7 +62,7 @@ def init_lora_A(weight: Tensor, init: str, seed: int | None, name: str) -> None:
         gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     r, d_in = weight.shape
     with torch.no_grad():
-        if init in ("kaiming", "gradient"):
+        if init in ("kaiming", "gradient", "inputs"):
             bound = 1.0 / math.sqrt(d_in)
             value = torch.rand(r, d_in, generator=gen, dtype=torch.float64) * (2 * bound) - bound
         elif init == "gaussian":
@@ -133,7 +133,7 @@ class LoRAFALinear(nn.Module):
         self._proj: Tensor | None = None
         self.share_group: str | None = None
         """Set by `add_lorafa(share_a=True)`: layers with the same group hold equal A's and share u per input."""
-        self.a_pending = init_lora_weights == "gradient"
+        self.a_pending = init_lora_weights in ("gradient", "inputs")
         """A waits for `lorafa.init_a_from_gradients` (or `load_adapter`); training forward passes refuse to run."""
 
     @property
@@ -191,7 +191,8 @@ class LoRAFALinear(nn.Module):
             return self.base_layer(x)
         if self.a_pending and self.training:
             raise RuntimeError(
-                "init_lora_weights='gradient': A is not set yet; call lorafa.init_a_from_gradients(model, batches, "
+                "init_lora_weights='gradient' or 'inputs': A is not set yet; call "
+                "lorafa.init_a_from_gradients(model, batches, "
                 "loss_fn) before training (lorafa train does), or load an adapter"
             )
         p = self.lora_dropout if self.training else 0.0

@@ -84,6 +84,11 @@ METHODS: dict[str, MethodSpec] = {
         adapter={"init_lora_weights": "gradient"},
         label="LoRA-FA with A from the gradient of the first training batches (opt-in init, not in the paper)",
     ),
+    "lora-fa+inputs": MethodSpec(
+        "lora-fa",
+        adapter={"init_lora_weights": "inputs"},
+        label="LoRA-FA with A from the principal directions of the layers' inputs (EVA-like; opt-in, not in the paper)",
+    ),
     "lora-fa-2r": MethodSpec(
         "lora-fa",
         rank_factor=2,

@@ -90,8 +90,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     )
     first_epoch = epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed, rank, world)
     extra_metrics: dict[str, float] = {}
-    if cfg.method != "full" and cfg.adapter.init_lora_weights == "gradient" and checkpoint is None:
-        # A from the first training batches' gradient (lorafa.gradient_init); a resumed run loads its A instead.
+    statistic = cfg.adapter.init_lora_weights
+    if cfg.method != "full" and statistic in ("gradient", "inputs") and checkpoint is None:
+        # A from the first training batches' gradient or inputs (lorafa.gradient_init); a resumed run loads its A.
         init_started = time.perf_counter()
         model.to(accelerator.device)
         n_init = cfg.adapter.init_batches
@@ -102,8 +103,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             LossModel(model, cfg.task, use_chunked_loss(cfg)),
             (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None,
             gradient_init_budget(accelerator.device),
+            statistic,
         )
-        extra_metrics["a_gradient_share"] = sum(kept.values()) / len(kept)  # a random A keeps about r/d_in
+        share = "a_gradient_share" if statistic == "gradient" else "a_input_share"
+        extra_metrics[share] = sum(kept.values()) / len(kept)  # a random A keeps about r/d_in
         extra_metrics["a_init_s"] = time.perf_counter() - init_started  # not part of train_runtime_s
     trainable, total = trainable_parameters(model)
     optimizer = make_optimizer(model, cfg)
