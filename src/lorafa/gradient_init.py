@@ -8,6 +8,8 @@ a few training batches at the start (B = 0, so W' = W), keeps the largest share 
 (Eckart–Young); this is the idea of LoRA-GA (Wang et al. 2024) and LoRA-One (Zhang et al. 2025) applied to the frozen
 factor. A stays frozen afterwards: memory and speed are those of LoRA-FA. `init_lora_weights="gradient"` selects it;
 `lorafa train` calls `init_a_from_gradients` on the first `init_batches` training batches.
+`init_lora_weights="inputs"` takes the rows from the layer inputs' principal directions instead (the top-r
+eigenvectors of Σ xᵀx over every token position of the batches, padding included: EVA's choice for LoRA's A).
 
 Row i of A is c_i·v_i, with c_i chosen so that u_i = A_i·x has, over the calibration tokens, the mean square a
 Kaiming-uniform row gives on the same inputs, E‖x‖²/(3·d_in). Unscaled (or scaled to Kaiming's row norm), the top

@@ -49,7 +49,7 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
             adapter={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "modules_to_save": ["classifier", "pooler"]},
             grid={"full": [1e-4, 3e-4], "lora": [5e-4, 1e-3, 2e-3, 5e-3], "lora-fa": [1e-3, 2e-3, 5e-3],
                   "lora-fa+grad": [1e-3, 2e-3, 5e-3], "lora-fa-2r": [1e-3, 2e-3, 5e-3],
-                  "lora-fa-2r+grad": [5e-4, 1e-3, 2e-3, 5e-3]},
+                  "lora-fa-2r+grad": [5e-4, 1e-3, 2e-3, 5e-3], "lora-fa+inputs": [1e-3, 2e-3, 5e-3]},
             inherit={"lora-fa+proj": "lora-fa", "lora-half": "lora", "lora-fa+shared": "lora-fa",
                      "lora-fa+orth": "lora-fa"},
             seeds=seeds,
@@ -74,7 +74,9 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
                 "sweep over LoRA-FA's lrs in both parts; lora-fa-2r+grad was best at 1e-3, the bottom, so 5e-4 was "
                 "added): the paper's LoRA-FA with a random A at r=16, lora_alpha=32, "
                 "about LoRA's number of trainable parameters and AdamW state, still keeping 16 numbers per token and "
-                "adapted layer for backward (LoRA keeps the layer's whole input, 384 or 1536 numbers here).",
+                "adapted layer for backward (LoRA keeps the layer's whole input, 384 or 1536 numbers here). The same "
+                "session added lora-fa+inputs (A from the principal directions of each layer's inputs on the first "
+                "8 training batches, EVA-like, scaled like the gradient A) with LoRA-FA's lrs.",
             ],
         )  # fmt: skip
     if name == "decoder":
@@ -92,7 +94,7 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
             adapter={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
             grid={"lora": [1e-3, 2e-3, 5e-3], "lora-fa": [1e-3, 2e-3, 5e-3, 1e-2], "full": [3e-5],
                   "lora-fa+grad": [1e-3, 2e-3, 5e-3], "lora-fa-2r": [5e-4, 1e-3, 2e-3, 5e-3],
-                  "lora-fa-2r+grad": [5e-4, 1e-3, 2e-3, 5e-3]},
+                  "lora-fa-2r+grad": [5e-4, 1e-3, 2e-3, 5e-3], "lora-fa+inputs": [1e-3, 2e-3, 5e-3]},
             inherit={"lora-fa+proj": "lora-fa"},
             seeds=[0],
             notes=[
@@ -120,7 +122,8 @@ def real_plan(name: str, cfg: StudyConfig, work: Path, runner: Runner) -> PartPl
                 "three lrs; both were best at 1e-3, the bottom, so 5e-4 was added): LoRA-FA at r=16, "
                 "lora_alpha=32 (about LoRA's number of trainable parameters) with the "
                 "paper's random A or the gradient A; 16 numbers per token and adapted layer kept for backward "
-                "against LoRA's 576 or 1536.",
+                "against LoRA's 576 or 1536. lora-fa+inputs (same session): A from the principal directions of "
+                "each layer's inputs on the first 8 training batches (EVA-like), LoRA-FA's lower three lrs.",
             ],
         )  # fmt: skip
     if name == "seq2seq":
