@@ -421,14 +421,15 @@ def test_prepare_model_applies_the_memory_options(toys):
     assert all(p.requires_grad for p in full.parameters())
 
 
-def test_gradient_init_of_a_runs_inside_train(toys, tmp_path):
-    # init_lora_weights=gradient: train() sets A from its first training batches before the first step.
-    args = ("adapter.init_lora_weights=gradient", "adapter.init_batches=2", "max_steps=3")
+@pytest.mark.parametrize(("init", "share"), [("gradient", "a_gradient_share"), ("inputs", "a_input_share")])
+def test_gradient_init_of_a_runs_inside_train(toys, tmp_path, init, share):
+    # init_lora_weights=gradient|inputs: train() sets A from its first training batches before the first step.
+    args = (f"adapter.init_lora_weights={init}", "adapter.init_batches=2", "max_steps=3")
     m = train(_config(toys, tmp_path / "a", *args))
-    assert 0.0 < m["a_gradient_share"] <= 1.0
+    assert 0.0 < m[share] <= 1.0
     again = train(_config(toys, tmp_path / "b", *args))
     _assert_same_adapter(tmp_path / "a", tmp_path / "b", atol=0, rtol=0, trained=True)
-    assert again["a_gradient_share"] == m["a_gradient_share"]
+    assert again[share] == m[share]
     for k, a in _adapter(tmp_path / "a").items():
         if "lora_A" in k:  # orthogonal rows, not Kaiming's random ones
             gram = a @ a.t()
