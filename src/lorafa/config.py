@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lorafa.layer import INITS, METHODS
+from lorafa.layer import DATA_INITS, INITS, METHODS
 
 
 @dataclass
@@ -70,7 +70,7 @@ class LoRAFAConfig:
             or self.init_batches < 1
         ):
             raise ValueError(f"init_batches must be a positive integer, got {self.init_batches!r}")
-        if self.init_lora_weights in ("gradient", "inputs") and self.share_a:
+        if self.init_lora_weights in DATA_INITS and self.share_a:
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r} does not support share_a=True (one A per layer)"
             )

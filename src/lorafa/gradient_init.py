@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lorafa.inject import lorafa_layers
-from lorafa.layer import LoRAFALinear
+from lorafa.layer import DATA_INITS, LoRAFALinear
 
 __all__ = ["init_a_from_gradients"]
 
@@ -74,10 +74,8 @@ def init_a_from_gradients(
         ValueError: no adapters, merged adapters, share_a, B not zero, unknown statistic, or no batch reached the
             adapters.
     """
-    if statistic not in ("gradient", "inputs"):
-        raise ValueError(
-            f"init_a_from_gradients: statistic must be 'gradient' or 'inputs', got {statistic!r}"
-        )
+    if statistic not in DATA_INITS:
+        raise ValueError(f"init_a_from_gradients: statistic must be one of {DATA_INITS}, got {statistic!r}")
     inputs = statistic == "inputs"
     layers = dict(lorafa_layers(model))
     if not layers:
@@ -97,14 +95,18 @@ def init_a_from_gradients(
 
     grads: dict[str, Tensor] = {}
 
+    def accumulate(name: str, lhs: Tensor, x2: Tensor) -> None:
+        """grads[name] += lhsᵀ·x2: G (d_out, d_in) from g, or C (d_in, d_in) from x itself."""
+        if name not in grads:
+            grads[name] = lhs.t() @ x2
+        else:
+            grads[name].addmm_(lhs.t(), x2)
+
     def make_hook(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
             if inputs:
                 x2 = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, d_in)
-                if name not in grads:
-                    grads[name] = x2.t() @ x2  # (d_in, d_in)
-                else:
-                    grads[name].addmm_(x2.t(), x2)
+                accumulate(name, x2, x2)
                 return
             if not (torch.is_grad_enabled() and output.requires_grad):
                 return
@@ -112,11 +114,7 @@ def init_a_from_gradients(
 
             def on_grad(g: Tensor) -> None:
                 x2 = x.reshape(-1, x.shape[-1]).float()  # (N, d_in)
-                g2 = g.reshape(-1, g.shape[-1]).float()  # (N, d_out)
-                if name not in grads:
-                    grads[name] = g2.t() @ x2  # (d_out, d_in)
-                else:
-                    grads[name].addmm_(g2.t(), x2)
+                accumulate(name, g.reshape(-1, g.shape[-1]).float(), x2)  # g: (N, d_out)
 
             output.register_hook(on_grad)
 

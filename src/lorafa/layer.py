@@ -18,7 +18,9 @@ from lorafa.autograd import SharedProjection, lorafa_linear
 from lorafa.projection import projection_matrix
 
 METHODS = ("lora-fa", "lora")
-INITS = ("kaiming", "gaussian", "orthogonal", "gradient", "inputs")
+DATA_INITS = ("gradient", "inputs")
+"""Inits whose A comes from training data (`lorafa.init_a_from_gradients`); a Kaiming placeholder until then."""
+INITS = ("kaiming", "gaussian", "orthogonal", *DATA_INITS)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -62,7 +64,7 @@ def init_lora_A(weight: Tensor, init: str, seed: int | None, name: str) -> None:
         gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     r, d_in = weight.shape
     with torch.no_grad():
-        if init in ("kaiming", "gradient", "inputs"):
+        if init == "kaiming" or init in DATA_INITS:
             bound = 1.0 / math.sqrt(d_in)
             value = torch.rand(r, d_in, generator=gen, dtype=torch.float64) * (2 * bound) - bound
         elif init == "gaussian":
@@ -133,7 +135,7 @@ class LoRAFALinear(nn.Module):
         self._proj: Tensor | None = None
         self.share_group: str | None = None
         """Set by `add_lorafa(share_a=True)`: layers with the same group hold equal A's and share u per input."""
-        self.a_pending = init_lora_weights in ("gradient", "inputs")
+        self.a_pending = init_lora_weights in DATA_INITS
         """A waits for `lorafa.init_a_from_gradients` (or `load_adapter`); training forward passes refuse to run."""
 
     @property
@@ -191,9 +193,9 @@ class LoRAFALinear(nn.Module):
             return self.base_layer(x)
         if self.a_pending and self.training:
             raise RuntimeError(
-                "init_lora_weights='gradient' or 'inputs': A is not set yet; call "
-                "lorafa.init_a_from_gradients(model, batches, "
-                "loss_fn) before training (lorafa train does), or load an adapter"
+                f"init_lora_weights {' / '.join(DATA_INITS)}: A is not set yet; call "
+                "lorafa.init_a_from_gradients(model, batches, loss_fn) before training (lorafa train does), or load "
+                "an adapter"
             )
         p = self.lora_dropout if self.training else 0.0
         proj = self.projection_matrix() if self.projection and self.lora_B.weight.requires_grad else None

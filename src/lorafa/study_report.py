@@ -53,7 +53,8 @@ def lora_fa_flavours() -> list[str]:
 
 def best_on_dev(dev: dict[str, float], higher: bool) -> str | None:
     """The LoRA-FA flavour with the best dev value among those in `dev` (method → dev metric at its chosen lr)."""
-    fa = {m: v for m, v in dev.items() if m in lora_fa_flavours()}
+    flavours = lora_fa_flavours()
+    fa = {m: v for m, v in dev.items() if m in flavours}
     if not fa:
         return None
     return max(fa, key=lambda m: fa[m] if higher else -fa[m])

@@ -34,6 +34,7 @@ from lorafa.data import PreparedData, build_datasets, make_collator
 from lorafa.evaluate import base_model_path, evaluate, rows, write_labels
 from lorafa.gradient_init import gradient_init_budget, init_a_from_gradients
 from lorafa.inject import trainable_parameters
+from lorafa.layer import DATA_INITS
 from lorafa.models import LossModel, check_token_ids, load_model, load_tokenizer, prepare_model
 from lorafa.train_config import TrainConfig
 
@@ -91,7 +92,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     first_epoch = epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed, rank, world)
     extra_metrics: dict[str, float] = {}
     statistic = cfg.adapter.init_lora_weights
-    if cfg.method != "full" and statistic in ("gradient", "inputs") and checkpoint is None:
+    if cfg.method != "full" and statistic in DATA_INITS and checkpoint is None:
         # A from the first training batches' gradient or inputs (lorafa.gradient_init); a resumed run loads its A.
         init_started = time.perf_counter()
         model.to(accelerator.device)
