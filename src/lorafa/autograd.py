@@ -131,10 +131,14 @@ class LoRAFALinearFunction(torch.autograd.Function):
         a = lora_A.to(dt)  # (r, d_in): small
         bm = lora_B.to(dt)  # (d_out, r): small
         q = keep_probability(dropout_p)
+        # Every call draws its seed, also one that reuses a shared u: the number of draws from the CPU generator
+        # must not depend on whether a slot was already filled. Checkpointing replays that generator for the
+        # recompute, where a block that reads its own input (post-norm BERT, cross-attention) finds the slot its
+        # first forward filled; one draw fewer there would shift every later mask of the block.
+        seed = _draw_seed() if dropout_p > 0 else 0
         if shared is not None and shared.u is not None:
             u, seed = shared.u, shared.seed  # the same tensor: saved once for every layer that shares it
         else:
-            seed = _draw_seed() if dropout_p > 0 else 0
             if dropout_p > 0:
                 mask = dropout_mask(x.shape, seed, dropout_p, x.device, dt)
                 u = (x * mask) @ a.t()  # (N, r); the masked copy of x is transient

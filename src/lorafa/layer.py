@@ -212,8 +212,12 @@ class LoRAFALinear(nn.Module):
         )
 
     def _shared_slot(self, x: Tensor, p: float) -> SharedProjection | None:
-        """The u slot this layer's share group keeps on the input tensor itself, so it lives exactly as long as x
-        (and a recomputed forward under activation checkpointing, with a new x, fills a new one the same way)."""
+        """The u slot this layer's share group keeps on the input tensor itself, so it lives exactly as long as x.
+
+        A recomputed forward under activation checkpointing fills a new slot when its x is new (pre-norm blocks) and
+        reuses the first forward's u and seed when the block reads its own input (post-norm blocks,
+        cross-attention): the same values either way, and `LoRAFALinearFunction` draws a seed on every call so the
+        replayed random stream stays aligned."""
         if self.share_group is None:
             return None
         device_type = x.device.type
