@@ -49,6 +49,56 @@ def test_peft_loads_our_adapter_with_same_logits(family, tmp_path):
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "family, saved",
+    [
+        (
+            "bert",
+            None,
+        ),  # a classification model whose head stays frozen: PEFT's SEQ_CLS would expect its weights
+        (
+            "llama",
+            ["norm"],
+        ),  # PEFT's "norm" would also select every input_layernorm / post_attention_layernorm
+        ("roberta", ["classifier"]),
+    ],
+)
+def test_peft_loads_exactly_our_modules_to_save(family, saved, tmp_path, recwarn):
+    model = tiny(family)
+    lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=4, lora_alpha=8, modules_to_save=saved))
+    _randomise_trainables(model)
+    with torch.no_grad():
+        ours = model(**_inputs(family)).logits
+    lorafa.save_adapter(model, tmp_path / "a")
+    peft_model = PeftModel.from_pretrained(tiny(family), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**_inputs(family)).logits, ours, atol=1e-5, rtol=1e-4)
+    wrapped = {
+        n.removeprefix("base_model.model.")
+        for n, m in peft_model.named_modules()
+        if type(m).__name__ == "ModulesToSaveWrapper"
+    }
+    assert wrapped == set(model.lorafa_modules_to_save)
+    # lorafa reads the PEFT fields alone too (a folder without lorafa_config.json, as PEFT writes them)
+    (tmp_path / "a" / "lorafa_config.json").unlink()
+    fresh = lorafa.load_adapter(tiny(family), tmp_path / "a")
+    assert fresh.lorafa_modules_to_save == model.lorafa_modules_to_save
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**_inputs(family)).logits, ours, atol=0, rtol=0)
+
+
+def test_a_task_head_left_frozen_warns_and_is_never_adapted():
+    with pytest.warns(UserWarning, match=r"head \['classifier'\] is not in modules_to_save"):
+        lorafa.add_lorafa(tiny("roberta"), lorafa.LoRAFAConfig(r=2, target_modules="all-linear"))
+    model = tiny("roberta")
+    lorafa.add_lorafa(
+        model, lorafa.LoRAFAConfig(r=2, target_modules="all-linear", modules_to_save=["classifier"])
+    )
+    adapted = [n for n, _ in lorafa.lorafa_layers(model)]
+    assert adapted and not [n for n in adapted if n.startswith("classifier")]
+    assert "roberta.encoder.layer.0.attention.self.query" in adapted
+
+
 @pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
 def test_our_round_trip_and_loading_peft_adapter(family, tmp_path):
     model = _trained(family, target_modules="all-linear")

@@ -213,9 +213,11 @@ def test_default_targets_new_heads_gradients_and_reload(arch, task, checkpoint, 
     with torch.no_grad():
         ours = model(**inputs).logits
     lorafa.save_adapter(model, tmp_path / "adapter")
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == (
-        saved or None
-    )
+    # PEFT wraps every module whose name in its PeftModel ends with a written key (str.endswith, no dot boundary):
+    # the written keys must select exactly the saved modules.
+    keys = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["modules_to_save"] or []
+    names = [n for n, _ in model.named_modules() if n]
+    assert {n for n in names for k in keys if f"base_model.model.{n}".endswith(k)} == set(model.lorafa_modules_to_save)
     fresh = lorafa.load_adapter(_load(path, task, seed=2), tmp_path / "adapter", is_trainable=False)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**inputs).logits, ours, atol=0, rtol=0)
@@ -248,6 +250,10 @@ def test_models_built_in_code_get_the_head_a_checkpoint_lacks(arch, checkpoint):
 def test_user_modules_to_save_must_cover_the_new_head(checkpoint):
     model = _load(checkpoint("distilbert"), "classification", seed=0)
     cfg = lorafa.LoRAFAConfig(r=4, modules_to_save=["classifier"])
+    # DistilBERT has no default targets: "all-linear" leaves its task head (pre_classifier, classifier) out
+    with pytest.raises(ValueError, match=r"\['pre_classifier'\] were newly initialised.*left frozen"):
+        prepare_model(model, "lora-fa", "classification", cfg)
+    cfg = lorafa.LoRAFAConfig(r=4, modules_to_save=["classifier"], target_modules=["q_lin", "pre_classifier"])
     with pytest.raises(ValueError, match=r"\['pre_classifier'\] were newly initialised.*adapted"):
         prepare_model(model, "lora-fa", "classification", cfg)
     model = _load(checkpoint("t5"), "classification", seed=0)

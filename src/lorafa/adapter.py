@@ -55,6 +55,37 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
+# PEFT's task classes for these types add modules named like this to modules_to_save when they load an adapter.
+_PEFT_HEAD_KEYS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
+
+
+def _peft_hits(names: list[str], key: str) -> set[str]:
+    """The modules PEFT wraps for a modules_to_save entry `key`: it matches the end of each module's name in the
+    PeftModel with `str.endswith`, without a dot boundary (peft.utils.other._set_trainable)."""
+    return {n for n in names if (PREFIX + n).endswith(key)}
+
+
+def _peft_modules_to_save(model: nn.Module, saved: list[str]) -> tuple[list[str] | None, str | None]:
+    """(modules_to_save, task_type) to write for PEFT, such that PEFT wraps exactly the modules saved.
+
+    Each saved module gets the shortest tail of its PEFT name that matches it alone ("norm" would also match
+    "input_layernorm", "classifier" DistilBERT's "pre_classifier"). The task type is dropped (None: a plain
+    PeftModel, same outputs) when PEFT's task class would add head names that select modules not saved, e.g. a
+    classification head left out of modules_to_save, whose missing weights PEFT's loader cannot handle.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    keys = []
+    for module in saved:
+        parts = (PREFIX + module).split(".")
+        tails = [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+        keys.append(next(t for t in tails if _peft_hits(names, t) == {module}))
+    task = _task_type(model)
+    implied = set().union(*(_peft_hits(names, k) for k in [*keys, *_PEFT_HEAD_KEYS.get(task or "", ())]))
+    if not implied <= set(saved):
+        task = None
+    return keys or None, task
+
+
 def _compact_targets(model: nn.Module, adapted: list[str], saved: list[str]) -> list[str]:
     """Last name components if they select exactly the adapted set (PEFT's suffix matching), else full names."""
     suffixes = sorted({n.split(".")[-1] for n in adapted})
@@ -119,15 +150,16 @@ def save_adapter(
     saved = list(getattr(model, "lorafa_modules_to_save", []))
     config = getattr(model, "config", None)
     base = base_model_name_or_path or getattr(config, "_name_or_path", None) or None
+    peft_saved, task_type = _peft_modules_to_save(model, saved)
     peft_config = {
         "peft_type": "LORA",
-        "task_type": _task_type(model),
+        "task_type": task_type,
         "base_model_name_or_path": base,
         "r": cfg.r,
         "lora_alpha": cfg.lora_alpha,
         "lora_dropout": cfg.lora_dropout,
         "target_modules": _compact_targets(model, [n for n, _ in layers], saved),
-        "modules_to_save": cfg.modules_to_save,
+        "modules_to_save": peft_saved,
         "use_rslora": cfg.use_rslora,
         "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
         "bias": "none",
@@ -248,7 +280,7 @@ def load_adapter(
                 # PEFT records its task's usual head names (e.g. ["classifier", "score"]) and saves every module
                 # whose name ends with one, without a dot boundary (peft.utils.other._set_trainable): its
                 # "classifier" also saves DistilBERT's pre_classifier. Select what PEFT saved.
-                present = outermost_modules(model, [n for n in names if any(n.endswith(k) for k in keys)])
+                present = outermost_modules(model, set().union(*(_peft_hits(names, k) for k in keys)))
             else:
                 present = [k for k in keys if any(_name_matches(n, [k]) for n in names)]
             cfg = LoRAFAConfig(**{**cfg.to_dict(), "modules_to_save": present or None})

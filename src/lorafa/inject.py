@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from lorafa.config import LoRAFAConfig
-from lorafa.heads import HEAD_NAMES, new_module_names
+from lorafa.heads import HEAD_NAMES, NEW_KEYS_ATTR, new_module_names
 from lorafa.heads import classification_head_names as classification_head_names  # re-exported, its old home
 from lorafa.layer import LoRAFALinear, is_conv1d
 
@@ -66,7 +67,10 @@ def _name_matches(name: str, keys: list[str]) -> bool:
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
-    heads: set[str] = set()
+    """Linear layers "all-linear" leaves out: the output embedding, layers named like a head, and every layer
+    inside the task head (`lorafa.heads.classification_head_names`, e.g. RoBERTa's classifier.dense/out_proj)."""
+    task_heads = classification_head_names(model)
+    heads = {n for n, m in model.named_modules() if _within(n, task_heads) and _is_linear(m)}
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     for name, module in model.named_modules():
@@ -162,6 +166,7 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
     names = resolve_targets(model, cfg)
     saved = _resolve_modules_to_save(model, cfg.modules_to_save or [])
     _check_new_modules_saved(model, names, saved)
+    _warn_frozen_head(model, saved)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -201,6 +206,28 @@ def _check_new_modules_saved(model: nn.Module, targets: list[str], saved: list[s
         raise ValueError(
             f"modules {uncovered} were newly initialised when the model was loaded (the checkpoint has no weights "
             f"for them) and would be {fate}: add them to modules_to_save so they train and are saved"
+        )
+
+
+_TASK_CLASSES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
+
+
+def _warn_frozen_head(model: nn.Module, saved: list[str]) -> None:
+    """Warn when a task model's head stays frozen and unsaved and it is unknown whether the checkpoint had it.
+
+    `lorafa.models.load_model` records what the checkpoint lacked, and `_check_new_modules_saved` then raises; for
+    a model loaded otherwise the head may be a trained one kept frozen on purpose, or a random one (PEFT's
+    task_type SEQ_CLS would train it).
+    """
+    if getattr(model, NEW_KEYS_ATTR, None) is not None or not type(model).__name__.endswith(_TASK_CLASSES):
+        return
+    frozen = [h for h in classification_head_names(model) if not _within(h, saved)]
+    if frozen:
+        warnings.warn(
+            f"{type(model).__name__}: its head {frozen} is not in modules_to_save, so it stays frozen and is not "
+            f"saved with the adapter; pass modules_to_save={frozen} to train it (needed when the checkpoint had no "
+            "weights for it; lorafa.models.load_model checks that)",
+            stacklevel=3,
         )
 
 
