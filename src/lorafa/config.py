@@ -20,8 +20,9 @@ class LoRAFAConfig:
     lora_dropout: float = 0.0
     """Dropout probability on the adapter's input, in [0, 1)."""
     target_modules: list[str] | str | None = None
-    """Module names/suffixes (list), a regex matched against full module names (str), "all-linear", or None
-    for the architecture's default (see `lorafa.inject.DEFAULT_TARGETS`)."""
+    """Module names/suffixes (list), a regex matched against full module names (str), "all-linear" (every linear
+    layer but the output embedding and the task head, `lorafa.heads`), or None for the architecture's default (see
+    `lorafa.inject.DEFAULT_TARGETS`)."""
     method: str = "lora-fa"
     """"lora-fa" (A frozen, only B trained; keeps r numbers per token) or "lora" (A and B trained)."""
     use_rslora: bool = False
