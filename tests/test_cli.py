@@ -211,6 +211,7 @@ def test_config_file_plus_overrides(toys, tmp_path):
             "column 'body' (text_column) not found; the columns are ['text', 'label']",
         ),
         (["data.train_file=/nonexistent/x.csv"], "train_file: no such file or folder"),
+        (["model=/nonexistent/model"], "model: no such folder: /nonexistent/model"),
         (["resume=/nonexistent/run"], "resume: no such folder"),
         (["tensorboard=true"], "pip install tensorboard"),
         (["=3"], "must look like key=value"),
@@ -293,3 +294,126 @@ def test_training_without_eval_data(toys, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(out)]) == 2
     assert "no evaluation data" in capsys.readouterr().err
+
+
+def test_merge_never_replaces_the_source_or_another_folder(toys, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_args(toys, "classification", out)) == 0
+    before = sorted(p.name for p in out.iterdir())
+    for target in (out, out / "merged", tmp_path):
+        assert main(["merge", str(out), str(target)]) == 2
+        assert "inside or around it" in capsys.readouterr().err
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("x")
+    assert main(["merge", str(out), str(notes)]) == 2
+    assert "is not empty" in capsys.readouterr().err and (notes / "keep.txt").is_file()
+    assert main(["merge", str(out), str(notes), "--overwrite"]) == 0
+    assert (notes / "config.json").is_file() and not (notes / "keep.txt").exists()
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_save_adapter_refuses_a_folder_that_is_not_an_adapter(toys, tmp_path):
+    model, _, _ = load_trained(_trained_run(toys, tmp_path))
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not an adapter folder"):
+        lorafa.save_adapter(model, tmp_path / "work")
+    assert (tmp_path / "work" / "notes.txt").is_file()
+    lorafa.save_adapter(model, tmp_path / "a")
+    lorafa.save_adapter(model, tmp_path / "a")  # an earlier adapter is replaced
+
+
+def _trained_run(toys, tmp_path, task="classification", *extra):
+    out = tmp_path / f"run-{task}"
+    assert main(run_args(toys, task, out, *extra)) == 0
+    return out
+
+
+def test_a_new_run_replaces_every_output_of_a_finished_one(toys, tmp_path):
+    out = _trained_run(toys, tmp_path, "classification", "checkpoint_every=2")
+    assert (out / "labels.json").is_file() and (out / "checkpoints").is_dir()
+    args = run_args(toys, "regression", out)  # another task into the same output_dir
+    assert main(args) == 0
+    assert not (out / "labels.json").exists() and not (out / "checkpoints").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())["task"] == "regression"
+
+
+def test_weights_are_saved_before_the_final_evaluation(toys, tmp_path, monkeypatch):
+    import lorafa.train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(lorafa.train, "evaluate", broken)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        main(run_args(toys, "classification", out, "eval_before=false"))
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / "metrics.json").exists()
+
+
+def test_seq2seq_with_a_tokenizer_that_makes_token_type_ids(toys, tmp_path):
+    import shutil
+
+    model = tmp_path / "t5-tti"
+    shutil.copytree(toys / "t5", model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]  # as BERT's (bert2bert)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    args = run_args(toys, "seq2seq", tmp_path / "run", "exact_match_samples=4")
+    args[1] = f"model={model}"
+    assert main(args) == 0
+    assert "eval_exact_match" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_eval_data_errors_name_the_file_given(toys, tmp_path, capsys):
+    out = _trained_run(toys, tmp_path)
+    other = tmp_path / "other.csv"
+    other.write_text("sentence,label\nfoo,pos\n")
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"eval data {other}: column 'text' (text_column) not found" in err, err
+
+
+def test_a_run_folder_works_from_any_working_folder(toys, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    shutil.copy(toys / "data" / "classification.csv", work / "data" / "train.csv")
+    monkeypatch.chdir(work)
+    args = run_args(toys, "classification", Path("runs/a"))
+    args[3] = "data.train_file=data/train.csv"  # relative, as users type it
+    assert main(args) == 0
+    saved = yaml.safe_load((work / "runs" / "a" / "config.yaml").read_text())
+    assert saved["data"]["train_file"] == str(work / "data" / "train.csv")
+    assert saved["output_dir"] == str(work / "runs" / "a")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", str(work / "runs" / "a"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_accuracy"] >= 0
+
+
+def test_classification_warns_about_numeric_labels_and_unseen_held_out_classes(toys, tmp_path, caplog):
+    rows = "text,score\n" + "".join(f"cat dog {i},{i / 7:.3f}\n" for i in range(30))
+    (tmp_path / "num.csv").write_text(rows)
+    args = run_args(toys, "classification", tmp_path / "run", "data.label_column=score", "max_steps=1")
+    args[3] = f"data.train_file={tmp_path / 'num.csv'}"
+    with caplog.at_level("WARNING", logger="lorafa"):
+        assert main(args) == 0
+    text = caplog.text
+    assert "has 30 distinct values in 30 rows" in text and "task=regression" in text
+    assert "of the held-out rows never occur in the rows left to train on" in text
+
+
+def test_generate_continues_raw_text_for_a_clm_run(toys, tmp_path):
+    from lorafa.evaluate import generate
+
+    model, tokenizer, _ = load_trained(_trained_run(toys, tmp_path, "clm"))
+    model.eval()
+    ids = tokenizer("cat dog", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert generate(model, tokenizer, "cat dog", max_new_tokens=4, raw_text=True) == expected

@@ -308,6 +308,18 @@ def test_folder_of_data_files_splits_by_field(tmp_path, bert_tok, layout):
     assert sorted(p.relative_to(tmp_path) for p in folder.rglob("*")) == before
 
 
+def test_a_folder_validation_split_is_the_eval_data_without_eval_file(tmp_path, bert_tok):
+    layout = FOLDER_LAYOUTS["parquet-shards"]  # train + validation
+    folder = write_folder(tmp_path / "my_data", layout)
+    data = build_datasets(cfg(tmp_path, folder, eval_split=0.5), bert_tok, "classification")
+    assert len(data.train) == len(SENTIMENT) and data.eval["labels"] == [1, 0]  # validation, nothing held out
+    # train + test only: the test split is never taken for it; eval_split holds out part of train
+    folder = write_folder(tmp_path / "csv_data", FOLDER_LAYOUTS["csv"])
+    data = build_datasets(cfg(tmp_path, folder, eval_split=0.5), bert_tok, "classification")
+    assert len(data.train) == 3 and len(data.eval) == 3
+    assert build_datasets(cfg(tmp_path, folder), bert_tok, "classification").eval is None  # eval_split 0: none
+
+
 def test_folder_with_one_file_serves_both_fields(tmp_path):
     folder = write_folder(tmp_path / "reviews", {"reviews.jsonl": SENTIMENT})
     for field in ("train_file", "eval_file"):

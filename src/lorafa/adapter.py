@@ -137,13 +137,19 @@ def save_adapter(
 
     Args:
         model: a model prepared with `add_lorafa`.
-        path: output folder (replaced atomically if it exists).
+        path: output folder (replaced atomically if it holds an earlier adapter; any other existing, non-empty
+            folder is an error).
         base_model_name_or_path: recorded for PEFT; defaults to `model.config._name_or_path`.
 
     Returns:
         The folder path.
     """
     out = Path(path)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_NAME).is_file())):
+        # The folder is replaced as a whole: only ever an earlier adapter, never e.g. "." or a run folder.
+        raise ValueError(
+            f"{out} exists and is not an adapter folder (no {CONFIG_NAME}); save to a new folder"
+        )
     state = adapter_state_dict(model)
     cfg: LoRAFAConfig = model.lorafa_config  # type: ignore[assignment]
     layers = list(lorafa_layers(model))

@@ -102,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", help="where to save the merged model (save_pretrained)")
     p.add_argument("--model", help="base model of an adapter folder (default: the one it records)")
     p.add_argument("--task", help="task of an adapter folder (default: from its task_type)")
+    p.add_argument("--overwrite", action="store_true", help="replace output_dir if it holds files")
     p.set_defaults(run=_merge)
 
     p = sub.add_parser(
@@ -266,7 +267,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from lorafa.evaluate import merge
 
-    out = merge(args.source, args.output_dir, model=args.model, task=args.task)
+    out = merge(args.source, args.output_dir, model=args.model, task=args.task, overwrite=args.overwrite)
     print(f"merged model saved to {out} (load it with transformers' from_pretrained)")
     return 0
 
@@ -283,11 +284,9 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         from transformers import AutoConfig
 
-        from lorafa.assets import resolve
+        from lorafa.models import from_pretrained
 
-        encoder_decoder = getattr(
-            AutoConfig.from_pretrained(resolve(args.source)), "is_encoder_decoder", False
-        )
+        encoder_decoder = getattr(from_pretrained(AutoConfig, args.source), "is_encoder_decoder", False)
         tokenizer = load_tokenizer(args.source)
         model = load_model(args.source, "seq2seq" if encoder_decoder else "sft")
         cfg = None
@@ -296,8 +295,11 @@ def _generate(args: argparse.Namespace) -> int:
         tokenizer,
         args.prompt,
         max_new_tokens=args.max_new_tokens,
-        # As the run was trained: its data.use_chat_template decides, unless turned off here.
-        use_chat_template=not args.no_chat_template and (cfg is None or cfg.data.use_chat_template),
+        # As the run was trained: an sft run's data.use_chat_template decides (clm and seq2seq runs train on raw
+        # text), unless turned off here.
+        use_chat_template=not args.no_chat_template
+        and (cfg is None or (cfg.task == "sft" and cfg.data.use_chat_template)),
+        raw_text=cfg is not None and cfg.task == "clm",
         temperature=args.temperature,
     )
     print(text)

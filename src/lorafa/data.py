@@ -74,9 +74,11 @@ class DataConfig:
     exists, a Hub dataset `OWNER/NAME[:CONFIG][@SPLIT]` (default split `train`)."""
     eval_file: str | None = None
     """Evaluation data in the same forms (a folder's or Hub dataset's default split is the first of validation,
-    eval, test); None holds out `eval_split` of the training data instead."""
+    eval, test); None: the validation (or eval, dev) split of a train_file folder, else `eval_split` of the
+    training data held out."""
     eval_split: float = 0.1
-    """Fraction of train_file held out (seeded) for evaluation when eval_file is None; 0 means no evaluation."""
+    """Fraction of train_file held out (seeded) for evaluation when eval_file is None and train_file is no folder
+    with a validation split; 0 means no evaluation."""
     text_column: str = "text"
     """Input text (classification, regression) or raw text (clm)."""
     text_pair_column: str | None = None
@@ -240,25 +242,7 @@ def load_table(path: str, field: str = "train_file", cache_dir: str | None = Non
             raise FileNotFoundError(f"{field}: no such file or folder: {resolved}")
         ds = _load_hub(path, hub, field, cache_dir)
     elif resolved.is_dir():
-        # save_to_disk writes dataset_dict.json (a DatasetDict) or state.json (a Dataset); load_from_disk reads
-        # exactly these. Any other folder is data files, whose splits load_dataset infers from their names (it
-        # makes no Hub request for a local folder).
-        saved = ("dataset_dict.json", "state.json")
-        if any((resolved / name).is_file() for name in saved):
-            try:
-                loaded = datasets.load_from_disk(str(resolved))
-            except FileNotFoundError as e:
-                raise ValueError(
-                    f"{field}: {resolved} is an incomplete Dataset.save_to_disk folder ({e})"
-                ) from e
-        else:
-            try:
-                loaded = datasets.load_dataset(str(resolved), cache_dir=cache_dir)
-            except Exception as e:  # no data files, mixed formats, parser errors: each its own type
-                raise ValueError(
-                    f"{field}: {resolved} is neither a Dataset.save_to_disk folder nor a folder of data files "
-                    f"that datasets.load_dataset reads ({_one_line(e)})"
-                ) from e
+        loaded = _load_folder(resolved, field, cache_dir)
         ds = _pick_split(loaded, field, resolved) if isinstance(loaded, datasets.DatasetDict) else loaded
     else:
         name = resolved.name.lower()
@@ -300,6 +284,47 @@ def _load_hub(spec: str, hub: tuple[str, str | None, str | None], field: str, ca
             loaded, field, spec, hint=f"; name one as {name}{f':{config}' if config else ''}@SPLIT"
         )
     return loaded
+
+
+def _load_folder(resolved: Path, field: str, cache_dir: str | None) -> Any:
+    """A local folder as a Dataset or DatasetDict: a save_to_disk folder, or a folder of data files."""
+    import datasets
+
+    # save_to_disk writes dataset_dict.json (a DatasetDict) or state.json (a Dataset); load_from_disk reads
+    # exactly these. Any other folder is data files, whose splits load_dataset infers from their names (it
+    # makes no Hub request for a local folder).
+    saved = ("dataset_dict.json", "state.json")
+    if any((resolved / name).is_file() for name in saved):
+        try:
+            return datasets.load_from_disk(str(resolved))
+        except FileNotFoundError as e:
+            raise ValueError(f"{field}: {resolved} is an incomplete Dataset.save_to_disk folder ({e})") from e
+    try:
+        return datasets.load_dataset(str(resolved), cache_dir=cache_dir)
+    except Exception as e:  # no data files, mixed formats, parser errors: each its own type
+        raise ValueError(
+            f"{field}: {resolved} is neither a Dataset.save_to_disk folder nor a folder of data files "
+            f"that datasets.load_dataset reads ({_one_line(e)})"
+        ) from e
+
+
+# A train_file folder's own held-out split, used when no eval_file is set (never its test split).
+_VALIDATION_SPLITS = ("validation", "eval", "dev")
+
+
+def folder_validation_split(path: str, cache_dir: str | None = None) -> tuple[str, Any] | None:
+    """(split name, Dataset) of the validation / eval / dev split of a local data folder, or None."""
+    import datasets
+
+    resolved = Path(resolve(path)).expanduser()
+    if not resolved.is_dir():
+        return None
+    loaded = _load_folder(resolved, "train_file", cache_dir)
+    if isinstance(loaded, datasets.DatasetDict):
+        for name in _VALIDATION_SPLITS:
+            if name in loaded:
+                return name, loaded[name]
+    return None
 
 
 def _one_line(e: Exception, limit: int = 300) -> str:
@@ -409,10 +434,23 @@ def _class_ids(
             raise ValueError(
                 f"train_file: label_column {column!r} needs at least 2 distinct labels, found {names}"
             )
+        n = len(keys["train_file"])
+        if any(_is_fraction(k) for k in names) or len(names) > max(20, n // 2):
+            logger.warning(
+                "train_file: label_column %r has %d distinct values in %d rows; classification makes one class "
+                "per value (for a numeric target use task=regression)", column, len(names), n,
+            )  # fmt: skip
     ids = {name: i for i, name in enumerate(names)}
     train_ids = [ids.get(k, -1) for k in keys["train_file"]]  # type: ignore[arg-type]
     eval_ids = [ids.get(k, -1) for k in keys["eval_file"]] if "eval_file" in keys else None  # type: ignore[arg-type]
     return names, train_ids, eval_ids
+
+
+def _is_fraction(key: str) -> bool:
+    try:
+        return not float(key).is_integer()
+    except ValueError:
+        return False
 
 
 def _drop_unlisted(ds: Any, field: str, names: list[str]) -> Any:
@@ -420,7 +458,7 @@ def _drop_unlisted(ds: Any, field: str, names: list[str]) -> Any:
     desc = f"{field}: keeping label_names"
     kept = ds.filter(lambda x: x >= 0, input_columns="label_column", desc=desc, **_in_memory())
     if len(kept) < len(ds):
-        logger.info(
+        logger.warning(
             "%s: dropped %d rows whose label is not in label_names %s", field, len(ds) - len(kept), names
         )
     if len(kept) == 0:
@@ -608,7 +646,9 @@ def _prepare(ds: Any, cfg: DataConfig, tokenizer: Any, task: str, field: str, ca
         before = len(ds)
         ds = ds.filter(_has_answer, input_columns="labels", desc=f"{field}: checking answers", **_in_memory())
         if len(ds) < before:
-            logger.info("%s: dropped %d sft examples whose prompt fills max_length", field, before - len(ds))
+            logger.warning(
+                "%s: dropped %d sft examples whose prompt fills max_length", field, before - len(ds)
+            )
     if task == "clm":
         ds = _subset(ds, cap, cfg.seed)
     if len(ds) == 0:
@@ -639,6 +679,11 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
     train = load_table(cfg.train_file, "train_file", cfg.cache_dir)
     eval_ds = load_table(cfg.eval_file, "eval_file", cfg.cache_dir) if cfg.eval_file is not None else None
+    if eval_ds is None and cfg.eval_split > 0:
+        found = folder_validation_split(cfg.train_file, cfg.cache_dir)
+        if found is not None:
+            logger.warning("eval_file not set: evaluating on the %r split of %s", found[0], cfg.train_file)
+            eval_ds = found[1]
     columns = _required_columns(cfg, task)
     _check_columns(train, columns, "train_file")
     if eval_ds is not None:
@@ -672,6 +717,13 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
             )
         split = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
         train, eval_ds = split["train"], split["test"]
+        if label_names is not None:
+            unseen = set(eval_ds["label_column"]) - set(train["label_column"])
+            if unseen:
+                logger.warning(
+                    "eval_split: labels %s of the held-out rows never occur in the rows left to train on",
+                    sorted(label_names[i] for i in unseen)[:10],
+                )
 
     train = _prepare(train, cfg, tokenizer, task, "train_file", cfg.max_train_samples)
     if eval_ds is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, cast
@@ -152,8 +153,11 @@ def _exact_matches(
         target = batch.pop("labels")
         target = target.masked_fill(target == IGNORE_INDEX, tokenizer.pad_token_id)
         max_new = int(target.shape[1]) + 1
+        # The encoder's inputs only: generate refuses keys the model's forward does not take (a BERT tokenizer's
+        # token_type_ids in an encoder-decoder, for one).
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask") if k in batch}
         out = cast(Any, model).generate(
-            **{k: v.to(device) for k, v in batch.items()},
+            **inputs,
             max_new_tokens=max_new,
             do_sample=False,
             num_beams=1,
@@ -310,7 +314,14 @@ def evaluate_run(
         names = [str(id2label[i]) for i in sorted(id2label)]
         if names and names != [f"LABEL_{i}" for i in range(len(names))]:
             data_cfg.label_names = names
-    data = build_datasets(data_cfg, tokenizer, cfg.task)
+    try:
+        data = build_datasets(data_cfg, tokenizer, cfg.task)
+    except (ValueError, FileNotFoundError) as e:
+        if eval_file is None:
+            raise
+        # Both data fields point at the file given here; name it, not the config field it went through.
+        message = re.sub(r"^(train_file|eval_file): ", "", str(e))
+        raise type(e)(f"eval data {eval_file}: {message}") from e
     if data.eval is None:
         raise ValueError("no evaluation data: set data.eval_file=FILE (or data.eval_split > 0)")
     return evaluate(
@@ -339,11 +350,13 @@ def generate(
     max_new_tokens: int = 64,
     use_chat_template: bool = True,
     temperature: float = 0.0,
+    raw_text: bool = False,
 ) -> str:
     """Continue `prompt` with a causal or seq2seq LM and return the new text only.
 
     The prompt is formatted as in sft training: with the tokenizer's chat template (a user turn followed by the
-    assistant's generation prompt) when it has one and `use_chat_template`, else `prompt + "\\n"`.
+    assistant's generation prompt) when it has one and `use_chat_template`, else `prompt + "\\n"`; with
+    `raw_text` (a clm run) it is continued as it is.
 
     Args:
         model: A causal LM or encoder–decoder LM (adapters attached or merged).
@@ -352,10 +365,11 @@ def generate(
         max_new_tokens: Generation length limit.
         use_chat_template: Format with the chat template when the tokenizer has one.
         temperature: 0 decodes greedily; > 0 samples.
+        raw_text: Continue the prompt as plain text (as clm trains), without template or newline.
     """
     model.eval()
     device = next(model.parameters()).device
-    if getattr(model.config, "is_encoder_decoder", False):
+    if getattr(model.config, "is_encoder_decoder", False) or raw_text:
         enc = tokenizer(prompt, return_tensors="pt")
     else:
         if use_chat_template and getattr(tokenizer, "chat_template", None):
@@ -365,7 +379,7 @@ def generate(
             enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
         else:
             enc = tokenizer(prompt + "\n", return_tensors="pt")
-    enc = {k: v.to(device) for k, v in enc.items()}
+    enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask") if k in enc}
     sampling: dict[str, Any] = {"do_sample": False, "num_beams": 1}
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature}
@@ -379,7 +393,11 @@ def generate(
 
 
 def merge(
-    source: str | Path, output_dir: str | Path, model: str | None = None, task: str | None = None
+    source: str | Path,
+    output_dir: str | Path,
+    model: str | None = None,
+    task: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Fold a trained adapter into its base model and save a plain Hugging Face model folder.
 
@@ -388,21 +406,29 @@ def merge(
         output_dir: Where `save_pretrained` writes the merged model and tokenizer (written atomically).
         model: Base model of an adapter folder (default: the one it records).
         task: Task of an adapter folder (default: from its PEFT task_type).
+        overwrite: replace `output_dir` if it exists and is not empty (never the source or a folder around it).
 
     Returns:
         The output folder.
 
     Raises:
-        ValueError: the run was trained with method full (its adapter/ already is a plain model).
+        ValueError: the run was trained with method full (its adapter/ already is a plain model); `output_dir` is
+            the source, inside it or around it; `output_dir` holds files and `overwrite` is False.
     """
-    src = Path(source)
+    src, out = Path(source), Path(output_dir)
+    a, b = src.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise ValueError(
+            f"output_dir {out} is {source} or lies inside or around it; merge into another folder"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"output_dir {out} exists and is not empty; choose a new folder or pass --overwrite")
     if is_run_dir(src) and load_config(src / "config.yaml").method == "full":
         raise ValueError(
             f"{src} was trained with method full: {src / 'adapter'} already is a plain model folder"
         )
     net, tokenizer, _ = load_trained(src, model=model, task=task)
     remove_lorafa(net, merge=True)
-    out = Path(output_dir)
 
     def write(tmp: Path) -> None:
         cast(Any, net).save_pretrained(tmp)
@@ -413,5 +439,9 @@ def merge(
 
 
 def base_model_path(model: str) -> str:
-    """What an adapter records as its base model: the local path of an `asset:` model, else `model`."""
-    return resolve(model) if model.startswith("asset:") else model
+    """What an adapter records as its base model: the local path of an `asset:` model, the absolute path of a local
+    folder, else `model` (a Hub id)."""
+    if model.startswith("asset:"):
+        return resolve(model)
+    local = Path(model).expanduser()
+    return str(local.resolve()) if local.exists() else model

@@ -209,7 +209,12 @@ def _check_new_modules_saved(model: nn.Module, targets: list[str], saved: list[s
         )
 
 
-_TASK_CLASSES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
+_TASK_CLASSES = (
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+    "ForMultipleChoice",
+)
 
 
 def _warn_frozen_head(model: nn.Module, saved: list[str]) -> None:

@@ -7,6 +7,7 @@ folder or `asset:NAME` (`lorafa.assets`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -14,17 +15,52 @@ from torch import nn
 
 from lorafa.assets import resolve
 from lorafa.config import LoRAFAConfig
+from lorafa.data import _one_line, parse_hub_id
 from lorafa.heads import NEW_KEYS_ATTR, classification_head_names, new_module_names
 from lorafa.inject import add_lorafa
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def model_path(model: str) -> str:
+    """`model` as `from_pretrained` takes it: a local folder (an `asset:NAME` resolved) or a Hub model id.
+
+    Raises:
+        FileNotFoundError: no such local folder, and `model` is not shaped like a Hub id (`NAME` or `OWNER/NAME`;
+            a path such as `./x`, `a/b/c`, or `runs/x` where `runs/` exists here is local), so a mistyped path
+            never waits on the network.
+    """
+    path = resolve(model)
+    local = Path(path).expanduser()
+    if local.exists():
+        return str(local)
+    hub = parse_hub_id(path)
+    if (
+        hub is None
+        or hub[1] is not None
+        or hub[2] is not None
+        or ("/" in path and Path(path.split("/")[0]).is_dir())
+    ):
+        raise FileNotFoundError(f"model: no such folder: {path}")
+    return path
+
+
+def from_pretrained(loader: Any, model: str, **kwargs: Any) -> Any:
+    """`loader.from_pretrained(model_path(model), **kwargs)`, with a Hub failure as one line naming the model."""
+    path = model_path(model)
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (
+        OSError
+    ) as e:  # transformers' "not a local folder and not on the Hub / offline / no weights" errors
+        raise FileNotFoundError(f"model {model!r}: {_one_line(e)}") from e
+
+
 def load_tokenizer(model: str) -> Any:
     """The model's tokenizer; a pad token is borrowed from EOS when it has none (LLaMA, GPT-2)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(model))
+    tokenizer = from_pretrained(AutoTokenizer, model)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -54,7 +90,6 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    path = resolve(model)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "output_loading_info": True}
     if task in ("classification", "regression"):
         kwargs["num_labels"] = 1 if task == "regression" else num_labels
@@ -72,7 +107,7 @@ def load_model(
         auto = AutoModelForSeq2SeqLM
     else:
         raise ValueError(f"task must be classification, regression, sft, clm or seq2seq, got {task!r}")
-    loaded, info = auto.from_pretrained(path, **kwargs)
+    loaded, info = from_pretrained(auto, model, **kwargs)
     # transformers reports mismatched keys as (name, checkpoint shape, model shape).
     new = set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]}
     setattr(loaded, NEW_KEYS_ATTR, sorted(new))

@@ -438,11 +438,12 @@ def _finished(out: Path, raw: dict[str, Any]) -> dict[str, float] | None:
     if not (metrics.is_file() and config.is_file()):
         return None
     # Compare resolved configs, so that a field added to lorafa since the run (at its default) still matches.
+    # Local paths compare as absolute paths (config.yaml holds them so since a later version).
     try:
-        old = config_from_dict(read_yaml(config)).to_yaml()
+        old = config_from_dict(read_yaml(config)).with_absolute_paths().to_yaml()
     except ValueError:
         return None
-    if old != config_from_dict(raw).to_yaml():
+    if old != config_from_dict(raw).with_absolute_paths().to_yaml():
         return None
     # Same paths can hold other data (a split rewritten by a later version of the grid): compare contents too.
     # Runs from before fingerprints were written have none and are taken as they are.

@@ -9,6 +9,7 @@ clipping, the schedule, evaluation, logging and checkpoints (`lorafa.checkpoint`
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -37,6 +38,8 @@ from lorafa.inject import trainable_parameters
 from lorafa.layer import DATA_INITS
 from lorafa.models import LossModel, check_token_ids, load_model, load_tokenizer, prepare_model
 from lorafa.train_config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -140,14 +143,14 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     else:
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # stale ones would confuse resume
+            _clear_outputs(out)  # a mix of this run's files and an earlier run's would be read as one run
             log.reset()
         if cfg.eval_before and data.eval is not None:
             state.initial_metrics = run_eval()
             log.write({"step": 0, **state.initial_metrics})
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
+        (out / "config.yaml").write_text(cfg.with_absolute_paths().to_yaml())
         if data.label_names is not None:
             write_labels(out, data.label_names)
     if checkpoint is not None:
@@ -248,7 +251,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     progress.close()
     runtime = time.perf_counter() - started
 
-    # ---- final evaluation and outputs
+    # ---- outputs and final evaluation (the weights first: an evaluation that fails must not lose the training)
+    if main:
+        save_trained(model, cfg, out / "adapter", tokenizer)
     if data.eval is not None:
         metrics = run_eval()
         log.write({"step": state.step, **metrics})
@@ -273,7 +278,6 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         }
     )
     if main:
-        save_trained(model, cfg, out / "adapter", tokenizer)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         plot_losses(out / "train_log.jsonl", out / "loss.png")
     log.close()
@@ -416,6 +420,24 @@ def save_trained(model: nn.Module, cfg: TrainConfig, folder: Path, tokenizer: An
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+
+
+# What a run writes into its output_dir; an earlier run's are removed when a new one (not a resume) starts there.
+# (TensorBoard's event files stay: the writer is already open, and TensorBoard tells runs apart by time.)
+RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.json", "loss.png", "labels.json", "config.yaml")
+
+
+def _clear_outputs(out: Path) -> None:
+    if (out / "metrics.json").exists():
+        logger.warning(
+            "output_dir %s holds a finished run; replacing it (resume=%s would continue it)", out, out
+        )
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _diverged_message(loss: float, state: TrainState, out: Path) -> str:

@@ -179,6 +179,24 @@ class TrainConfig:
         """The resolved config as YAML, loadable by `load_config`."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
+    def with_absolute_paths(self) -> TrainConfig:
+        """A copy whose existing local paths (model, output_dir, resume, data files, cache_dir) are absolute, so
+        that a run's config.yaml means the same from any working folder; Hub ids and asset:NAME stay as given."""
+        d = self.to_dict()
+        for key in ("model", "output_dir", "resume"):
+            d[key] = _absolute(d[key])
+        for key in ("train_file", "eval_file", "cache_dir"):
+            d["data"][key] = _absolute(d["data"][key])
+        return config_from_dict(d)
+
+
+def _absolute(value: Any) -> Any:
+    if isinstance(value, str) and value and not value.startswith("asset:"):
+        path = Path(value).expanduser()
+        if path.exists():
+            return str(path.resolve())
+    return value
+
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
