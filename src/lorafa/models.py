@@ -50,9 +50,8 @@ def from_pretrained(loader: Any, model: str, **kwargs: Any) -> Any:
     path = model_path(model)
     try:
         return loader.from_pretrained(path, **kwargs)
-    except (
-        OSError
-    ) as e:  # transformers' "not a local folder and not on the Hub / offline / no weights" errors
+    # transformers' "not a local folder and not on the Hub", offline and "no weights" errors are OSErrors
+    except OSError as e:
         raise FileNotFoundError(f"model {model!r}: {_one_line(e)}") from e
 
 
