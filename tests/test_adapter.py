@@ -157,8 +157,21 @@ def test_strict_loading_errors(tmp_path):
         return folder
 
     missing = variant("missing", lambda s: s.pop(next(k for k in s if "lora_B" in k)))
+    target = tiny("llama")
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in target.named_parameters()}
     with pytest.raises(ValueError, match="missing keys.*lora_B"):
-        lorafa.load_adapter(tiny("llama"), missing)
+        lorafa.load_adapter(target, missing)
+    # a failed load leaves the model as it was given: no adapters, same weights and flags, loadable afterwards
+    assert not list(lorafa.lorafa_layers(target)) and not hasattr(target, "lorafa_config")
+    assert target.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    assert {n: p.requires_grad for n, p in target.named_parameters()} == flags
+    lorafa.load_adapter(target, good)
+    # a model whose adapters scale differently from the file's is refused, not silently kept
+    other = lorafa.add_lorafa(tiny("llama"), lorafa.LoRAFAConfig(r=4, lora_alpha=2))
+    with pytest.raises(ValueError, match="lora_alpha: file 8 vs model 2"):
+        lorafa.load_adapter(other, good)
     extra = variant(
         "extra",
         lambda s: s.__setitem__("base_model.model.model.layers.0.mlp.up_proj.lora_C.weight", torch.zeros(1)),
@@ -220,3 +233,41 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         monkeypatch.setattr(adapter_mod, "save_file", boom)
         lorafa.save_adapter(model, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"use_dora": True}, "use_dora=True is not supported"),
+        ({"lora_bias": True}, "lora_bias=True is not supported"),
+        ({"init_lora_weights": "pissa"}, "rewrites the base weights"),
+        ({"init_lora_weights": "olora"}, "rewrites the base weights"),
+    ],
+)
+def test_peft_features_lorafa_does_not_compute_are_refused(tmp_path, extra, message):
+    peft_model = get_peft_model(tiny("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({**cfg, **extra}))
+    target = tiny("llama")
+    with pytest.raises(ValueError, match=message):
+        lorafa.load_adapter(target, tmp_path / "p")
+    assert not list(lorafa.lorafa_layers(target))
+
+
+def test_peft_exclude_modules_are_honoured(tmp_path):
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        exclude_modules=["model.layers.0.self_attn.q_proj"],
+    )
+    peft_model = get_peft_model(tiny("llama"), cfg)
+    _randomise_trainables(peft_model, seed=1)
+    with torch.no_grad():
+        expected = peft_model(**_inputs("llama")).logits
+    peft_model.save_pretrained(tmp_path / "p")
+    loaded = lorafa.load_adapter(tiny("llama"), tmp_path / "p")
+    assert "model.layers.0.self_attn.q_proj" not in dict(lorafa.lorafa_layers(loaded))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**_inputs("llama")).logits, expected, atol=1e-5, rtol=1e-4)

@@ -213,6 +213,8 @@ def test_bad_use_is_named():
     model = _gradient_model("llama")
     with pytest.raises(ValueError, match="no gradient reached"):
         lorafa.init_a_from_gradients(model, [], lambda b: model(**b).loss)
+    with pytest.raises(ValueError, match="without a gradient path"):
+        lorafa.init_a_from_gradients(model, [batch("llama")], lambda b: model(**b).loss.detach())
     with torch.no_grad():
         next(layer for _, layer in lorafa.lorafa_layers(model)).lora_B.weight.fill_(1.0)
     with pytest.raises(ValueError, match="B is not zero"):

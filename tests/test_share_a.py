@@ -167,3 +167,38 @@ def test_share_a_needs_lora_fa():
         lorafa.LoRAFAConfig(share_a=True, method="lora")
     with pytest.raises(ValueError, match="share_a"):
         lorafa.LoRAFAConfig(share_a="yes")  # type: ignore[arg-type]
+
+
+def test_a_reused_input_after_a_new_adapter_and_nothing_left_on_outputs(tmp_path):
+    # T5's cross-attention k/v read the encoder output itself; reusing it after load_adapter must not reuse the u
+    # of the old A, and the model's outputs carry no lorafa state (they pickle with weights_only)
+    ids = torch.randint(0, VOCAB, (2, 6))
+
+    def adapted(seed):
+        model = lorafa.add_lorafa(tiny("t5"), _cfg(True, init_seed=seed))
+        _nonzero_b(model)
+        return model
+
+    lorafa.save_adapter(adapted(2), tmp_path / "a2")
+    model = adapted(1)
+    with torch.no_grad():
+        enc = model.get_encoder()(input_ids=ids)
+        model(encoder_outputs=enc, decoder_input_ids=ids)
+        lorafa.load_adapter(model, tmp_path / "a2")
+        reused = model(encoder_outputs=enc, decoder_input_ids=ids)
+        fresh = lorafa.load_adapter(tiny("t5"), tmp_path / "a2")
+        copy = type(enc)(last_hidden_state=enc.last_hidden_state.clone())  # the same values, another tensor
+        want = fresh(encoder_outputs=copy, decoder_input_ids=ids).logits
+    torch.testing.assert_close(reused.logits, want)
+    torch.save(reused.encoder_last_hidden_state, tmp_path / "h.pt")
+    torch.load(tmp_path / "h.pt", weights_only=True)
+
+
+def test_torch_compile_traces_shared_layers():
+    ids = torch.randint(0, VOCAB, (2, 8))
+    model = lorafa.add_lorafa(tiny("llama"), _cfg(True))
+    _nonzero_b(model)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = torch.compile(model, backend="eager")(input_ids=ids).logits  # dynamo tracing; no C++ compiler
+    torch.testing.assert_close(got, want)

@@ -26,20 +26,35 @@ from torch import nn
 
 from lorafa.config import LoRAFAConfig
 from lorafa.heads import outermost_modules
-from lorafa.inject import _is_linear, _name_matches, _within, add_lorafa, lorafa_layers, share_groups
+from lorafa.inject import (
+    _is_linear,
+    _name_matches,
+    _within,
+    add_lorafa,
+    lorafa_layers,
+    remove_lorafa,
+    share_groups,
+)
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LORAFA_NAME = "lorafa_config.json"
 
-# PEFT LoraConfig features that change the computation and that lorafa does not implement.
+# PEFT LoraConfig features that change the computation and that lorafa does not implement, with their neutral value.
 _UNSUPPORTED: dict[str, Any] = {
-    "use_dora": True,
+    "use_dora": False,
     "rank_pattern": {},
     "alpha_pattern": {},
     "layers_to_transform": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
 }
+# PEFT inits that rewrite the base weights when the adapter is loaded (W - s·B0·A0 and the like); lorafa loads
+# into unmodified base weights, so their outputs would differ. PEFT can convert such an adapter to plain LoRA at
+# save time (save_pretrained(..., path_initial_model_for_weight_conversion=...)).
+_BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda")
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -214,6 +229,13 @@ def read_adapter_config(
         value = peft.get(key, neutral)
         if value not in (neutral, None, False, {}, []):
             raise ValueError(f"{folder / CONFIG_NAME}: {key}={value!r} is not supported by lorafa")
+    init = peft.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise ValueError(
+            f"{folder / CONFIG_NAME}: init_lora_weights={init!r} rewrites the base weights when PEFT loads it, which "
+            "lorafa does not do; save it from PEFT converted to plain LoRA "
+            "(path_initial_model_for_weight_conversion) and load that"
+        )
     if peft.get("bias", "none") != "none":
         raise ValueError(f"{folder / CONFIG_NAME}: bias={peft.get('bias')!r} is not supported (only 'none')")
     if meta is not None and isinstance(meta.get("adapter"), dict):
@@ -222,12 +244,13 @@ def read_adapter_config(
         missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in peft]
         if missing:
             raise ValueError(f"{folder / CONFIG_NAME}: missing field(s) {missing}")
-        init = peft.get("init_lora_weights", True)
+        exclude = peft.get("exclude_modules") or []
         cfg = LoRAFAConfig(
             r=int(peft["r"]),
             lora_alpha=float(peft["lora_alpha"]),
             lora_dropout=float(peft.get("lora_dropout", 0.0) or 0.0),
             target_modules=peft["target_modules"],
+            exclude_modules=[exclude] if isinstance(exclude, str) else list(exclude),
             use_rslora=bool(peft.get("use_rslora", False)),
             modules_to_save=peft.get("modules_to_save"),
             init_lora_weights="gaussian" if init == "gaussian" else "kaiming",
@@ -279,7 +302,47 @@ def load_adapter(
         cfg = LoRAFAConfig(
             **{**cfg.to_dict(), "method": method, "projection": cfg.projection and method == "lora-fa"}
         )
-    if not any(True for _ in lorafa_layers(model)):
+    injected = not any(True for _ in lorafa_layers(model))
+    have = getattr(model, "lorafa_config", None)
+    if not injected and isinstance(have, LoRAFAConfig):
+        _check_same_computation(have, cfg, folder)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        _load_into(model, folder, cfg, meta, state, injected, is_trainable)
+    except BaseException:
+        if injected and any(True for _ in lorafa_layers(model)):  # put the model back as it was given
+            remove_lorafa(model, merge=False)
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags.get(n, p.requires_grad))
+        raise
+    return model
+
+
+def _check_same_computation(have: LoRAFAConfig, file: LoRAFAConfig, folder: Path) -> None:
+    """ValueError when the file's adapters scale differently from the model's (rank, alpha, rsLoRA); a shared A
+    that the file's A's do not fit is checked later, with the weights."""
+    differ = [
+        f"{f}: file {getattr(file, f)!r} vs model {getattr(have, f)!r}"
+        for f in ("r", "lora_alpha", "use_rslora")
+        if getattr(file, f) != getattr(have, f)
+    ]
+    if differ:
+        raise ValueError(
+            f"adapter {folder} was saved with other adapter settings than the model's adapters ({'; '.join(differ)});"
+            " load it into a model without adapters, which gets them from the file"
+        )
+
+
+def _load_into(
+    model: nn.Module,
+    folder: Path,
+    cfg: LoRAFAConfig,
+    meta: dict[str, Any] | None,
+    state: dict[str, torch.Tensor],
+    inject: bool,
+    is_trainable: bool,
+) -> None:
+    if inject:
         if cfg.modules_to_save:
             keys, names = cfg.modules_to_save, [n for n, _ in model.named_modules() if n]
             if meta is None:
@@ -333,4 +396,3 @@ def load_adapter(
     if not is_trainable:
         for p in model.parameters():
             p.requires_grad_(False)
-    return model

@@ -17,7 +17,7 @@ not the mask) because dA needs it.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -75,6 +75,9 @@ class SharedProjection:
     key: tuple[object, ...]
     u: Tensor | None = None
     seed: int = 0
+    a_versions: dict[int, int] = field(default_factory=dict)
+    """id → version counter of each member's A when it used this slot: an A written since (load_adapter) makes u
+    stale."""
 
 
 def _can_fold(dtype: torch.dtype, no_dropout: bool) -> bool:

@@ -132,7 +132,13 @@ def init_a_from_gradients(
                         with torch.no_grad():
                             loss_fn(batch)
                     else:
-                        loss_fn(batch).backward()
+                        loss = loss_fn(batch)
+                        if not loss.requires_grad:
+                            raise ValueError(
+                                "init_a_from_gradients: loss_fn returned a loss without a gradient path (detached, "
+                                "computed under no_grad, or every parameter frozen, e.g. is_trainable=False)"
+                            )
+                        loss.backward()
         finally:
             model.zero_grad(set_to_none=True)
         reached = reached or bool(grads)

@@ -8,6 +8,7 @@ an explicit, idempotent call; `.train()`/`.eval()` never touch weights.
 from __future__ import annotations
 
 import math
+import weakref
 import zlib
 from typing import cast
 
@@ -76,6 +77,27 @@ def init_lora_A(weight: Tensor, init: str, seed: int | None, name: str) -> None:
         else:
             raise ValueError(f"init_lora_weights must be one of {INITS}, got {init!r}")
         weight.copy_(value.to(device=weight.device, dtype=weight.dtype))
+
+
+# The u slots of share groups per input tensor: id(x) → (weak reference to x, {share group: slot}). Kept here rather
+# than on the tensor: a dict in x.__dict__ would travel with any model output that is x itself (T5's
+# encoder_last_hidden_state) into pickles. An entry goes when its tensor does.
+_SLOTS: dict[int, tuple[weakref.ref[Tensor], dict[str, SharedProjection]]] = {}
+
+
+def _slots_of(x: Tensor) -> dict[str, SharedProjection]:
+    entry = _SLOTS.get(id(x))
+    if entry is not None and entry[0]() is x:
+        return entry[1]
+    key = id(x)
+
+    def forget(ref: weakref.ref[Tensor]) -> None:
+        if _SLOTS.get(key, (None,))[0] is ref:
+            del _SLOTS[key]
+
+    slots: dict[str, SharedProjection] = {}
+    _SLOTS[key] = (weakref.ref(x, forget), slots)
+    return slots
 
 
 class LoRAFALinear(nn.Module):
@@ -212,14 +234,16 @@ class LoRAFALinear(nn.Module):
         )
 
     def _shared_slot(self, x: Tensor, p: float) -> SharedProjection | None:
-        """The u slot this layer's share group keeps on the input tensor itself, so it lives exactly as long as x.
+        """The u slot of this layer's share group for input x, kept as long as x lives (`_slots_of`).
 
-        A recomputed forward under activation checkpointing fills a new slot when its x is new (pre-norm blocks) and
-        reuses the first forward's u and seed when the block reads its own input (post-norm blocks,
-        cross-attention): the same values either way, and `LoRAFALinearFunction` draws a seed on every call so the
-        replayed random stream stays aligned."""
-        if self.share_group is None:
-            return None
+        A slot is reused while x, the dropout probability, autocast and grad mode are unchanged and no member's A
+        was written since it used the slot. A recomputed forward under activation checkpointing fills a new slot
+        when its x is new (pre-norm blocks) and reuses the first forward's u and seed when the block reads its own
+        input (post-norm blocks, cross-attention): the same values either way, and `LoRAFALinearFunction` draws a
+        seed on every call so the replayed random stream stays aligned.
+        """
+        if self.share_group is None or torch.compiler.is_compiling():
+            return None  # compiled: every layer computes its own u (the same values; dynamo cannot trace the slots)
         device_type = x.device.type
         cast = (
             torch.get_autocast_dtype(device_type)
@@ -227,10 +251,12 @@ class LoRAFALinear(nn.Module):
             else None
         )
         key = (x._version, p, cast, torch.is_grad_enabled())
-        slots: dict[str, SharedProjection] = x.__dict__.setdefault("_lorafa_shared", {})
+        slots = _slots_of(x)
         slot = slots.get(self.share_group)
-        if slot is None or slot.key != key:
+        a = self.lora_A.weight
+        if slot is None or slot.key != key or slot.a_versions.get(id(a), a._version) != a._version:
             slot = slots[self.share_group] = SharedProjection(key)
+        slot.a_versions[id(a)] = a._version
         return slot
 
     def extra_repr(self) -> str:
