@@ -190,7 +190,7 @@ def run_benchmark(
             say(f"[{rep + 1}.{n}/{len(jobs)}] {what}: {status} ({time.perf_counter() - t:.0f} s)")
     rows = [_aggregate(r) for r in runs]
     _add_ratios(rows)
-    meta = run_metadata(settings, started, load_start, command or default_command(settings))
+    meta = run_metadata(settings, started, load_start, command or default_command(settings, out_dir))
     if out_dir is not None:
         write_report(rows, meta, Path(out_dir))
     return rows
@@ -219,7 +219,13 @@ def _add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     ap.add_argument("--repeats", type=int, default=d.repeats, help="runs per method, alternating order")
     ap.add_argument("--timeout", type=float, default=d.timeout, help="seconds per worker")
-    ap.add_argument("--out-dir", type=Path, default=Path("docs"), help="where BENCHMARKS.md and the chart go")
+    ap.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("runs/bench"),
+        help="where BENCHMARKS.md, benchmarks.json and the chart go (default runs/bench; the repository's "
+        "docs/BENCHMARKS.md is written with --out-dir docs)",
+    )
     ap.add_argument("--no-write", action="store_true", help="print the table only")
 
 

@@ -8,6 +8,7 @@ import os
 import platform
 import shlex
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,14 +61,16 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def default_command(settings: BenchSettings) -> str:
-    """The `python -m lorafa.bench ...` command line equivalent to `settings`."""
+def default_command(settings: BenchSettings, out_dir: str | Path | None = None) -> str:
+    """The `python -m lorafa.bench ...` command line equivalent to `settings` (writing to `out_dir`)."""
     parts = ["python", "-m", "lorafa.bench", "--models", *settings.models, "--methods", *settings.methods]
     parts += ["--batch", str(settings.batch), "--seq", str(settings.seq), "--steps", str(settings.steps)]
     parts += ["--warmup", str(settings.warmup), "--dropout", *(f"{p:g}" for p in settings.dropout)]
     parts += ["--r", str(settings.r), "--lora-alpha", f"{settings.lora_alpha:g}"]
     parts += ["--device", settings.device, "--dtype", settings.dtype, "--repeats", str(settings.repeats)]
     parts += ["--allocator", settings.allocator]
+    if out_dir is not None:
+        parts += ["--out-dir", str(out_dir)]
     if settings.threads:
         parts += ["--threads", str(settings.threads)]
     return shlex.join(parts)

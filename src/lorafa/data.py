@@ -277,7 +277,7 @@ def _load_hub(spec: str, hub: tuple[str, str | None, str | None], field: str, ca
         what = ", ".join(f"{k} {v!r}" for k, v in parts.items() if v is not None)
         raise FileNotFoundError(
             f"{field}: no local file or folder named {spec!r}, and loading it as a Hugging Face Hub dataset "
-            f"({what}) failed: {_one_line(e)}"
+            f"({what}) failed: {one_line(e)}"
         ) from e
     if isinstance(loaded, datasets.DatasetDict):
         return _pick_split(
@@ -304,7 +304,7 @@ def _load_folder(resolved: Path, field: str, cache_dir: str | None) -> Any:
     except Exception as e:  # no data files, mixed formats, parser errors: each its own type
         raise ValueError(
             f"{field}: {resolved} is neither a Dataset.save_to_disk folder nor a folder of data files "
-            f"that datasets.load_dataset reads ({_one_line(e)})"
+            f"that datasets.load_dataset reads ({one_line(e)})"
         ) from e
 
 
@@ -327,7 +327,7 @@ def folder_validation_split(path: str, cache_dir: str | None = None) -> tuple[st
     return None
 
 
-def _one_line(e: Exception, limit: int = 300) -> str:
+def one_line(e: Exception, limit: int = 300) -> str:
     """`Type: first line of the message`, cut to `limit` characters (datasets' errors can span many lines)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

@@ -15,7 +15,7 @@ from torch import nn
 
 from lorafa.assets import resolve
 from lorafa.config import LoRAFAConfig
-from lorafa.data import _one_line, parse_hub_id
+from lorafa.data import one_line, parse_hub_id
 from lorafa.heads import NEW_KEYS_ATTR, classification_head_names, new_module_names
 from lorafa.inject import add_lorafa
 
@@ -52,7 +52,7 @@ def from_pretrained(loader: Any, model: str, **kwargs: Any) -> Any:
         return loader.from_pretrained(path, **kwargs)
     # transformers' "not a local folder and not on the Hub", offline and "no weights" errors are OSErrors
     except OSError as e:
-        raise FileNotFoundError(f"model {model!r}: {_one_line(e)}") from e
+        raise FileNotFoundError(f"model {model!r}: {one_line(e)}") from e
 
 
 def load_tokenizer(model: str) -> Any:

@@ -47,6 +47,7 @@ import json
 import sys
 from typing import Any
 
+from lorafa.data import one_line
 from lorafa.planner_args import (
     ATTENTIONS,
     CHECKPOINTING,
@@ -211,7 +212,20 @@ def memory_main(ns: argparse.Namespace) -> int:
         args = args_from_namespace(ns)
         report = run_planner(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"lorafa memory: error: {e}", file=sys.stderr)
+        first = (str(e).strip().splitlines() or [""])[0]
+        text = first if len(first) <= 300 else first[:297] + "..."  # transformers' lists of every model type
+        if "attn_implementation" in str(e):
+            text += " (lorafa memory: pass --attention eager)"
+        print(f"lorafa memory: error: {text}", file=sys.stderr)
+        return 2
+    except (RuntimeError, NotImplementedError) as e:
+        # A model whose forward reads its inputs' values (transformers' padding and mask checks) cannot run on
+        # the meta device the planner uses.
+        print(
+            f"lorafa memory: error: this model's forward cannot run without data on the meta device "
+            f"({one_line(e)}); try --attention eager, or measure real steps with `lorafa bench`",
+            file=sys.stderr,
+        )
         return 2
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     if args.plot:

@@ -180,8 +180,8 @@ class PlannerArgs:
     """"sdpa-flash" (GPU flash/memory-efficient SDPA) or "eager" (keeps T×T probabilities) (--attention)."""
     device: str = "cuda"
     """Where training runs, for the kernels' memory: "cuda" (dropout keeps a 1-byte mask) or "cpu" (dropout keeps
-    its noise in the input's dtype; CPU SDPA keeps what "sdpa-flash" models when there is no attention dropout)
-    (--device)."""
+    its noise in the input's dtype; CPU SDPA keeps what "sdpa-flash" models without attention dropout, and runs its
+    math path, planned as such, with it) (--device)."""
     task: str = "auto"
     """"causal-lm", "seq-cls", "seq2seq", or "auto" from the config (--task)."""
     num_labels: int = 2
@@ -247,9 +247,9 @@ class PlannerArgs:
             raise ValueError(f"--num-labels must be a positive integer, got {self.num_labels!r}")
         if self.max_search <= 0:
             raise ValueError(f"--max-search must be a positive integer, got {self.max_search!r}")
-        if self.gpu_memory is not None:
-            parse_size(self.gpu_memory, "--gpu-memory")
-        parse_size(self.reserve, "--reserve")
+        reserve = parse_size(self.reserve, "--reserve")
+        if self.gpu_memory is not None and reserve >= parse_size(self.gpu_memory, "--gpu-memory"):
+            raise ValueError(f"--reserve {self.reserve} leaves nothing of --gpu-memory {self.gpu_memory}")
         parse_size(self.offload_min_bytes, "--offload-min-bytes")
 
 

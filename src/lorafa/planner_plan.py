@@ -87,6 +87,11 @@ def run_planner(args: PlannerArgs) -> dict[str, Any]:
     dtype = parse_dtype(args.dtype)
     config = load_config(args)
     task = resolve_task(config, args.task)
+    limit = position_limit(config)
+    if task != "seq2seq" and limit is not None and args.seq_len > limit:
+        raise ValueError(
+            f"--seq-len {args.seq_len} exceeds the model's {limit} positions (max_position_embeddings)"
+        )
     if args.chunked_loss and task != "causal-lm":
         raise ValueError(
             f"--chunked-loss: the chunked loss is for causal LMs; this plan's task is {task!r} "
@@ -189,10 +194,18 @@ def _search(model: nn.Module, ckpt: bool, args: PlannerArgs, config: Any, task: 
 
     upper = args.max_search
     if args.search == "seq":
-        upper = min(upper, int(getattr(config, "max_position_embeddings", upper) or upper))
-        if config.model_type in ("roberta", "xlm-roberta"):
-            upper -= 2  # RoBERTa's positions start after the padding index
+        upper = min(upper, position_limit(config) or upper)
     return largest_fitting(fits, upper)
+
+
+def position_limit(config: Any) -> int | None:
+    """The longest sequence the config's learned or fixed positions allow (None: no such limit, e.g. T5)."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not limit:
+        return None
+    if config.model_type in ("roberta", "xlm-roberta"):
+        return int(limit) - 2  # RoBERTa's positions start after the padding index
+    return int(limit)
 
 
 def _notes(args: PlannerArgs) -> list[str]:
@@ -210,6 +223,11 @@ def _notes(args: PlannerArgs) -> list[str]:
             "log-sum-exp per query and head (and an additive mask such as T5's position bias), not the T×T "
             "probabilities; use --attention eager for eager attention (keeps probabilities and dropout mask)."
         )
+        if args.device == "cpu":
+            notes.append(
+                "device cpu: SDPA with attention dropout runs its math path, which keeps the T×T probabilities "
+                "and dropout noise like eager attention; it is planned so."
+            )
     else:
         notes.append("attention eager: keeps the T×T attention probabilities (and their dropout mask).")
     if args.device == "cuda":
