@@ -361,3 +361,21 @@ def test_a_head_of_another_size_is_new_and_a_fitting_one_still_trains(tmp_path):
     assert new_module_names(other) == ["classifier"]
     same = load_model(str(tmp_path), "classification", num_labels=2)  # an already fine-tuned head
     assert new_module_names(same) == [] and classification_head_names(same) == ["classifier"]
+
+
+def test_layers_read_directly_by_their_model_are_not_adapted_by_default():
+    # Falcon-H1's Mamba mixer reads in_proj/out_proj's weight and bias itself: the default adapts attention and MLP
+    # only, and adapting them anyway fails with a message that says why, not a bare AttributeError.
+    cfg = AutoConfig.for_model(
+        "falcon_h1", vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, pad_token_id=0,
+    )  # fmt: skip
+    ids = torch.randint(3, 96, (2, 8))
+    model = lorafa.add_lorafa(AutoModelForCausalLM.from_config(cfg).train(), lorafa.LoRAFAConfig(r=4))
+    adapted = [n for n, _ in lorafa.lorafa_layers(model)]
+    assert adapted and not [n for n in adapted if ".mamba." in n]
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    model = AutoModelForCausalLM.from_config(cfg).train()
+    lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=4, target_modules="all-linear"))
+    with pytest.raises(AttributeError, match="would bypass its adapter"):
+        model(input_ids=ids, labels=ids, use_cache=False)

@@ -221,3 +221,35 @@ def test_model_errors():
         chunked_causal_lm_loss(model, {k: v for k, v in batch.items() if k != "labels"})
     with pytest.raises(ValueError, match="body"):
         chunked_causal_lm_loss(model.model, batch)
+
+
+def test_heads_and_transforms_it_does_not_model_are_refused():
+    import transformers as tf
+
+    batch = make_batch()
+    # a BERT/RoBERTa-style LM head (dense -> act -> norm -> decoder): the decoder alone is not the head
+    roberta = tf.RobertaForCausalLM(
+        tf.RobertaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=96, is_decoder=True)
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="inside a prediction head"):
+        chunked_causal_lm_loss(roberta, batch)
+    # logits_scaling means "divide" for Granite only (HyperCLOVAX multiplies by it)
+    model = tiny_model("llama")
+    model.config.logits_scaling = 4.0
+    with pytest.raises(ValueError, match="logits_scaling"):
+        chunked_causal_lm_loss(model, batch)
+
+
+def test_mismatch_check_finds_a_transform_it_does_not_know(monkeypatch):
+    from lorafa import loss
+
+    torch.manual_seed(0)
+    model = tiny_model("llama").train()
+    batch = make_batch()
+    assert loss.chunked_loss_mismatch(model, batch) is None
+    assert model.training  # its mode is given back
+    # a model that transforms its logits in a way the chunked loss does not know (here: pretend a scale)
+    monkeypatch.setattr(loss, "_head_transform", lambda config: (3.0, None))
+    problem = loss.chunked_loss_mismatch(model, batch)
+    assert problem is not None and "own loss" in problem

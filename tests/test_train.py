@@ -383,6 +383,18 @@ def test_chunked_loss_trains_like_the_plain_loss(toys, tmp_path):
     assert chunked["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
 
 
+def test_chunked_loss_is_confirmed_on_a_batch_before_training(toys, tmp_path, monkeypatch, caplog):
+    from lorafa import loss
+
+    # a model whose logits transform the chunked loss does not know: the default falls back, asking for it fails
+    monkeypatch.setattr(loss, "_head_transform", lambda config: (3.0, None))
+    with caplog.at_level("WARNING", logger="lorafa"):
+        train(_sft_config(toys, tmp_path / "auto", "max_steps=1"))
+    assert "chunked_loss off" in caplog.text
+    with pytest.raises(ValueError, match="chunked_loss: on a training batch the chunked loss is"):
+        train(_sft_config(toys, tmp_path / "asked", "max_steps=1", "chunked_loss=true"))
+
+
 def test_cheap_recompute_trains_like_the_plain_model(toys, tmp_path):
     train(_config(toys, tmp_path / "plain", "max_steps=3"))
     train(_config(toys, tmp_path / "cheap", "max_steps=3", "cheap_recompute=true"))
@@ -433,7 +445,9 @@ def test_gradient_init_of_a_runs_inside_train(toys, tmp_path, init, share):
     for k, a in _adapter(tmp_path / "a").items():
         if "lora_A" in k:  # orthogonal rows, not Kaiming's random ones
             gram = a @ a.t()
-            torch.testing.assert_close(gram, torch.diag(gram.diagonal()), atol=1e-5 * float(gram.max()), rtol=0)
+            torch.testing.assert_close(
+                gram, torch.diag(gram.diagonal()), atol=1e-5 * float(gram.max()), rtol=0
+            )
 
 
 def test_gradient_init_resume_reloads_a_instead_of_recomputing(toys, tmp_path, monkeypatch):

@@ -30,6 +30,9 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    # Falcon-H1's Mamba mixer hands in_proj/out_proj's weight and bias straight to its scan (an adapter there would
+    # be bypassed), so attention and MLP only.
+    "falcon_h1": _LLAMA_LIKE,
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "xlm-roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import weakref
 import zlib
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -167,6 +167,18 @@ class LoRAFALinear(nn.Module):
     @property
     def out_features(self) -> int:
         return linear_dims(self.base_layer)[1]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "bias":
+                raise AttributeError(
+                    f"{type(self).__name__} has no attribute 'bias': code that reads an adapted layer's weight and "
+                    "bias directly (e.g. a fused Mamba scan) would bypass its adapter; leave that layer out of "
+                    "target_modules (or add it to exclude_modules)"
+                ) from None
+            raise
 
     @property
     def weight(self) -> Tensor:

@@ -208,14 +208,56 @@ def linear_cross_entropy(
 
 
 def _head_transform(config: Any) -> tuple[float, float | None]:
-    """(logit_scale, softcap) that a transformers causal LM applies between its head and its loss."""
+    """(logit_scale, softcap) that a transformers causal LM applies between its head and its loss.
+
+    Raises:
+        ValueError: a config field whose meaning differs between architectures (`logits_scaling`, by which Granite
+            divides and HyperCLOVAX multiplies) on an architecture not known here.
+    """
     scale = 1.0
     if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
-        scale = float(config.logit_scale)
-    if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
-        scale = 1.0 / float(config.logits_scaling)
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:
+        if not str(getattr(config, "model_type", "")).startswith("granite"):
+            raise ValueError(
+                f"model_type {getattr(config, 'model_type', None)!r} sets logits_scaling, which lorafa.loss only "
+                "knows from Granite (logits / logits_scaling)"
+            )
+        scale /= float(config.logits_scaling)  # Granite: logits / logits_scaling
+    if getattr(config, "lm_head_multiplier", None) is not None:  # Falcon-H1: logits * lm_head_multiplier
+        scale *= float(config.lm_head_multiplier)
     softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2: c · tanh(logits / c)
+    if softcap is None:
+        softcap = getattr(config, "logits_soft_cap", None)  # RecurrentGemma: the same
     return scale, (float(softcap) if softcap is not None else None)
+
+
+def chunked_loss_mismatch(model: nn.Module, batch: Mapping[str, Any]) -> str | None:
+    """Why `chunked_causal_lm_loss(model, batch)` would not be `model(**batch).loss`, or None when it is.
+
+    Both are computed once on `batch`, in eval mode (no dropout) and without gradients: a head or a logit transform
+    that `chunked_causal_lm_loss` does not model shows as a different value. The tolerance allows for the chunked
+    loss's fp32 log-softmax against the model's own in half precision.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                ours = chunked_causal_lm_loss(model, batch)
+            except ValueError as e:
+                return str(e)
+            theirs = model(**batch, use_cache=False).loss
+    finally:
+        model.train(was_training)
+    half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    tol = 2e-2 if half else 1e-4
+    if not torch.isclose(ours.float(), theirs.float(), rtol=tol, atol=tol):
+        return (
+            f"on a training batch the chunked loss is {float(ours):.6g} but {type(model).__name__}'s own loss is "
+            f"{float(theirs):.6g}: its head or logits transform is one lorafa.loss does not model"
+        )
+    return None
 
 
 def chunked_causal_lm_loss(
@@ -244,8 +286,8 @@ def chunked_causal_lm_loss(
         The fp32 scalar loss.
 
     Raises:
-        ValueError: If ``batch`` has no ``labels``, the model has no separate body, or its output head is not an
-            ``nn.Linear``.
+        ValueError: If ``batch`` has no ``labels``, the model has no separate body, its output head is not an
+            ``nn.Linear`` child of the model, or its config sets a logits transform not known here.
     """
     if "labels" not in batch:
         raise ValueError(f"batch needs 'labels' for the loss; got keys {sorted(batch)}")
@@ -258,6 +300,13 @@ def chunked_causal_lm_loss(
     head = get_head() if callable(get_head) else None
     if not isinstance(head, nn.Linear):
         raise ValueError(f"the chunked loss needs an nn.Linear output head, got {type(head).__name__}")
+    if not any(child is head for child in model.children()):
+        # e.g. BERT/RoBERTa-style LM heads: dense → activation → norm → decoder, of which the decoder is the
+        # output embedding; applying it alone to the body's output would skip the rest.
+        raise ValueError(
+            f"{type(model).__name__}'s output layer sits inside a prediction head with layers of its own; the "
+            "chunked loss applies the output layer to the body's output directly"
+        )
 
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_items_in_batch")}
     inputs.setdefault("use_cache", False)  # a KV cache is useless in training and only costs memory

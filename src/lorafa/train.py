@@ -93,6 +93,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
     )
     first_epoch = epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed, rank, world)
+    chunked = use_chunked_loss(cfg)
+    if chunked:
+        model.to(accelerator.device)
+        sample = {k: v.to(accelerator.device) for k, v in collator(rows(data.train, first_epoch[0])).items()}
+        chunked = confirm_chunked_loss(cfg, model, sample)
     extra_metrics: dict[str, float] = {}
     statistic = cfg.adapter.init_lora_weights
     if cfg.method != "full" and statistic in DATA_INITS and checkpoint is None:
@@ -104,7 +109,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         kept = init_a_from_gradients(
             model,
             ({k: v.to(accelerator.device) for k, v in collator(rows(data.train, i)).items()} for i in first),
-            LossModel(model, cfg.task, use_chunked_loss(cfg)),
+            LossModel(model, cfg.task, chunked),
             (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None,
             gradient_init_budget(accelerator.device),
             statistic,
@@ -118,7 +123,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    trainee, optimizer = accelerator.prepare(LossModel(model, cfg.task, use_chunked_loss(cfg)), optimizer)
+    trainee, optimizer = accelerator.prepare(LossModel(model, cfg.task, chunked), optimizer)
     eval_batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
 
     def run_eval() -> dict[str, float]:
@@ -323,6 +328,22 @@ def use_chunked_loss(cfg: TrainConfig) -> bool:
             raise ValueError("chunked_loss: lorafa.loss is not available in this installation")
         return cfg.chunked_loss
     return cfg.task in ("sft", "clm") and _has_module("lorafa.loss")
+
+
+def confirm_chunked_loss(cfg: TrainConfig, model: nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    """Whether to train with the chunked loss, after checking on `batch` that it equals the model's own loss.
+
+    Off, with a warning, when it does not and chunked_loss was left to its default; an error when it was asked for.
+    """
+    from lorafa.loss import chunked_loss_mismatch
+
+    problem = chunked_loss_mismatch(model, batch)
+    if problem is None:
+        return True
+    if cfg.chunked_loss:
+        raise ValueError(f"chunked_loss: {problem}; set chunked_loss=false")
+    logger.warning("chunked_loss off (the model's own loss is used): %s", problem)
+    return False
 
 
 def _has_module(name: str) -> bool:
