@@ -62,7 +62,7 @@ def _model_section(rows: list[dict[str, Any]], model: str) -> list[str]:
             lines.append(f"| {_row_name(row)} | {cells} |")
     found = checks(rows, model)
     if found:
-        lines += ["", f"Acceptance checks ({_workload_note(rows[0], model)}):", ""]
+        lines += ["", f"Acceptance checks ({workload_note(rows[0], model)}):", ""]
         lines += ["| issue | check | value | target | |", "|---|---|---:|---|---|"]
         for c in found:
             mark = "pass" if c["passed"] else "**miss**"
@@ -74,7 +74,7 @@ def _model_section(rows: list[dict[str, Any]], model: str) -> list[str]:
 _ACCEPTANCE = {"smollm2-135m": ("5 and 7", 8, 256), "llama-core": ("2", 4, 256)}
 
 
-def _workload_note(row: dict[str, Any], model: str) -> str:
+def workload_note(row: dict[str, Any], model: str) -> str:
     if model not in _ACCEPTANCE:
         return "no issue sets targets for this model: for reference only"
     issues, batch, seq = _ACCEPTANCE[model]

@@ -223,7 +223,8 @@ def summary(cfg: Any, metrics: dict[str, float]) -> str:
             else "."
         ),
         f"Speed {metrics['tokens_per_s']:.0f} tokens/s; {memory_kind}: {_bytes(metrics['peak_memory_bytes'])}.",
-        f"Outputs in {cfg.output_dir}/: adapter/ metrics.json train_log.jsonl loss.png config.yaml",
+        f"Outputs in {cfg.output_dir}/: adapter/ metrics.json train_log.jsonl loss.png config.yaml"
+        + (" labels.json" if cfg.task == "classification" else ""),
         f"Next: lorafa eval {cfg.output_dir}",
     ]
     return "\n".join(lines)

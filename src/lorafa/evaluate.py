@@ -30,7 +30,7 @@ from lorafa.assets import resolve
 from lorafa.data import IGNORE_INDEX, build_datasets, make_collator
 from lorafa.inject import remove_lorafa
 from lorafa.metrics import classification_metrics, regression_metrics
-from lorafa.models import load_model, load_tokenizer
+from lorafa.models import load_model, load_tokenizer, quiet_loading
 from lorafa.train_config import TOKEN_TASKS, TrainConfig, load_config
 
 LABELS_NAME = "labels.json"
@@ -240,14 +240,15 @@ def load_trained(
         if cfg.method == "full":
             net = load_model(str(folder / "adapter"), cfg.task, len(names) if names else None, id2label)
         else:
-            net = load_model(
-                cfg.model,
-                cfg.task,
-                len(names) if names else None,
-                id2label,
-                cfg.model_dtype,
-                tokenizer.pad_token_id,
-            )
+            with quiet_loading():  # the base's new head is reported missing, but the adapter holds it
+                net = load_model(
+                    cfg.model,
+                    cfg.task,
+                    len(names) if names else None,
+                    id2label,
+                    cfg.model_dtype,
+                    tokenizer.pad_token_id,
+                )
             load_adapter(net, folder / "adapter", is_trainable=False)
         return net.eval(), tokenizer, cfg
     if not (folder / CONFIG_NAME).is_file():
@@ -271,7 +272,8 @@ def load_trained(
     names = read_labels(folder.parent) if task == "classification" else None
     id2label = dict(enumerate(names)) if names and len(names) == num_labels else None
     tokenizer = load_tokenizer(base)
-    net = load_model(base, task, num_labels, id2label, pad_token_id=tokenizer.pad_token_id)
+    with quiet_loading():
+        net = load_model(base, task, num_labels, id2label, pad_token_id=tokenizer.pad_token_id)
     load_adapter(net, folder, is_trainable=False)
     return net.eval(), tokenizer, None
 

@@ -7,6 +7,8 @@ folder or `asset:NAME` (`lorafa.assets`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -53,6 +55,20 @@ def from_pretrained(loader: Any, model: str, **kwargs: Any) -> Any:
     # transformers' "not a local folder and not on the Hub", offline and "no weights" errors are OSErrors
     except OSError as e:
         raise FileNotFoundError(f"model {model!r}: {one_line(e)}") from e
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Inside, transformers logs errors only: e.g. its report of a head the checkpoint lacks, when an adapter about
+    to be loaded provides it."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_tokenizer(model: str) -> Any:
