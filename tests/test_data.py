@@ -317,7 +317,9 @@ def test_a_folder_validation_split_is_the_eval_data_without_eval_file(tmp_path, 
     folder = write_folder(tmp_path / "csv_data", FOLDER_LAYOUTS["csv"])
     data = build_datasets(cfg(tmp_path, folder, eval_split=0.5), bert_tok, "classification")
     assert len(data.train) == 3 and len(data.eval) == 3
-    assert build_datasets(cfg(tmp_path, folder), bert_tok, "classification").eval is None  # eval_split 0: none
+    assert (
+        build_datasets(cfg(tmp_path, folder), bert_tok, "classification").eval is None
+    )  # eval_split 0: none
 
 
 def test_folder_with_one_file_serves_both_fields(tmp_path):
@@ -579,12 +581,61 @@ def test_clm_blocks(tmp_path, gpt_tok):
     path = tmp_path / "raw.txt"
     path.write_text("\n".join(lines) + "\n")
     data = build_datasets(cfg(tmp_path, path, block_size=4), gpt_tok, "clm")
-    stream = [t for line in lines if line for t in ids(line) + [EOS]]  # empty lines add nothing
+    # A text file is one stream: its lines keep their line breaks (which this word-level tokenizer drops) and run
+    # on into the next, with no EOS between them.
+    stream = [t for line in lines for t in ids(line)]
     blocks = [stream[i : i + 4] for i in range(0, len(stream) // 4 * 4, 4)]
     assert data.train["input_ids"] == blocks
     assert data.train["labels"] == blocks
     capped = build_datasets(cfg(tmp_path, path, block_size=4, max_train_samples=2), gpt_tok, "clm")
     assert len(capped.train) == 2 and all(b in blocks for b in capped.train["input_ids"])
+
+
+def test_clm_documents_end_with_eos_and_only_the_last_partial_block_is_lost(tmp_path, gpt_tok):
+    docs = [" ".join(["good", "film"][: 1 + i % 2]) for i in range(2500)]  # more rows than one map batch
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    data = build_datasets(cfg(tmp_path, path, block_size=7), gpt_tok, "clm")
+    stream = [t for d in docs for t in ids(d) + [EOS]]
+    assert data.train["input_ids"] == [stream[i : i + 7] for i in range(0, len(stream) // 7 * 7, 7)]
+
+
+def test_csv_cells_are_read_as_written(tmp_path, bert_tok, gpt_tok):
+    (tmp_path / "n.csv").write_text("text,label\n007,1.0\n1e3,0\ngood,1\n")
+    table = load_table(str(tmp_path / "n.csv"), cache_dir=str(tmp_path / "hf-cache"))
+    assert table["text"] == ["007", "1e3", "good"]
+    data = build_datasets(cfg(tmp_path, tmp_path / "n.csv"), bert_tok, "classification")
+    assert data.label_names == ["0", "1"] and data.train["labels"] == [1, 0, 1]  # "1.0" is the class "1"
+    # TSV: a quote is an ordinary character
+    (tmp_path / "q.tsv").write_text('text\tlabel\n"good" movie\tpos\n"bad plot\tneg\n')
+    assert load_table(str(tmp_path / "q.tsv"), cache_dir=str(tmp_path / "hf-cache"))["text"] == [
+        '"good" movie',
+        '"bad plot',
+    ]
+
+
+def test_sentence_pairs_are_separated_for_tokenizers_that_do_not_mark_pairs(tmp_path, gpt_tok):
+    df = pd.DataFrame({"a": ["good movie"], "b": ["great film"], "y": ["pos"]})
+    path = write(df, tmp_path / "p.csv")
+    data = build_datasets(
+        cfg(
+            tmp_path,
+            path,
+            text_column="a",
+            text_pair_column="b",
+            label_column="y",
+            label_names=["neg", "pos"],
+        ),
+        gpt_tok,
+        "classification",
+    )
+    assert data.train["input_ids"][0] == [*ids("good movie"), EOS, *ids("great film")]
+
+
+def test_integer_labels_that_tie_keep_one_order():
+    from lorafa.data import _sorted_labels
+
+    assert _sorted_labels({"1", "01", "2"}) == ["01", "1", "2"]
 
 
 # ----------------------------------------------------------------------------------------------------- errors

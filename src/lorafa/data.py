@@ -19,6 +19,7 @@ cache files.
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import re
@@ -253,7 +254,16 @@ def load_table(path: str, field: str = "train_file", cache_dir: str | None = Non
             raise ValueError(f"{field}: cannot read {resolved}: supported file types are {supported}")
         if resolved.stat().st_size == 0:
             raise ValueError(f"{field}: {resolved} is empty")
-        kwargs = {"sep": "\t"} if Path(stem).suffix == ".tsv" else {}
+        kwargs: dict[str, Any] = {}
+        if reader == "csv":
+            # In a TSV file a quote is an ordinary character (GLUE's files hold unpaired quotes).
+            if Path(stem).suffix == ".tsv":
+                kwargs.update(sep="\t", quoting=csv.QUOTE_NONE)
+            # Cells as written: pandas would read "007" as 7.0 and "1e3" as 1000.0 (labels are parsed later, per
+            # task), so every column is read as a string column.
+            kwargs["features"] = _string_features(resolved, kwargs)
+        elif reader == "text":
+            kwargs["keep_linebreaks"] = True  # clm continues a line into the next (see _tokenize_clm)
         try:
             ds = getattr(datasets.Dataset, f"from_{reader}")(str(resolved), cache_dir=cache_dir, **kwargs)
         except Exception as e:  # datasets wraps parser errors in several types; all mean "bad file" here
@@ -284,6 +294,18 @@ def _load_hub(spec: str, hub: tuple[str, str | None, str | None], field: str, ca
             loaded, field, spec, hint=f"; name one as {name}{f':{config}' if config else ''}@SPLIT"
         )
     return loaded
+
+
+def _string_features(path: Path, read_kwargs: dict[str, Any]) -> Any:
+    """datasets Features declaring every column of a CSV/TSV file (its header, read by pandas) a string."""
+    import datasets
+    import pandas as pd
+
+    try:
+        header = pd.read_csv(path, nrows=0, **read_kwargs).columns
+    except Exception:  # an unreadable file: let datasets' reader report it
+        return None
+    return datasets.Features({str(c): datasets.Value("string") for c in header})
 
 
 def _load_folder(resolved: Path, field: str, cache_dir: str | None) -> Any:
@@ -384,6 +406,8 @@ def _label_key(value: Any) -> str | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     key = str(value).strip()
+    if re.fullmatch(r"-?\d+\.0+", key):  # "1.0" as a CSV file holds a float column's 1.0
+        key = key.split(".")[0]
     return key or None
 
 
@@ -403,7 +427,7 @@ def _label_keys(ds: Any, column: str) -> list[str | None]:
 def _sorted_labels(keys: set[str]) -> list[str]:
     """Integers in numeric order (so 0..K-1 keep their ids), anything else alphabetically."""
     if all(re.fullmatch(r"-?\d+", k) for k in keys):
-        return sorted(keys, key=int)
+        return sorted(keys, key=lambda k: (int(k), k))  # "01" and "1" tie on int: keep a fixed order
     return sorted(keys)
 
 
@@ -519,9 +543,17 @@ def _texts(batch: dict[str, list[Any]], role: str) -> list[str]:
 
 
 def _tokenize_classification(tokenizer: Any, cfg: DataConfig, pair: bool) -> _BatchFn:
+    # A tokenizer that marks pairs with special tokens (BERT, RoBERTa, T5...) encodes a pair itself; one that adds
+    # none (GPT-2, SmolLM2) would run the two texts together, so they get its EOS (else a line break) between them.
+    marks_pairs = tokenizer.num_special_tokens_to_add(pair=True) > 0
+    joiner = None if marks_pairs else (tokenizer.eos_token or "\n")
+
     def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        texts = _texts(batch, "text_column")
         pairs = _texts(batch, "text_pair_column") if pair else None
-        enc = tokenizer(_texts(batch, "text_column"), pairs, truncation=True, max_length=cfg.max_length)
+        if pairs is not None and joiner is not None:
+            texts, pairs = [a + joiner + b for a, b in zip(texts, pairs, strict=True)], None
+        enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length)
         return {**enc, "labels": batch["label_column"]}
 
     return fn
@@ -601,11 +633,16 @@ def _tokenize_clm(tokenizer: Any, cfg: DataConfig) -> _BatchFn:
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
     def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        # Documents are joined with EOS and cut into equal blocks; the tail of each 1000-row batch that does not
-        # fill a block is dropped, as in Hugging Face's run_clm.py.
-        texts = [t for t in _texts(batch, "text_column") if t.strip()]
+        # Rows are joined into one stream cut into equal blocks (the map runs over all rows at once, so only the
+        # stream's last partial block is dropped). A row ending in a line break (a text file's lines, read with
+        # them) continues into the next; any other row is a document and ends with EOS.
+        texts = [t for t in _texts(batch, "text_column") if t.strip() or t.endswith("\n")]
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        stream = [tok for ids in encoded for tok in ids + eos]
+        stream = [
+            tok
+            for t, ids in zip(texts, encoded, strict=True)
+            for tok in ids + ([] if t.endswith("\n") else eos)
+        ]
         n = len(stream) // cfg.block_size * cfg.block_size
         blocks = [stream[i : i + cfg.block_size] for i in range(0, n, cfg.block_size)]
         return {
@@ -640,7 +677,10 @@ def _prepare(ds: Any, cfg: DataConfig, tokenizer: Any, task: str, field: str, ca
         ds = _subset(ds, cap, cfg.seed)
     tokenize = _TOKENIZERS[task](tokenizer, cfg)
     desc = f"{field}: tokenizing for {task}"
-    ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=desc, **_in_memory())
+    rows_per_call = {"batch_size": None} if task == "clm" else {}  # clm: one stream, one partial block lost
+    ds = ds.map(
+        tokenize, batched=True, remove_columns=ds.column_names, desc=desc, **rows_per_call, **_in_memory()
+    )
     if task == "sft":
         # An example whose prompt fills max_length has no answer token left to learn from.
         before = len(ds)
