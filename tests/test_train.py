@@ -197,6 +197,27 @@ def test_epoch_batches_split_the_global_batch_across_processes(n, batch, world):
     assert epoch_batches(n, batch, 1, 3) != epoch_batches(n, batch, 2, 3)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_half_precision_model_trains_its_head_in_fp32(toys, tmp_path, dtype):
+    from lorafa.evaluate import load_trained
+
+    out = tmp_path / "run"
+    metrics = train(_config(toys, out, f"model_dtype={dtype}", "max_steps=4", "lr=2e-3"))
+    assert math.isfinite(metrics["eval_loss"])  # fp16 AdamW on the head turned it NaN within two steps before
+    head = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert {v.dtype for k, v in head.items() if "classifier" in k} == {torch.float32}
+    model, _, _ = load_trained(out)
+    assert next(model.parameters()).dtype == getattr(torch, dtype)  # the rest stays as loaded
+
+
+def test_the_log_records_the_lr_each_step_used(toys, tmp_path):
+    out = tmp_path / "run"
+    train(_config(toys, out, "max_steps=4", "warmup_steps=2", "logging_every=1", "lr=0.01"))
+    logged = [r["lr"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "lr" in r]
+    # the schedule's factors for steps 1..4 (warm-up 1/3, 2/3; then linear decay from the peak over 2 steps)
+    assert logged == pytest.approx([0.01 / 3, 0.02 / 3, 0.01, 0.005])
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
 def test_schedule_warms_up_then_decays(schedule):
     total, warmup, lr = 20, 5, 0.1

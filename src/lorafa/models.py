@@ -131,6 +131,37 @@ def load_model(
     return loaded
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _train_in_fp32(module: nn.Module) -> None:
+    """Keep a fully trained module of a half-precision model (a task head) in fp32, as the adapters are.
+
+    AdamW on fp16 weights underflows (its eps and small second moments round to 0, so the head turns NaN within a
+    step or two) and bf16 rounds small updates away. The module computes in fp32 on its inputs upcast, and hands
+    its output back in the model's dtype, so the layers around it see what they saw before.
+    """
+    dtypes = {p.dtype for p in module.parameters()}
+    if not dtypes or not dtypes <= set(_HALF):
+        return
+    (dtype,) = dtypes if len(dtypes) == 1 else (torch.bfloat16,)
+    module.float()
+
+    def upcast(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        def f(x: Any) -> Any:
+            return x.float() if isinstance(x, torch.Tensor) and x.dtype in _HALF else x
+
+        return tuple(f(a) for a in args), {k: f(v) for k, v in kwargs.items()}
+
+    def downcast(_: nn.Module, args: Any, out: Any) -> Any:
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float32:
+            return out.to(dtype)
+        return out
+
+    module.register_forward_pre_hook(upcast, with_kwargs=True)
+    module.register_forward_hook(downcast)
+
+
 def prepare_model(
     model: nn.Module,
     method: str,
@@ -167,6 +198,8 @@ def prepare_model(
             heads = classification_head_names(model) if classify else new_module_names(model)
             settings["modules_to_save"] = heads or None
         add_lorafa(model, LoRAFAConfig(**settings))
+        for name in getattr(model, "lorafa_modules_to_save", []):
+            _train_in_fp32(model.get_submodule(name))
     if cheap_recompute:
         try:
             from lorafa.recompute import enable_cheap_recompute

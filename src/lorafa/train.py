@@ -205,6 +205,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         grad_norm = None
         if cfg.max_grad_norm:
             grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+        lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler moves on below)
         optimizer.step()
         if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf gradients
             scheduler.step()
@@ -223,7 +224,6 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
         # ---- logging, evaluation, checkpoints
         peak = peak_memory_bytes(accelerator.device)
-        lr = scheduler.get_last_lr()[0]
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", mem=_gib(peak), refresh=False)
         progress.update(1)
         if state.step % cfg.logging_every == 0 or state.step == total_steps:
@@ -387,7 +387,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
-    """Linear warm-up from 0, then linear or cosine decay to 0 at `total_steps` (or constant)."""
+    """Linear warm-up, then linear or cosine decay to 0 at `total_steps` (or constant).
+
+    Warm-up lasts W = warmup_steps or floor(warmup_ratio · total_steps) steps; step k = 1..W uses k/(W+1) of the
+    peak lr, so no step runs at lr 0 (Hugging Face's schedules start at 0 and take ceil for the ratio). Decay then
+    runs over the remaining steps; step k > W uses 1 − (k−1−W)/(total−W) of the peak (linear).
+    """
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
