@@ -50,6 +50,7 @@ _UNSUPPORTED: dict[str, Any] = {
     "lora_bias": False,
     "target_parameters": None,
     "trainable_token_indices": None,
+    "layer_replication": None,
 }
 # PEFT inits that rewrite the base weights when the adapter is loaded (W - s·B0·A0 and the like); lorafa loads
 # into unmodified base weights, so their outputs would differ. PEFT can convert such an adapter to plain LoRA at

@@ -454,6 +454,9 @@ RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.json", "loss.png", "labels.jso
 
 
 def _clear_outputs(out: Path) -> None:
+    if not ((out / "metrics.json").exists() or (out / "train_log.jsonl").exists()):
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # not a run folder: touch nothing else
+        return
     if (out / "metrics.json").exists():
         logger.warning(
             "output_dir %s holds a finished run; replacing it (resume=%s would continue it)", out, out
