@@ -4,8 +4,10 @@ switched on by `planning_mode` (see `lorafa.planner`'s docstring)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,28 +70,26 @@ def _fused_dropout(
     return torch.native_dropout(input, p, True)[0]
 
 
-def _cpu_math_path(args: tuple[object, ...], kwargs: dict[str, object]) -> bool:
+def _sdpa_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """F.scaled_dot_product_attention's arguments by name, defaults filled in."""
+    bound = inspect.signature(_flash_sdpa).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _cpu_math_path(a: dict[str, Any]) -> bool:
     """Whether CPU SDPA runs its math path (keeping the T×T probabilities, and dropout noise, as eager attention
     does) instead of its flash kernel: with attention dropout, or with an additive mask that needs a gradient
     (T5's relative position bias when it trains)."""
-    p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
-    mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-    return float(p) > 0 or (isinstance(mask, Tensor) and mask.requires_grad)  # type: ignore[arg-type]
+    mask = a["attn_mask"]
+    return float(a["dropout_p"]) > 0 or (isinstance(mask, Tensor) and mask.requires_grad)
 
 
-def _math_sdpa(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> Tensor:
+def _math_sdpa(a: dict[str, Any]) -> Tensor:
     out, _ = torch.ops.aten._scaled_dot_product_attention_math(
-        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
-    )
+        a["query"], a["key"], a["value"], a["attn_mask"], a["dropout_p"], a["is_causal"],
+        scale=a["scale"], enable_gqa=a["enable_gqa"],
+    )  # fmt: skip
     return out
 
 
@@ -113,8 +113,9 @@ class _MetaPlanningMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         if self.flash and func is F.scaled_dot_product_attention:
-            if not self.fused_dropout and _cpu_math_path(args, kwargs):
-                return _math_sdpa(*args, **kwargs)
+            named = _sdpa_arguments(args, kwargs)
+            if not self.fused_dropout and _cpu_math_path(named):
+                return _math_sdpa(named)
             return _flash_sdpa(*args, **kwargs)
         if self.fused_dropout and func is F.dropout and args[0].device.type == "meta":
             out = _fused_dropout(*args, **kwargs)
