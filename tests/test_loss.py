@@ -253,3 +253,31 @@ def test_mismatch_check_finds_a_transform_it_does_not_know(monkeypatch):
     monkeypatch.setattr(loss, "_head_transform", lambda config: (3.0, None))
     problem = loss.chunked_loss_mismatch(model, batch)
     assert problem is not None and "own loss" in problem
+
+
+def test_fp16_gradients_survive_until_the_loss_scale_arrives():
+    # fp16 training scales the loss (GradScaler) so that small gradients do not underflow; the chunked loss computes
+    # its gradients in forward, before that factor exists, so it must keep them scaled itself.
+    torch.manual_seed(0)
+    n, d, vocab, scale = 2048, 16, 32000, 65536.0
+    h32, w32 = torch.randn(n, d), torch.randn(vocab, d) * 0.05
+    labels = torch.randint(0, vocab, (n,))
+
+    def grads(fn, dtype):
+        h = h32.clone().to(dtype).requires_grad_()
+        w = w32.clone().to(dtype).requires_grad_()
+        (fn(h, w) * (scale if dtype == torch.float16 else 1.0)).backward()
+        k = scale if dtype == torch.float16 else 1.0
+        return h.grad.float() / k, w.grad.float() / k
+
+    def plain(h, w):
+        return F.cross_entropy(F.linear(h, w).float(), labels)
+
+    def chunked(h, w):
+        return linear_cross_entropy(h[None], w, labels[None], shift_labels=False, chunk_size=256)
+
+    ref = grads(plain, torch.float32)
+    for ours, theirs in zip(grads(chunked, torch.float16), grads(plain, torch.float16), strict=True):
+        want = ref[0] if ours.shape == ref[0].shape else ref[1]
+        err = lambda x: float((x - want).norm() / want.norm())  # noqa: E731
+        assert err(ours) < 3 * err(theirs) + 1e-3

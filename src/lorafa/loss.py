@@ -14,6 +14,7 @@ masking in SFT also saves their compute.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,6 +73,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
         db = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_db else None
 
+        # fp16 keeps the stored gradients scaled by S (a power of two, so exactly undone in backward): unscaled,
+        # a probability / n of ~1e-8 underflows fp16 before a GradScaler's factor arrives in backward, as it does not
+        # on the plain path, which multiplies by that factor first. S·g stays below 256·logit_scale.
+        store = 2.0 ** (round(math.log2(max(normalizer, 1.0))) + 8) if weight.dtype == torch.float16 else 1.0
         for start in range(0, n_rows, chunk_size):
             hc = h[start : start + chunk_size]  # (c, d)
             yc = targets[start : start + chunk_size]  # (c,)
@@ -93,6 +98,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g.mul_(1.0 - tanh_z * tanh_z)
             if logit_scale != 1.0:
                 g.mul_(logit_scale)
+            if store != 1.0:
+                g.mul_(store)
             if db is not None:
                 db += g.sum(0)
             # Like the plain path, whose fp32 upcast hands the head a gradient in the head's dtype.
@@ -109,12 +116,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             dw.to(weight.dtype) if dw is not None else None,
             db.to(bias.dtype) if db is not None and bias is not None else None,
         )
+        ctx.store = store
         return loss_sum / normalizer
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         dh, dw, db = ctx.saved_tensors
-        # The loss is a scalar, so each stored gradient only needs the incoming scalar factor.
+        # The loss is a scalar, so each stored gradient only needs the incoming scalar factor (and 1/S in fp16).
+        if ctx.store != 1.0:
+            grad_loss = grad_loss / ctx.store
         grad_h = dh * grad_loss if dh is not None else None  # (N, d)
         grad_w = dw * grad_loss if dw is not None else None  # (V, d)
         grad_b = db * grad_loss if db is not None else None  # (V,)
