@@ -210,10 +210,32 @@ def test_a_half_precision_model_trains_its_head_in_fp32(toys, tmp_path, dtype):
     assert next(model.parameters()).dtype == getattr(torch, dtype)  # the rest stays as loaded
 
 
+def test_yaml_booleans_in_text_fields_and_flag_types(tmp_path):
+    from lorafa.config import LoRAFAConfig
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: m\ndata: {train_file: t, label_names: [false, true]}\nmixed_precision: no\n")
+    cfg = load_config(config)
+    assert cfg.data.label_names == ["false", "true"] and cfg.mixed_precision == "no"
+    for bad in (
+        dict(use_rslora="no"),
+        dict(projection="yes"),
+        dict(exclude_modules="query"),
+        dict(lora_alpha=True),
+    ):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LoRAFAConfig(**bad)
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match=r"broken.yaml is not valid YAML \(line"):
+        load_config(tmp_path / "broken.yaml")
+
+
 def test_the_log_records_the_lr_each_step_used(toys, tmp_path):
     out = tmp_path / "run"
     train(_config(toys, out, "max_steps=4", "warmup_steps=2", "logging_every=1", "lr=0.01"))
-    logged = [r["lr"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "lr" in r]
+    logged = [
+        r["lr"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "lr" in r
+    ]
     # the schedule's factors for steps 1..4 (warm-up 1/3, 2/3; then linear decay from the peak over 2 steps)
     assert logged == pytest.approx([0.01 / 3, 0.02 / 3, 0.01, 0.005])
 

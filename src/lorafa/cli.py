@@ -146,7 +146,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         from lorafa.train import dry_run
 
-        print(cfg.to_yaml().rstrip())
+        print(cfg.with_absolute_paths().to_yaml().rstrip())
         report = dry_run(cfg)
         print("---")
         print(f"data: {report['data']}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -55,10 +56,24 @@ class LoRAFAConfig:
         """Raise ValueError naming the first invalid field."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.lora_alpha, int | float) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, int | float) or not 0.0 <= self.lora_dropout < 1.0:
+        alpha = self.lora_alpha
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, int | float)
+            or not math.isfinite(alpha)
+            or alpha <= 0
+        ):
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
+        p = self.lora_dropout
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        for flag in ("use_rslora", "projection"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if not isinstance(self.exclude_modules, list | tuple) or not all(
+            isinstance(m, str) and m for m in self.exclude_modules
+        ):
+            raise ValueError(f"exclude_modules must be a list of module names, got {self.exclude_modules!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
         if self.init_lora_weights not in INITS:
@@ -100,7 +115,9 @@ class LoRAFAConfig:
             or not all(isinstance(m, str) for m in self.modules_to_save)
         ):
             raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
-        if self.init_seed is not None and not isinstance(self.init_seed, int):
+        if self.init_seed is not None and (
+            isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)
+        ):
             raise ValueError(f"init_seed must be an int or None, got {self.init_seed!r}")
 
     def to_dict(self) -> dict[str, Any]:

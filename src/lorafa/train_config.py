@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -213,6 +214,7 @@ def _check_float(name: str, value: Any, positive: bool = False) -> None:
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
+        or not math.isfinite(value)
         or value < 0
         or (positive and value == 0)
     ):
@@ -266,7 +268,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {p} is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"config file {p} is not valid YAML{where}: {problem}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -420,8 +425,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise bad
     if hint is str:
         if isinstance(value, bool):
-            # YAML 1.1 reads a bare `no`/`off` as false, e.g. `mixed_precision: no`.
-            return "yes" if value else "no"
+            # YAML 1.1 reads a bare `no`/`off` as false: `mixed_precision: no` means "no"; elsewhere (a label
+            # written true/false) the word the data files hold.
+            if key == "mixed_precision":
+                return "yes" if value else "no"
+            return "true" if value else "false"
+        if cli and value.strip().lower() in _NONE:
+            raise ValueError(f"{key} must be {_describe(hint)}; it cannot be null")
         if isinstance(value, str):
             return str(value)
         if isinstance(value, int | float):
