@@ -197,6 +197,7 @@ def test_config_file_plus_overrides(toys, tmp_path):
         (["weight_decay=nan"], "weight_decay must be a number >= 0, got nan"),
         (["adapter.lora_alpha=nan"], "lora_alpha must be a finite number > 0"),
         (["output_dir=null"], "output_dir must be a string; it cannot be null"),
+        (["method=full", "model_dtype=float16"], "model_dtype float16 with method full"),
         (["method=qlora"], "method must be one of"),
         (["task=ner"], "task must be one of"),
         (["schedule=step"], "schedule must be one of"),

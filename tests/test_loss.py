@@ -284,3 +284,19 @@ def test_fp16_gradients_survive_until_the_loss_scale_arrives():
         grads(chunked, torch.float16), grads(plain, torch.float16), ref, strict=True
     ):
         assert error(ours, want) < 3 * error(theirs, want) + 1e-3  # dh, then dW
+
+
+def test_an_fp32_head_on_a_half_precision_body():
+    # lorafa.models trains a new head in fp32 on a bf16 model; the chunked loss upcasts the rows as that head does
+    torch.manual_seed(0)
+    model = tiny_model("llama").to(torch.bfloat16).eval()
+    model.lm_head = torch.nn.Linear(64, 97, bias=False)  # fp32, untied
+    batch = make_batch()
+    out = chunked_causal_lm_loss(model, batch, chunk_size=5)
+    hidden = model.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    ref = ForCausalLMLoss(model.lm_head(hidden.float()), batch["labels"], vocab_size=97)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.dtype == torch.float32

@@ -214,6 +214,10 @@ def linear_cross_entropy(
             return LinearCrossEntropy.apply(
                 rows, weight, bias, targets, size, normalizer, logit_scale, softcap
             )
+    if rows.dtype != weight.dtype:
+        # a head kept in fp32 on a half-precision body (lorafa.models' fully trained head) computes on upcast
+        # inputs; the cast is differentiable, so the body gets its gradient in its own dtype
+        rows = rows.to(weight.dtype)
     return LinearCrossEntropy.apply(rows, weight, bias, targets, size, normalizer, logit_scale, softcap)
 
 
@@ -255,8 +259,8 @@ def chunked_loss_mismatch(model: nn.Module, batch: Mapping[str, Any]) -> str | N
         with torch.no_grad():
             try:
                 ours = chunked_causal_lm_loss(model, batch)
-            except ValueError as e:
-                return str(e)
+            except (ValueError, RuntimeError) as e:  # what it refuses, or a head it cannot run
+                return str(e).splitlines()[0] if str(e) else type(e).__name__
             theirs = model(**batch, use_cache=False).loss
     finally:
         model.train(was_training)

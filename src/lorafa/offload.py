@@ -132,7 +132,8 @@ class _OffloadHooks:
             or not _dense(t)
         ):
             return t
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        # _version: a tensor saved, changed in place, then saved again must not get the first copy back
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t._version)
         seen = self._seen.get(key)
         if seen is not None and seen[0]() is not None:
             earlier = seen[1]()

@@ -204,7 +204,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             raise TrainingDiverged(_diverged_message(step_loss, state, out))
         grad_norm = None
         if cfg.max_grad_norm:
-            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+            norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # None under DeepSpeed (it clips)
+            grad_norm = float(norm) if norm is not None else None
         lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler moves on below)
         optimizer.step()
         if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf gradients

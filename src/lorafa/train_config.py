@@ -131,6 +131,11 @@ class TrainConfig:
             raise ValueError(f"data must be a DataConfig, got {type(self.data).__name__}")
         _section("data", self.data.validate)
         _check_choice("model_dtype", self.model_dtype, MODEL_DTYPES)
+        if self.method == "full" and self.model_dtype == "float16":
+            raise ValueError(
+                "model_dtype float16 with method full would train fp16 weights (AdamW underflows them, and fp16 "
+                "loss scaling refuses fp16 gradients); use model_dtype bfloat16 or float32 with mixed_precision fp16"
+            )
         _check_float("lr", self.lr, positive=True)
         _check_float("weight_decay", self.weight_decay)
         _check_float("warmup_ratio", self.warmup_ratio)
