@@ -230,6 +230,20 @@ def test_yaml_booleans_in_text_fields_and_flag_types(tmp_path):
         load_config(tmp_path / "broken.yaml")
 
 
+def test_resume_follows_this_runs_lr_and_leaves_a_finished_run_alone(toys, tmp_path):
+    common = ["schedule=constant", "logging_every=1", "eval_before=false", "checkpoint_every=2"]
+    out, more = tmp_path / "run", tmp_path / "more"
+    train(_config(toys, out, "max_steps=4", *common))
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    train(_config(toys, more, "max_steps=6", "lr=0.005", f"resume={checkpoint}", *common))
+    lrs = [r["lr"] for r in map(json.loads, (more / "train_log.jsonl").read_text().splitlines()) if "lr" in r]
+    assert lrs == [0.005, 0.005]  # steps 5 and 6 at the new lr, not the checkpoint's 0.01
+    before = (out / "metrics.json").read_text()
+    log = (out / "train_log.jsonl").read_text()
+    train(_config(toys, out, "max_steps=4", f"resume={out}", *common))  # nothing left to train
+    assert (out / "metrics.json").read_text() == before and (out / "train_log.jsonl").read_text() == log
+
+
 def test_the_log_records_the_lr_each_step_used(toys, tmp_path):
     out = tmp_path / "run"
     train(_config(toys, out, "max_steps=4", "warmup_steps=2", "logging_every=1", "lr=0.01"))

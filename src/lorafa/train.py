@@ -8,6 +8,7 @@ clipping, the schedule, evaluation, logging and checkpoints (`lorafa.checkpoint`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from lorafa.gradient_init import gradient_init_budget, init_a_from_gradients
 from lorafa.inject import trainable_parameters
 from lorafa.layer import DATA_INITS
 from lorafa.models import LossModel, check_token_ids, load_model, load_tokenizer, prepare_model
-from lorafa.train_config import TrainConfig
+from lorafa.train_config import TrainConfig, config_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     if checkpoint is not None:
         check_resumable(cfg, checkpoint)
         state = load_checkpoint(checkpoint, model, cfg.method == "full", optimizer, scheduler)
+        _follow_this_schedule(optimizer, scheduler, cfg.lr)
         log.truncate_after(state.step)
     else:
         if main:
@@ -165,7 +167,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     # ---- the loop: one iteration = one optimizer step over grad_accum micro-batches
     progress = _progress_bar(total_steps, state.step, main and cfg.progress_bar)
     params = [p for p in model.parameters() if p.requires_grad]
+    if checkpoint is not None and state.step >= total_steps and (out / "metrics.json").is_file():
+        logger.warning("%s already reached step %d of %d: nothing to train; metrics.json kept", checkpoint,
+                       state.step, total_steps)  # fmt: skip
+        return dict(json.loads((out / "metrics.json").read_text()))
     started = time.perf_counter()
+    tokens_before = state.tokens_seen
     step_time, tokens_since_log, time_since_log = 0.0, 0, 0.0
     losses_since_log: list[float] = []
     metrics: dict[str, float] = {}
@@ -274,7 +281,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     metrics.update(
         {
             "train_runtime_s": runtime,
-            "tokens_per_s": state.tokens_seen / max(step_time, 1e-9),
+            "tokens_per_s": (state.tokens_seen - tokens_before)
+            / max(step_time, 1e-9),  # this process's steps
             "peak_memory_bytes": float(peak),
             "trainable_params": float(trainable),
             "total_params": float(total),
@@ -424,11 +432,29 @@ def peak_memory_bytes(device: torch.device) -> int:
     return measure(device)
 
 
+def _follow_this_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> None:
+    """After a resume, the lr of this run's config and schedule at the checkpoint's step.
+
+    The optimizer's and scheduler's saved states carry the old run's peak lr (and its schedule's last value, 0 at
+    the end of a finished run); with unchanged settings this recomputes exactly the same value.
+    """
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    lrs = [lr * fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]
+    for group, value in zip(optimizer.param_groups, lrs, strict=True):
+        group["initial_lr"], group["lr"] = lr, value
+    scheduler._last_lr = lrs
+
+
 def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
-    """Refuse to resume a checkpoint of another model, task, method, adapter or data; the rest may change."""
+    """Refuse to resume a checkpoint of another model, task, method, adapter or data; the rest may change.
+
+    Local paths compare as absolute paths (`runs/x/` and `./runs/x` are one folder)."""
     _, raw = read_state(checkpoint)
     saved = raw.get("config") or {}
-    now = cfg.to_dict()
+    if saved:
+        with contextlib.suppress(ValueError):  # an older or foreign config is compared as it is
+            saved = config_from_dict(saved).with_absolute_paths().to_dict()
+    now = cfg.with_absolute_paths().to_dict()
     for key in ("model", "task", "method", "adapter", "data"):
         if key in saved and saved[key] != now[key]:
             raise ValueError(
