@@ -31,7 +31,7 @@ from torch import nn
 
 from lorafa.bench_models import METHODS, MODELS
 from lorafa.bench_settings import Job
-from lorafa.models import enable_activation_checkpointing
+from lorafa.models import enable_activation_checkpointing, position_limit
 
 __all__ = ["RESULT_PREFIX", "run_job", "worker_main"]
 
@@ -44,9 +44,9 @@ LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 def _make_batch(task: str, model: nn.Module, job: Job, device: torch.device) -> dict[str, Any]:
     """A fixed random batch: token ids over the whole vocabulary (and labels) drawn from `job.seed`."""
     config: Any = model.config
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = position_limit(config)
     if task != "seq2seq" and limit is not None and job.seq > limit:
-        raise ValueError(f"--seq {job.seq} exceeds {job.model}'s max_position_embeddings {limit}")
+        raise ValueError(f"--seq {job.seq} exceeds {job.model}'s {limit} positions (max_position_embeddings)")
     gen = torch.Generator().manual_seed(job.seed)
     ids = torch.randint(0, config.vocab_size, (job.batch, job.seq), generator=gen)
     if task == "causal-lm":

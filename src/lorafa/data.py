@@ -349,10 +349,13 @@ def folder_validation_split(path: str, cache_dir: str | None = None) -> tuple[st
     return None
 
 
-def one_line(e: Exception, limit: int = 300) -> str:
-    """`Type: first line of the message`, cut to `limit` characters (datasets' errors can span many lines)."""
+def one_line(e: Exception, limit: int = 300, with_type: bool = True) -> str:
+    """`Type: first line of the message` (or the line alone), cut to `limit` characters (datasets' and
+    transformers' errors can span many lines)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    text = f"{type(e).__name__}: {lines[0]}" if with_type else lines[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

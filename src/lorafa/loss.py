@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafa.data import one_line
+
 __all__ = ["LinearCrossEntropy", "chunked_causal_lm_loss", "default_chunk_size", "linear_cross_entropy"]
 
 # About 64 MiB of fp32 logits per chunk: large enough for efficient matmuls, small next to any model's weights.
@@ -260,7 +262,7 @@ def chunked_loss_mismatch(model: nn.Module, batch: Mapping[str, Any]) -> str | N
             try:
                 ours = chunked_causal_lm_loss(model, batch)
             except (ValueError, RuntimeError) as e:  # what it refuses, or a head it cannot run
-                return str(e).splitlines()[0] if str(e) else type(e).__name__
+                return one_line(e, with_type=False)
             theirs = model(**batch, use_cache=False).loss
     finally:
         model.train(was_training)

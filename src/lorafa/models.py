@@ -47,6 +47,16 @@ def model_path(model: str) -> str:
     return path
 
 
+def position_limit(config: Any) -> int | None:
+    """The longest sequence the config's learned or fixed positions allow (None: no such limit, e.g. T5)."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not limit:
+        return None
+    if config.model_type in ("roberta", "xlm-roberta"):
+        return int(limit) - 2  # RoBERTa's positions start after the padding index
+    return int(limit)
+
+
 def from_pretrained(loader: Any, model: str, **kwargs: Any) -> Any:
     """`loader.from_pretrained(model_path(model), **kwargs)`, with a Hub failure as one line naming the model."""
     path = model_path(model)

@@ -212,8 +212,7 @@ def memory_main(ns: argparse.Namespace) -> int:
         args = args_from_namespace(ns)
         report = run_planner(args)
     except (ValueError, FileNotFoundError) as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        text = first if len(first) <= 300 else first[:297] + "..."  # transformers' lists of every model type
+        text = one_line(e, with_type=False)  # transformers' errors list every model type
         if "attn_implementation" in str(e):
             text += " (lorafa memory: pass --attention eager)"
         print(f"lorafa memory: error: {text}", file=sys.stderr)

@@ -12,6 +12,7 @@ from torch import nn
 
 from lorafa.inject import resolve_targets
 from lorafa.memory import static_memory
+from lorafa.models import position_limit
 from lorafa.planner_args import PlannerArgs, _alpha, parse_dtype, parse_size
 from lorafa.planner_measure import Activations, measure_activations
 from lorafa.planner_models import (
@@ -196,16 +197,6 @@ def _search(model: nn.Module, ckpt: bool, args: PlannerArgs, config: Any, task: 
     if args.search == "seq":
         upper = min(upper, position_limit(config) or upper)
     return largest_fitting(fits, upper)
-
-
-def position_limit(config: Any) -> int | None:
-    """The longest sequence the config's learned or fixed positions allow (None: no such limit, e.g. T5)."""
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if not limit:
-        return None
-    if config.model_type in ("roberta", "xlm-roberta"):
-        return int(limit) - 2  # RoBERTa's positions start after the padding index
-    return int(limit)
 
 
 def _notes(args: PlannerArgs) -> list[str]:
