@@ -35,6 +35,7 @@ WORDS = [
     "really",
     "not",
     "very",
+    "system",
 ]
 SPECIALS = ["[PAD]", "[UNK]", "<s>", "</s>"]
 VOCAB = {w: i for i, w in enumerate(SPECIALS + WORDS)}
@@ -566,6 +567,109 @@ def test_sft_template_that_is_not_prefix_consistent(tmp_path):
         build_datasets(cfg(tmp_path, _sft_file(tmp_path)), tok, "sft")
 
 
+CHAT = [
+    {"role": "system", "content": "the plot"},
+    {"role": "user", "content": "was the movie good"},
+    {"role": "assistant", "content": "the movie was great"},
+    {"role": "user", "content": "the plot"},
+    {"role": "assistant", "content": "not very good"},
+]
+
+
+def _expect(segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """Reference input_ids and labels from (text, learned) pieces written out in the test."""
+    input_ids, labels = [], []
+    for text, learned in segments:
+        input_ids += ids(text)
+        labels += ids(text) if learned else [IGNORE_INDEX] * len(ids(text))
+    return input_ids, labels
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_conversations_learn_every_assistant_turn(tmp_path):
+    tok = make_tokenizer(bert_like=False)
+    tok.chat_template = CHAT_TEMPLATE
+    # No prompt column: the `messages` column is read as conversations.
+    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT, "id": 1}])
+    example = build_datasets(cfg(tmp_path, path), tok, "sft").train[0]
+    input_ids, labels = _expect(
+        [
+            ("<s> system the plot </s> <s> user was the movie good </s> <s> assistant", False),
+            ("the movie was great </s>", True),
+            ("<s> user the plot </s> <s> assistant", False),
+            ("not very good </s>", True),
+        ]
+    )
+    assert example["input_ids"] == input_ids == ids(tok.apply_chat_template(CHAT, tokenize=False))
+    assert example["labels"] == labels
+    # The same rows in ShareGPT form, in a column named by messages_column, from a CSV cell holding JSON.
+    share = [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "value": m["content"]}
+             for m in CHAT]  # fmt: skip
+    csv_path = write(pd.DataFrame({"chat": [json.dumps(share)], "prompt": ["unused"]}), tmp_path / "chat.csv")
+    other = build_datasets(cfg(tmp_path, csv_path, messages_column="chat"), tok, "sft").train[0]
+    assert (other["input_ids"], other["labels"]) == (input_ids, labels)
+    # Truncation on the right keeps what fits of the first answer.
+    head = "<s> system the plot </s> <s> user was the movie good </s> <s> assistant"
+    cut = build_datasets(cfg(tmp_path, path, max_length=len(ids(head)) + 2), tok, "sft").train[0]
+    assert cut["labels"][-2:] == ids("the movie")
+
+
+def test_sft_conversations_without_a_template(tmp_path, gpt_tok):
+    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
+    example = build_datasets(cfg(tmp_path, path, use_chat_template=False), gpt_tok, "sft").train[0]
+    # Other roles: content + line break, masked; the assistant's content + EOS, learned (no BOS for this tokenizer).
+    input_ids, labels = _expect(
+        [("the plot was the movie good", False), ("the movie was great </s>", True), ("the plot", False),
+         ("not very good </s>", True)]
+    )  # fmt: skip
+    assert (example["input_ids"], example["labels"]) == (input_ids, labels)
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_a_one_turn_conversation_is_a_prompt_response_pair(tmp_path, template):
+    tok = make_tokenizer(bert_like=True)
+    tok.chat_template = CHAT_TEMPLATE
+    pairs = build_datasets(cfg(tmp_path, _sft_file(tmp_path), use_chat_template=template), tok, "sft").train
+    rows = [json.loads(line) for line in _sft_file(tmp_path).read_text().splitlines()]
+    chats = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
+             for r in rows]  # fmt: skip
+    convs = build_datasets(
+        cfg(tmp_path, _jsonl(tmp_path / "c.jsonl", chats), use_chat_template=template), tok, "sft"
+    )
+    assert convs.train["input_ids"] == pairs["input_ids"] and convs.train["labels"] == pairs["labels"]
+
+
+def test_sft_conversation_errors_name_file_column_and_row(tmp_path, gpt_tok, caplog):
+    bad = [{"messages": CHAT}, {"messages": [{"role": "user"}]}]
+    with pytest.raises(
+        ValueError, match=r"train_file: column 'messages' \(messages_column\), row 1: message 0 needs"
+    ):
+        build_datasets(cfg(tmp_path, _jsonl(tmp_path / "bad.jsonl", bad)), gpt_tok, "sft")
+    with pytest.raises(ValueError, match=r"column 'chat' \(messages_column\) not found"):
+        build_datasets(cfg(tmp_path, _jsonl(tmp_path / "ok.jsonl", [{"messages": CHAT}]), messages_column="chat"),
+                       gpt_tok, "sft")  # fmt: skip
+    with pytest.raises(ValueError, match="messages_column must be a column name or None"):
+        cfg(tmp_path, "x.jsonl", messages_column="").validate()
+    # A conversation without an assistant turn has nothing to learn: dropped with a warning.
+    rows = [{"messages": CHAT}, {"messages": CHAT[:2]}]
+    data = build_datasets(cfg(tmp_path, _jsonl(tmp_path / "two.jsonl", rows)), gpt_tok, "sft")
+    assert len(data.train) == 1 and "no assistant turn" in caplog.text
+    # A template that refuses a conversation: the error names the file and the template.
+    tok = make_tokenizer(bert_like=False)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{{ m['content'] }} {% endfor %}"
+    )
+    with pytest.raises(
+        ValueError, match="train_file: use_chat_template: .*chat template fails.*no system role"
+    ):
+        build_datasets(cfg(tmp_path, _jsonl(tmp_path / "sys.jsonl", [{"messages": CHAT}])), tok, "sft")
+
+
 def test_seq2seq_source_and_target(tmp_path, gpt_tok):
     df = pd.DataFrame({"src": ["the movie was good", "bad"], "tgt": ["great film", "not very good"]})
     path = write(df, tmp_path / "s.csv")
@@ -709,7 +813,7 @@ def test_nothing_left_after_split_or_tokenization(tmp_path, gpt_tok):
         build_datasets(cfg(tmp_path, one, eval_split=0.5), gpt_tok, "clm")
     with pytest.raises(ValueError, match="block_size"):
         build_datasets(cfg(tmp_path, one, block_size=64), gpt_tok, "clm")
-    with pytest.raises(ValueError, match="prompt fills max_length"):
+    with pytest.raises(ValueError, match="no example has an answer token within max_length"):
         build_datasets(cfg(tmp_path, _sft_file(tmp_path), max_length=2), gpt_tok, "sft")
     with pytest.raises(ValueError, match="task must be one of"):
         build_datasets(cfg(tmp_path, one), gpt_tok, "translation")
@@ -874,3 +978,39 @@ def test_chatterbot_sft_with_smollm2_chat_template(tmp_path):
         assert example["input_ids"] == tok(full, add_special_tokens=False)["input_ids"]
         n_prompt = len(tok(head, add_special_tokens=False)["input_ids"])
         assert example["labels"] == [IGNORE_INDEX] * n_prompt + example["input_ids"][n_prompt:]
+
+
+@pytest.mark.assets
+def test_multi_turn_conversation_with_smollm2_chat_template(tmp_path):
+    """A real template (default system prompt, turn markers): exactly the assistant turns and their end-of-turn
+    markers are learned, and the pieces join into the ids of the whole rendered conversation."""
+    from transformers import AutoTokenizer
+
+    from lorafa import assets
+
+    try:
+        gguf = assets.smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    chat = [
+        {"role": "user", "content": "Hi there, who are you?"},
+        {"role": "assistant", "content": "A small language model."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "It is 4."},
+    ]
+    path = _jsonl(tmp_path / "c.jsonl", [{"messages": chat}])
+    example = build_datasets(cfg(tmp_path, path), tok, "sft").train[0]
+    whole = tok.apply_chat_template(chat, tokenize=False)
+    assert example["input_ids"] == tok(whole, add_special_tokens=False)["input_ids"]
+    learned, span = [], []
+    for i, label in zip(example["input_ids"], example["labels"], strict=True):
+        if label == IGNORE_INDEX:
+            if span:
+                learned.append(tok.decode(span))
+            span = []
+        else:
+            assert label == i
+            span.append(i)
+    learned.append(tok.decode(span))
+    assert learned == ["A small language model.<|im_end|>\n", "It is 4.<|im_end|>\n"]

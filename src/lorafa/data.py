@@ -8,7 +8,8 @@ for one task:
 
 - `classification`: one text or a text pair → input_ids, attention_mask (token_type_ids), labels = class id
 - `regression`: the same with a float label
-- `sft`: prompt/response → input_ids with labels = -100 on the prompt (only the response is learned)
+- `sft`: prompt/response pairs or whole conversations → input_ids with labels = -100 outside the assistant's
+  turns (see `lorafa.sft`)
 - `seq2seq`: source → input_ids, target → labels (encoder–decoder models)
 - `clm`: raw text → concatenated and cut into `block_size` blocks, labels = input_ids
 
@@ -25,21 +26,20 @@ import math
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorafa.assets import resolve
+from lorafa.sft import CONVERSATION_COLUMNS, IGNORE_INDEX, conversation, pair, tokenize_conversations
 
 logger = logging.getLogger(__name__)
 
 _BatchFn = Callable[[dict[str, list[Any]]], dict[str, list[Any]]]
 
 TASKS = ("classification", "regression", "sft", "seq2seq", "clm")
-IGNORE_INDEX = -100
-"""Label value that Hugging Face losses skip (prompt tokens in sft, padding)."""
 
 # File type → the `datasets.Dataset.from_*` reader. These build the packaged builders directly; `load_dataset`
 # would also ping the Hub to count downloads, which stalls for seconds without a network.
@@ -92,6 +92,11 @@ class DataConfig:
     """Instruction / user turn (sft)."""
     response_column: str = "response"
     """Answer the model learns to produce (sft)."""
+    messages_column: str | None = None
+    """sft: a column of whole conversations, read instead of prompt_column/response_column: each row a list of
+    {"role", "content"} messages (ShareGPT's {"from": "human"|"gpt", "value"} too; a JSON string in CSV). Every
+    assistant turn is learned, everything else masked. None: the `messages` (else `conversations`) column when the
+    data has no prompt_column."""
     source_column: str = "source"
     """Encoder input (seq2seq)."""
     target_column: str = "target"
@@ -138,10 +143,10 @@ class DataConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty column name, got {value!r}")
-        if self.text_pair_column is not None and (
-            not isinstance(self.text_pair_column, str) or not self.text_pair_column
-        ):
-            raise ValueError(f"text_pair_column must be a column name or None, got {self.text_pair_column!r}")
+        for name in ("text_pair_column", "messages_column"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a column name or None, got {value!r}")
         if self.label_names is not None:
             names = self.label_names
             if not isinstance(names, list | tuple) or not all(
@@ -374,15 +379,43 @@ def _pick_split(dataset_dict: Any, field: str, source: Path | str, hint: str = "
 
 def _required_columns(cfg: DataConfig, task: str) -> dict[str, str]:
     """Config field → column name, for the columns `task` reads."""
-    return {role: getattr(cfg, role) for role in _ROLES[task] if getattr(cfg, role) is not None}
+    roles = ("messages_column",) if task == "sft" and cfg.messages_column is not None else _ROLES[task]
+    return {role: getattr(cfg, role) for role in roles if getattr(cfg, role) is not None}
+
+
+def _sft_columns(cfg: DataConfig, train: Any) -> DataConfig:
+    """`cfg` with messages_column set to the data's conversation column when it has one and no prompt_column."""
+    if cfg.messages_column is not None or cfg.prompt_column in train.column_names:
+        return cfg
+    found = next((c for c in CONVERSATION_COLUMNS if c in train.column_names), None)
+    if found is None:
+        return cfg
+    logger.info("sft: no %r column; training on the conversations in %r", cfg.prompt_column, found)
+    return replace(cfg, messages_column=found)
 
 
 def _check_columns(ds: Any, columns: dict[str, str], field: str) -> None:
     for role, column in columns.items():
         if column not in ds.column_names:
+            hint = ""
+            if role == "prompt_column":
+                hint = "; a column of whole conversations is read with messages_column"
             raise ValueError(
-                f"{field}: column {column!r} ({role}) not found; the columns are {ds.column_names}"
+                f"{field}: column {column!r} ({role}) not found; the columns are {ds.column_names}{hint}"
             )
+
+
+def _conversation_table(ds: Any, column: str, field: str) -> Any:
+    """A dataset with one column, messages_column, of checked conversations ([{"role", "content"}, ...])."""
+    import datasets
+
+    rows = []
+    for i, value in enumerate(ds[column]):
+        try:
+            rows.append(conversation(value))
+        except ValueError as e:
+            raise ValueError(f"{field}: column {column!r} (messages_column), row {i}: {e}") from None
+    return datasets.Dataset.from_dict({"messages_column": rows})
 
 
 def _check_texts(ds: Any, columns: dict[str, str], field: str, label_ids: list[int] | None) -> None:
@@ -562,60 +595,16 @@ def _tokenize_classification(tokenizer: Any, cfg: DataConfig, pair: bool) -> _Ba
     return fn
 
 
-def _sft_format(tokenizer: Any, cfg: DataConfig):
-    """Function (prompts, responses) → (prompt token ids, response token ids) per example."""
-    if cfg.use_chat_template and getattr(tokenizer, "chat_template", None):
-
-        def chat(prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-            heads, tails = [], []
-            for prompt, response in zip(prompts, responses, strict=True):
-                user = [{"role": "user", "content": prompt}]
-                head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-                full = tokenizer.apply_chat_template(
-                    [*user, {"role": "assistant", "content": response}], tokenize=False
-                )
-                if not full.startswith(head):
-                    raise ValueError(
-                        "use_chat_template: this tokenizer's chat template renders the prompt differently with "
-                        "and without the answer, so the prompt cannot be masked; set use_chat_template: false"
-                    )
-                heads.append(head)
-                tails.append(full[len(head) :])
-            # The template writes the special tokens (BOS, turn markers, EOS) itself. Prompt and answer are
-            # tokenized apart so the mask boundary is exact and the prompt tokens match those seen at generation.
-            enc_heads = tokenizer(heads, add_special_tokens=False)["input_ids"]
-            enc_tails = tokenizer(tails, add_special_tokens=False)["input_ids"]
-            return enc_heads, enc_tails
-
-        return chat
-
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("use_chat_template: sft without a chat template needs a tokenizer with an eos_token")
-    # Start with BOS exactly when the tokenizer itself starts sequences with it (Llama yes, GPT-2 no).
-    probe = tokenizer("a")["input_ids"]
-    bos = (
-        [tokenizer.bos_token_id]
-        if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
-        else []
-    )
-
-    def plain(prompts: list[str], responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-        heads = tokenizer([p + "\n" for p in prompts], add_special_tokens=False)["input_ids"]
-        tails = tokenizer(responses, add_special_tokens=False)["input_ids"]
-        return [bos + h for h in heads], [t + [eos] for t in tails]
-
-    return plain
-
-
 def _tokenize_sft(tokenizer: Any, cfg: DataConfig) -> _BatchFn:
-    fmt = _sft_format(tokenizer, cfg)
-
     def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        heads, tails = fmt(_texts(batch, "prompt_column"), _texts(batch, "response_column"))
-        input_ids = [(h + t)[: cfg.max_length] for h, t in zip(heads, tails, strict=True)]
-        labels = [([IGNORE_INDEX] * len(h) + t)[: cfg.max_length] for h, t in zip(heads, tails, strict=True)]
-        return {"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids], "labels": labels}
+        if "messages_column" in batch:  # conversations, checked and normalised by _conversation_table
+            conversations = batch["messages_column"]
+        else:
+            conversations = [
+                pair(p, r)
+                for p, r in zip(_texts(batch, "prompt_column"), _texts(batch, "response_column"), strict=True)
+            ]
+        return tokenize_conversations(tokenizer, conversations, cfg.use_chat_template, cfg.max_length)
 
     return fn
 
@@ -681,21 +670,29 @@ def _prepare(ds: Any, cfg: DataConfig, tokenizer: Any, task: str, field: str, ca
     tokenize = _TOKENIZERS[task](tokenizer, cfg)
     desc = f"{field}: tokenizing for {task}"
     rows_per_call = {"batch_size": None} if task == "clm" else {}  # clm: one stream, one partial block lost
-    ds = ds.map(
-        tokenize, batched=True, remove_columns=ds.column_names, desc=desc, **rows_per_call, **_in_memory()
-    )
+    try:
+        ds = ds.map(
+            tokenize, batched=True, remove_columns=ds.column_names, desc=desc, **rows_per_call, **_in_memory()
+        )
+    except ValueError as e:  # e.g. a chat template that refuses a conversation
+        raise ValueError(f"{field}: {e}") from None
     if task == "sft":
-        # An example whose prompt fills max_length has no answer token left to learn from.
+        # An example whose prompt fills max_length (or a conversation without an assistant turn) has no answer
+        # token to learn from.
         before = len(ds)
         ds = ds.filter(_has_answer, input_columns="labels", desc=f"{field}: checking answers", **_in_memory())
         if len(ds) < before:
             logger.warning(
-                "%s: dropped %d sft examples whose prompt fills max_length", field, before - len(ds)
-            )
+                "%s: dropped %d sft examples with no answer token within max_length (the prompt fills it, or "
+                "there is no assistant turn)", field, before - len(ds),
+            )  # fmt: skip
     if task == "clm":
         ds = _subset(ds, cap, cfg.seed)
     if len(ds) == 0:
-        reason = {"sft": "every prompt fills max_length", "clm": "too few tokens for one block of block_size"}
+        reason = {
+            "sft": "no example has an answer token within max_length",
+            "clm": "too few tokens for one block of block_size",
+        }
         raise ValueError(f"{field}: no examples left after tokenization ({reason.get(task, 'no rows')})")
     return ds
 
@@ -727,6 +724,8 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
         if found is not None:
             logger.warning("eval_file not set: evaluating on the %r split of %s", found[0], cfg.train_file)
             eval_ds = found[1]
+    if task == "sft":
+        cfg = _sft_columns(cfg, train)
     columns = _required_columns(cfg, task)
     _check_columns(train, columns, "train_file")
     if eval_ds is not None:
@@ -743,11 +742,16 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
         train_labels = _float_labels(train, cfg.label_column, "train_file")
         eval_labels = _float_labels(eval_ds, cfg.label_column, "eval_file") if eval_ds is not None else None
         num_labels = 1
-    _check_texts(train, columns, "train_file", train_labels if task == "classification" else None)
-    if eval_ds is not None:
-        _check_texts(eval_ds, columns, "eval_file", eval_labels if task == "classification" else None)
-    train = _select_roles(train, columns, train_labels)
-    eval_ds = _select_roles(eval_ds, columns, eval_labels) if eval_ds is not None else None
+    if "messages_column" in columns:
+        train = _conversation_table(train, columns["messages_column"], "train_file")
+        if eval_ds is not None:
+            eval_ds = _conversation_table(eval_ds, columns["messages_column"], "eval_file")
+    else:
+        _check_texts(train, columns, "train_file", train_labels if task == "classification" else None)
+        if eval_ds is not None:
+            _check_texts(eval_ds, columns, "eval_file", eval_labels if task == "classification" else None)
+        train = _select_roles(train, columns, train_labels)
+        eval_ds = _select_roles(eval_ds, columns, eval_labels) if eval_ds is not None else None
     if label_names is not None:
         train = _drop_unlisted(train, "train_file", label_names)
         eval_ds = _drop_unlisted(eval_ds, "eval_file", label_names) if eval_ds is not None else None
