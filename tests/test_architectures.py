@@ -379,3 +379,27 @@ def test_layers_read_directly_by_their_model_are_not_adapted_by_default():
     lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=4, target_modules="all-linear"))
     with pytest.raises(AttributeError, match="would bypass its adapter"):
         model(input_ids=ids, labels=ids, use_cache=False)
+
+
+def test_moe_routers_and_one_output_gates_are_left_to_explicit_targets():
+    base = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    qwen = AutoConfig.for_model(
+        "qwen2_moe", **base, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+        num_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = lorafa.add_lorafa(AutoModelForCausalLM.from_config(qwen), lorafa.LoRAFAConfig(r=8))
+    adapted = {n.split("layers.0.")[1] for n, _ in lorafa.lorafa_layers(model) if "layers.0." in n}
+    assert adapted == {
+        *(f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+        *(f"mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")),
+    }  # not mlp.shared_expert_gate, a Linear(32, 1)
+    phi = AutoConfig.for_model("phimoe", **base, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+    with pytest.warns(UserWarning, match=r"not adapting 2 MoE router or gate layers.*'model.layers.0.mlp.router'"):
+        model = lorafa.add_lorafa(
+            AutoModelForCausalLM.from_config(phi), lorafa.LoRAFAConfig(r=2, target_modules="all-linear")
+        )
+    assert not any("router" in n for n, _ in lorafa.lorafa_layers(model))
+    named = lorafa.add_lorafa(
+        AutoModelForCausalLM.from_config(phi), lorafa.LoRAFAConfig(r=2, target_modules=["q_proj", "router"])
+    )
+    assert sum("router" in n for n, _ in lorafa.lorafa_layers(named)) == 2

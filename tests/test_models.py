@@ -192,3 +192,22 @@ def test_token_ids_outside_the_embedding_table_are_a_clear_error():
     bad = Dataset.from_dict({"input_ids": [[1, 2], [rows]]})
     with pytest.raises(ValueError, match=f"token id {rows}.*{rows} rows"):
         check_token_ids(model, [bad], Tok())
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "camembert", "mpnet", "xlm-roberta"])
+def test_position_limit_is_the_longest_sequence_the_model_runs(model_type):
+    from transformers import AutoConfig, AutoModel
+
+    from lorafa.models import position_limit
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=24,
+    )  # fmt: skip
+    model = AutoModel.from_config(config).eval()
+    limit = position_limit(config)
+    assert limit is not None
+    with torch.no_grad():
+        model(input_ids=torch.full((1, limit), 5))  # runs
+        with pytest.raises((IndexError, RuntimeError)):
+            model(input_ids=torch.full((1, limit + 1), 5))

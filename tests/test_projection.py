@@ -5,7 +5,7 @@ from __future__ import annotations
 import peft.optimizers.lorafa as peft_lorafa
 import pytest
 import torch
-from _tiny import batch, tiny
+from _tiny import VOCAB, batch, tiny
 from peft import LoraConfig, get_peft_model
 from peft.optimizers import create_lorafa_optimizer
 from torch import nn
@@ -71,3 +71,23 @@ def test_adamw_with_projection_matches_peft_lorafa_optimizer(monkeypatch):
         theirs = peft_B[f"base_model.model.{name}.lora_B.default.weight"]
         assert torch.count_nonzero(theirs) > 0
         torch.testing.assert_close(layer.lora_B.weight, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_torch_compile_fullgraph_with_projection():
+    """The projection's cache check (data_ptr) cannot be traced: under compile P is computed in the graph, and the
+    gradients equal eager ones, also after an eager step filled the cache."""
+    ids = torch.randint(0, VOCAB, (2, 8))
+
+    def grads(compiled: bool) -> list[torch.Tensor]:
+        model = lorafa.add_lorafa(tiny("llama"), lorafa.LoRAFAConfig(r=4, projection=True, init_seed=3))
+        for m in model.modules():
+            if isinstance(m, LoRAFALinear):
+                nn.init.normal_(m.lora_B.weight)
+        model(input_ids=ids, labels=ids).loss.backward()  # eager: fills the cache
+        model.zero_grad()
+        run = torch.compile(model, backend="eager", fullgraph=True) if compiled else model
+        run(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    for got, want in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(got, want)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +27,8 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     # are not linear layers, so only attention can be adapted (PEFT's own default here is attention too).
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2": _LLAMA_LIKE,
+    # Attention and the shared expert's MLP; not the shared expert's one-output gate (nor the fused experts).
+    "qwen2_moe": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
@@ -103,7 +106,9 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
             )
     heads = _output_head_names(model)
     saved = _resolve_modules_to_save(model, cfg.modules_to_save or [])
+    experts = _num_experts(model)
     names: list[str] = []
+    passed: list[str] = []
     for name, module in model.named_modules():
         if not name or _name_matches(name, cfg.exclude_modules):
             continue
@@ -111,6 +116,9 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
             continue  # a module trained fully (modules_to_save) is not adapted
         if tm == "all-linear":
             hit = _is_linear(module) and name not in heads
+            if hit and _is_router_or_narrow(name, module, cfg.r, experts):
+                passed.append(name)
+                continue
         elif isinstance(tm, str):
             hit = re.fullmatch(tm, name) is not None
         else:
@@ -125,6 +133,12 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
                 "name the linear layers inside it instead"
             )
         names.append(name)
+    if passed:
+        warnings.warn(
+            f"target_modules=all-linear: not adapting {len(passed)} MoE router or gate layers (an output per "
+            f"expert, or narrower than r={cfg.r}), e.g. {passed[:3]}; name them in target_modules to adapt them",
+            stacklevel=3,
+        )
     if not names:
         if any(True for _ in lorafa_layers(model)):
             raise ValueError("the model already has LoRA-FA adapters: add_lorafa was applied twice")
@@ -133,6 +147,26 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
             f"no module matched target_modules={tm!r}; linear modules in this model include: {linear[:8]}"
         )
     return names
+
+
+def _num_experts(model: nn.Module) -> int | None:
+    """The number of routed experts of a mixture-of-experts config, or None."""
+    config: Any = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        n = getattr(text, attr, None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+            return n
+    return None
+
+
+def _is_router_or_narrow(name: str, module: nn.Module, r: int, experts: int | None) -> bool:
+    """A linear layer that all-linear leaves alone: an MoE router (named *gate*/*router*, one output per expert) or
+    a layer with one output or fewer than r (Qwen2-MoE's shared-expert gate), where a rank-r adapter does not fit."""
+    weight: Any = module.weight  # Linear (d_out, d_in); Conv1D (d_in, d_out)
+    d_out, d_in = (weight.shape[1], weight.shape[0]) if is_conv1d(module) else tuple(weight.shape)
+    router = d_out == experts and any(k in part for part in name.split(".")[-2:] for k in ("gate", "router"))
+    return bool(router or min(d_out, d_in) < r or d_out == 1)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

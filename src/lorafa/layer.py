@@ -193,6 +193,9 @@ class LoRAFALinear(nn.Module):
     def projection_matrix(self) -> Tensor:
         """(A·Aᵀ)⁻¹ / s² for the gradient projection, computed once per A (A is frozen) and cached."""
         A = self.lora_A.weight
+        if torch.compiler.is_compiling():
+            # dynamo traces neither data_ptr() nor a write to the cache: P joins the graph (an r×r inverse per call)
+            return projection_matrix(A, self.scaling)
         key = (A.data_ptr(), A._version)
         if self._proj is None or self._proj_key != key or self._proj.device != A.device:
             self._proj = projection_matrix(A, self.scaling)

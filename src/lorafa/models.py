@@ -47,12 +47,25 @@ def model_path(model: str) -> str:
     return path
 
 
+# Encoders whose position ids count from padding_idx + 1 (RoBERTa's scheme): two of their positions are unusable.
+_PADDING_OFFSET_POSITIONS = (
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "roberta-prelayernorm",
+    "camembert",
+    "mpnet",
+    "longformer",
+    "data2vec-text",
+)
+
+
 def position_limit(config: Any) -> int | None:
     """The longest sequence the config's learned or fixed positions allow (None: no such limit, e.g. T5)."""
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not limit:
         return None
-    if config.model_type in ("roberta", "xlm-roberta"):
+    if config.model_type in _PADDING_OFFSET_POSITIONS:
         return int(limit) - 2  # RoBERTa's positions start after the padding index
     return int(limit)
 
