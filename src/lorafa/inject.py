@@ -10,10 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorafa import hf_save
 from lorafa.config import LoRAFAConfig
 from lorafa.heads import HEAD_NAMES, NEW_KEYS_ATTR, new_module_names
 from lorafa.heads import classification_head_names as classification_head_names  # re-exported, its old home
-from lorafa.layer import LoRAFALinear, is_conv1d
+from lorafa.layer import LoRAFALinear, is_conv1d, linear_dims
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -163,8 +164,7 @@ def _num_experts(model: nn.Module) -> int | None:
 def _is_router_or_narrow(name: str, module: nn.Module, r: int, experts: int | None) -> bool:
     """A linear layer that all-linear leaves alone: an MoE router (named *gate*/*router*, one output per expert) or
     a layer with one output or fewer than r (Qwen2-MoE's shared-expert gate), where a rank-r adapter does not fit."""
-    weight: Any = module.weight  # Linear (d_out, d_in); Conv1D (d_in, d_out)
-    d_out, d_in = (weight.shape[1], weight.shape[0]) if is_conv1d(module) else tuple(weight.shape)
+    d_in, d_out = linear_dims(module)
     router = d_out == experts and any(k in part for part in name.split(".")[-2:] for k in ("gate", "router"))
     return bool(router or min(d_out, d_in) < r or d_out == 1)
 
@@ -229,6 +229,7 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
             p.requires_grad_(True)
     model.lorafa_config = cfg  # type: ignore[assignment]
     model.lorafa_modules_to_save = saved  # type: ignore[assignment]
+    hf_save.install(model)
     return model
 
 
@@ -332,6 +333,7 @@ def remove_lorafa(model: nn.Module, merge: bool = True) -> nn.Module:
     for attr in ("lorafa_config", "lorafa_modules_to_save"):
         if hasattr(model, attr):
             delattr(model, attr)
+    hf_save.uninstall(model)
     return model
 
 

@@ -37,6 +37,15 @@ def _bias(module: nn.Module) -> Tensor | None:
     return cast("Tensor | None", getattr(module, "bias", None))
 
 
+def _base_layer_under_plain_names(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook: the base layer's tensors under the names they had before add_lorafa
+    (`<layer>.weight`, as `save_pretrained` of an adapted model writes them) load into `<layer>.base_layer.weight`."""
+    for local in cast(nn.Module, module.base_layer).state_dict(keep_vars=True):
+        plain, nested = prefix + local, f"{prefix}base_layer.{local}"
+        if plain in state_dict and nested not in state_dict:
+            state_dict[nested] = state_dict.pop(plain)
+
+
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an `nn.Linear` or `Conv1D`."""
     if is_conv1d(module):
@@ -159,6 +168,7 @@ class LoRAFALinear(nn.Module):
         """Set by `add_lorafa(share_a=True)`: layers with the same group hold equal A's and share u per input."""
         self.a_pending = init_lora_weights in DATA_INITS
         """A waits for `lorafa.init_a_from_gradients` (or `load_adapter`); training forward passes refuse to run."""
+        self.register_load_state_dict_pre_hook(_base_layer_under_plain_names)
 
     @property
     def in_features(self) -> int:

@@ -1,0 +1,123 @@
+"""`save_pretrained` of an adapted model and transformers.Trainer: one folder that transformers, PEFT and lorafa
+read back as the trained model, and Trainer checkpoints that resume exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _tiny import HEADS, VOCAB, batch, tiny
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+import lorafa
+
+_AUTO = {
+    "llama": AutoModelForCausalLM,
+    "gpt2": AutoModelForCausalLM,
+    "t5": AutoModelForSeq2SeqLM,
+    "bert": AutoModelForSequenceClassification,
+}
+
+
+def _trained(family: str) -> torch.nn.Module:
+    cfg = lorafa.LoRAFAConfig(r=4, lora_dropout=0.1, modules_to_save=HEADS.get(family))
+    model = lorafa.add_lorafa(tiny(family), cfg)
+    torch.manual_seed(1)
+    for _, layer in lorafa.lorafa_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight)
+    for name in model.lorafa_modules_to_save:
+        for p in model.get_submodule(name).parameters():
+            p.data.add_(1.0)
+    return model.eval()
+
+
+def _logits(model: torch.nn.Module, family: str) -> torch.Tensor:
+    inputs = {k: v for k, v in batch(family).items() if family == "t5" or k != "labels"}
+    with torch.no_grad():
+        return model.eval()(**inputs).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "bert"])
+def test_save_pretrained_folder_is_the_trained_model_for_every_reader(family, tmp_path):
+    model = _trained(family)
+    want = _logits(model, family)
+    model.save_pretrained(tmp_path / "out")
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors"} <= names
+    # transformers (PEFT installed): the base from the folder, then its adapter.
+    torch.testing.assert_close(_logits(_AUTO[family].from_pretrained(tmp_path / "out"), family), want)
+    # PEFT and lorafa on a fresh base model.
+    peft = PeftModel.from_pretrained(tiny(family), tmp_path / "out")
+    torch.testing.assert_close(_logits(peft, family), want)
+    ours = lorafa.load_adapter(tiny(family), tmp_path / "out")
+    torch.testing.assert_close(_logits(ours, family), want, atol=0, rtol=0)
+
+
+def test_saved_weights_resume_into_an_adapted_model_and_merge_state_is_kept(tmp_path):
+    from safetensors.torch import load_file
+
+    model = _trained("llama")
+    want = _logits(model, "llama")
+    lorafa.merge_lorafa(model)
+    model.save_pretrained(tmp_path / "out")
+    assert all(layer.merged for _, layer in lorafa.lorafa_layers(model))
+    # What Trainer's resume does: the folder's model weights into an adapted model of other values, non-strictly.
+    other = lorafa.add_lorafa(tiny("llama", seed=5), lorafa.LoRAFAConfig(r=4, init_seed=9))
+    result = other.load_state_dict(load_file(str(tmp_path / "out" / "model.safetensors")), strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    torch.testing.assert_close(_logits(other, "llama"), want)
+    # Saved unmerged: loading base + adapter does not add s·B·A twice.
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), "llama"), want)
+
+
+def test_copies_carry_a_working_save_pretrained_and_remove_lorafa_restores_the_plain_one(tmp_path):
+    model = _trained("llama")
+    copied = copy.deepcopy(model)
+    assert copied.save_pretrained.model is copied
+    copied.save_pretrained(tmp_path / "copy")
+    torch.testing.assert_close(
+        _logits(lorafa.load_adapter(tiny("llama"), tmp_path / "copy"), "llama"), _logits(model, "llama")
+    )
+    lorafa.remove_lorafa(model)
+    model.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "adapter_config.json").exists()
+    torch.testing.assert_close(
+        _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "plain"), "llama"), _logits(model, "llama")
+    )
+
+
+def _trainer(model: torch.nn.Module, out, max_steps: int):
+    from transformers import Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": (ids := torch.randint(1, VOCAB, (12,), generator=g)), "labels": ids} for _ in range(16)
+    ]
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
+        lr_scheduler_type="constant", save_steps=2, report_to=[], use_cpu=True, seed=0, logging_steps=100,
+        disable_tqdm=True,
+    )  # fmt: skip
+    return Trainer(model=model, args=args, train_dataset=rows)
+
+
+def test_trainer_save_model_and_checkpoint_resume(tmp_path):
+    def fresh() -> torch.nn.Module:
+        return lorafa.add_lorafa(tiny("llama").train(), lorafa.LoRAFAConfig(r=4, lora_dropout=0.1)).train()
+
+    whole = fresh()
+    _trainer(whole, tmp_path / "a", 4).train()
+    stopped = fresh()
+    # Writes checkpoint-2; with a constant lr its two steps are the uninterrupted run's first two.
+    _trainer(stopped, tmp_path / "b", 2).train()
+    resumed = fresh()
+    _trainer(resumed, tmp_path / "b", 4).train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    for (_, a), (_, b) in zip(lorafa.lorafa_layers(whole), lorafa.lorafa_layers(resumed), strict=True):
+        assert a.lora_B.weight.abs().sum() > 0
+        torch.testing.assert_close(b.lora_B.weight, a.lora_B.weight)
+    trainer = _trainer(whole, tmp_path / "a", 4)
+    trainer.save_model(str(tmp_path / "final"))
+    loaded = lorafa.load_adapter(tiny("llama"), tmp_path / "final")
+    torch.testing.assert_close(_logits(loaded, "llama"), _logits(whole, "llama"), atol=0, rtol=0)
