@@ -612,6 +612,12 @@ def test_sft_conversations_learn_every_assistant_turn(tmp_path):
     csv_path = write(pd.DataFrame({"chat": [json.dumps(share)], "prompt": ["unused"]}), tmp_path / "chat.csv")
     other = build_datasets(cfg(tmp_path, csv_path, messages_column="chat"), tok, "sft").train[0]
     assert (other["input_ids"], other["labels"]) == (input_ids, labels)
+    # Contents as OpenAI-style text parts.
+    parts = [
+        {**m, "content": [{"type": "text", "text": w + " "} for w in m["content"].split()]} for m in CHAT
+    ]
+    split = build_datasets(cfg(tmp_path, _jsonl(tmp_path / "parts.jsonl", [{"messages": parts}])), tok, "sft")
+    assert (split.train[0]["input_ids"], split.train[0]["labels"]) == (input_ids, labels)
     # Truncation on the right keeps what fits of the first answer.
     head = "<s> system the plot </s> <s> user was the movie good </s> <s> assistant"
     cut = build_datasets(cfg(tmp_path, path, max_length=len(ids(head)) + 2), tok, "sft").train[0]

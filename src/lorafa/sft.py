@@ -35,7 +35,8 @@ def conversation(value: Any) -> list[Message]:
     """One row's conversation as [{"role", "content"}, ...], from role/content or ShareGPT from/value messages.
 
     A string is parsed as JSON first (a CSV cell holding a conversation). Roles `human` and `gpt` become `user`
-    and `assistant`; other roles pass through unchanged (only `assistant` turns are learned).
+    and `assistant`; other roles pass through unchanged (only `assistant` turns are learned). A content given as
+    text parts (`[{"type": "text", "text": ...}, ...]`) is joined into one string.
 
     Raises:
         ValueError: not a list of messages, a message without role/content strings, or no messages at all.
@@ -53,6 +54,10 @@ def conversation(value: Any) -> list[Message]:
             raise ValueError(f"message {k} is {_short(m)}, not an object with role and content")
         role = m.get("role") if m.get("role") is not None else m.get("from")
         content = m.get("content") if m.get("content") is not None else m.get("value")
+        if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" for p in content
+        ):
+            content = "".join(str(p.get("text", "")) for p in content)  # OpenAI-style text parts
         if not isinstance(role, str) or not role or not isinstance(content, str):
             raise ValueError(
                 f"message {k} needs a role (or from) and a content (or value) string, got {_short(m)}"
