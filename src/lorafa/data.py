@@ -95,8 +95,8 @@ class DataConfig:
     messages_column: str | None = None
     """sft: a column of whole conversations, read instead of prompt_column/response_column: each row a list of
     {"role", "content"} messages (ShareGPT's {"from": "human"|"gpt", "value"} too; a JSON string in CSV; text-part
-    contents joined). Every assistant turn is learned, everything else masked. None: the `messages` (else `conversations`) column when the
-    data has no prompt_column."""
+    contents joined). Every assistant turn is learned, everything else masked. None: the `messages` (else
+    `conversations`) column when the data has no prompt_column."""
     source_column: str = "source"
     """Encoder input (seq2seq)."""
     target_column: str = "target"
