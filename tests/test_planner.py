@@ -302,6 +302,13 @@ def test_largest_fitting_finds_the_edge_of_a_monotone_predicate(upper):
         assert largest_fitting(fits, upper) == min(edge, upper)
         assert len(calls) <= 2 * math.log2(upper + 1) + 3
         assert all(1 <= c <= upper for c in calls)
+        # A guess: right costs three calls; wrong ones (either side, or out of range) still find the edge.
+        for guess in {min(edge, upper), edge - 3, edge + 5, 1, upper, 0, upper + 9}:
+            calls.clear()
+            assert largest_fitting(fits, upper, guess) == min(edge, upper)
+            assert all(1 <= c <= upper for c in calls)
+            if guess == min(edge, upper) >= 1:
+                assert len(calls) <= 3
 
 
 @pytest.mark.parametrize("method", ["full", "lora-fa"])

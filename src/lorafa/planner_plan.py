@@ -29,14 +29,29 @@ from lorafa.recompute import enable_cheap_recompute
 __all__ = ["largest_fitting", "run_planner"]
 
 
-def largest_fitting(fits: Callable[[int], bool], upper: int) -> int:
+def largest_fitting(fits: Callable[[int], bool], upper: int, guess: int | None = None) -> int:
     """The largest n in [1, upper] with fits(n), for a monotone `fits` (True up to some n, then False); 0 if none.
 
-    Doubling then bisection: about 2·log2(n) calls of `fits`.
+    Doubling then bisection: about 2·log2(n) calls of `fits`. A `guess` of the answer is checked first (fits(guess)
+    and not fits(guess + 1): two calls); a wrong guess only narrows the search.
     """
     if upper < 1 or not fits(1):
         return 0
     lo, hi = 1, 2  # fits(lo) is known True; hi is the next candidate
+    if guess is not None and 1 <= guess <= upper:
+        if fits(guess):
+            if guess == upper or not fits(guess + 1):
+                return guess
+            lo, hi = guess + 1, 2 * (guess + 1)
+        else:
+            hi = guess
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if fits(mid):
+                    lo = mid
+                else:
+                    hi = mid
+            return lo
     while hi <= upper and fits(hi):
         lo, hi = hi, hi * 2
     hi = min(hi, upper + 1)  # fits(hi) is False, or hi is past the bound
@@ -180,9 +195,9 @@ def _target_names(args: PlannerArgs, config: Any, task: str, dtype: torch.dtype)
 def _search(model: nn.Module, ckpt: bool, args: PlannerArgs, config: Any, task: str, budget: int) -> int:
     static = static_memory(model, args.optimizer, args.mixed_precision).total
     options = _options(args)
-    cache: dict[int, bool] = {}
+    cache: dict[int, int] = {}
 
-    def fits(n: int) -> bool:
+    def total(n: int) -> int:
         if n not in cache:
             if args.search == "batch":
                 b, t, tt = n, args.seq_len, args.target_len or args.seq_len
@@ -190,13 +205,22 @@ def _search(model: nn.Module, ckpt: bool, args: PlannerArgs, config: Any, task: 
                 b, t, tt = args.batch_size, n, args.target_len or n
             batch = make_batch(config, task, b, t, tt, "meta")
             acts = measure_activations(model, batch, args.attention, ckpt, device=args.device, **options)
-            cache[n] = static + acts.total <= budget
+            cache[n] = static + acts.total
         return cache[n]
 
+    def fits(n: int) -> bool:
+        return total(n) <= budget
+
     upper = args.max_search
+    guess = None
     if args.search == "seq":
         upper = min(upper, position_limit(config) or upper)
-    return largest_fitting(fits, upper)
+    elif upper >= 2 and fits(1):
+        # Saved activations grow linearly with the batch: the line through batches 1 and 2 predicts the edge,
+        # which largest_fitting then checks by measuring it (and one more).
+        slope = total(2) - total(1)
+        guess = upper if slope <= 0 else max(1, min(upper, 1 + (budget - total(1)) // slope))
+    return largest_fitting(fits, upper, guess)
 
 
 def _notes(args: PlannerArgs) -> list[str]:
