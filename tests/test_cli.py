@@ -77,14 +77,15 @@ def test_train_every_task_and_method(toys, tmp_path, task, method, extra):
         assert any(True for _ in lorafa.lorafa_layers(model))
 
 
-def test_eval_reproduces_metrics_json(toys, tmp_path, capsys):
+@pytest.mark.parametrize("task, precision", [("classification", "no"), ("sft", "bf16")])
+def test_eval_reproduces_metrics_json(toys, tmp_path, capsys, task, precision):
     out = tmp_path / "run"
-    assert main(run_args(toys, "classification", out)) == 0
+    assert main(run_args(toys, task, out, f"mixed_precision={precision}")) == 0
     capsys.readouterr()
     assert main(["eval", str(out), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     saved = json.loads((out / "metrics.json").read_text())
-    for key in EVAL_KEYS["classification"]:
+    for key in EVAL_KEYS[task]:  # bf16 runs are evaluated under the run's autocast, as in training
         assert again[key] == pytest.approx(saved[key], abs=1e-6), key
 
 

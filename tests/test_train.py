@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -244,6 +245,25 @@ def test_resume_follows_this_runs_lr_and_leaves_a_finished_run_alone(toys, tmp_p
     assert (out / "metrics.json").read_text() == before and (out / "train_log.jsonl").read_text() == log
 
 
+def test_resume_refuses_another_batch_size_seed_and_writes_a_repeatable_config(toys, tmp_path):
+    out = tmp_path / "run"
+    train(_config(toys, out, "max_steps=4", "batch_size=4", "checkpoint_every=2"))
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    for change, field in (("batch_size=8", "batch_size"), ("seed=3", "seed")):
+        with pytest.raises(ValueError, match=rf"resume: .*checkpoint-2 was trained with a different {field}"):
+            train(_config(toys, tmp_path / "other", "max_steps=4", "batch_size=4", change, f"resume={checkpoint}"))
+    resumed = tmp_path / "resumed"
+    train(_config(toys, resumed, "max_steps=4", "batch_size=4", "grad_accum=2", f"resume={checkpoint}"))
+    # Its config.yaml repeats the run: it does not resume again.
+    assert load_config(resumed / "config.yaml").resume is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="trains on the GPU where there is one")
+def test_fp16_on_cpu_is_refused(toys, tmp_path):
+    with pytest.raises(ValueError, match="mixed_precision: fp16 does nothing on CPU"):
+        train(_config(toys, tmp_path / "run", "mixed_precision=fp16"))
+
+
 def test_the_log_records_the_lr_each_step_used(toys, tmp_path):
     out = tmp_path / "run"
     train(_config(toys, out, "max_steps=4", "warmup_steps=2", "logging_every=1", "lr=0.01"))
@@ -298,6 +318,31 @@ def test_gradient_accumulation_equals_a_bigger_batch(toys, tmp_path):
     acc = train(_config(toys, tmp_path / "acc", "batch_size=4", "grad_accum=2", "max_steps=3"))
     _assert_same_adapter(tmp_path / "big", tmp_path / "acc", atol=2e-6, rtol=1e-5, trained=True)
     assert big["eval_loss"] == pytest.approx(acc["eval_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("task", ["sft", "seq2seq"])
+def test_gradient_accumulation_weights_micro_batches_by_their_target_tokens(toys, tmp_path, task):
+    # Answers of different lengths: the micro-batches hold different numbers of target tokens, so a mean of their
+    # mean losses would differ from one batch of all of them; token-weighted accumulation does not.
+    data = toys / "data" / f"{task}.csv"
+    if task == "sft":  # the toy answers all have two tokens: give them 1-4 words of the prompt instead
+        rows = pd.read_csv(data)
+        rows["response"] = [" ".join(p.split()[: i % 4 + 1]) for i, p in enumerate(rows["prompt"])]
+        rows.to_csv(data := tmp_path / "sft.csv", index=False)
+
+    def run(out, *extra):
+        args = run_args(toys, task, out, "max_steps=3", "eval_before=false", f"data.train_file={data}", *extra)
+        return train(load_config(None, args[1:]))
+
+    big = run(tmp_path / "big", "batch_size=8")
+    acc = run(tmp_path / "acc", "batch_size=2", "grad_accum=4")
+    _assert_same_adapter(tmp_path / "big", tmp_path / "acc", atol=2e-6, rtol=1e-5, trained=True)
+    assert big["eval_loss"] == pytest.approx(acc["eval_loss"], abs=1e-5)
+    logged = [
+        [r["loss"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+        for out in (tmp_path / "big", tmp_path / "acc")
+    ]
+    assert logged[0] == pytest.approx(logged[1], abs=1e-5)
 
 
 def test_gradient_checkpointing_gives_the_same_adapter(toys, tmp_path):

@@ -326,15 +326,22 @@ def evaluate_run(
         raise type(e)(f"eval data {eval_file}: {message}") from e
     if data.eval is None:
         raise ValueError("no evaluation data: set data.eval_file=FILE (or data.eval_split > 0)")
-    return evaluate(
-        net,
-        data.eval,
-        cfg.task,
-        make_collator(cfg.task, tokenizer),
-        batch_size or cfg.eval_batch_size or 2 * cfg.batch_size,
-        tokenizer=tokenizer,
-        exact_match_samples=cfg.exact_match_samples,
-    )
+    # As training evaluated: on the GPU when there is one, under the run's autocast.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net.to(device)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    if amp == torch.float16 and device.type == "cpu":
+        amp = None  # Accelerate trains fp16 on CPU in fp32 (lorafa train now refuses it)
+    with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
+        return evaluate(
+            net,
+            data.eval,
+            cfg.task,
+            make_collator(cfg.task, tokenizer),
+            batch_size or cfg.eval_batch_size or 2 * cfg.batch_size,
+            tokenizer=tokenizer,
+            exact_match_samples=cfg.exact_match_samples,
+        )
 
 
 def _task_of(model: nn.Module) -> str:
@@ -368,7 +375,14 @@ def generate(
         use_chat_template: Format with the chat template when the tokenizer has one.
         temperature: 0 decodes greedily; > 0 samples.
         raw_text: Continue the prompt as plain text (as clm trains), without template or newline.
+
+    Raises:
+        ValueError: a negative or non-finite temperature, or max_new_tokens < 1.
     """
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     model.eval()
     device = next(model.parameters()).device
     if getattr(model.config, "is_encoder_decoder", False) or raw_text:

@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,12 +34,12 @@ from lorafa.checkpoint import (
     save_checkpoint,
 )
 from lorafa.data import PreparedData, build_datasets, make_collator
-from lorafa.evaluate import base_model_path, evaluate, rows, write_labels
+from lorafa.evaluate import base_model_path, count_targets, evaluate, rows, write_labels
 from lorafa.gradient_init import gradient_init_budget, init_a_from_gradients
 from lorafa.inject import trainable_parameters
 from lorafa.layer import DATA_INITS
 from lorafa.models import LossModel, check_token_ids, load_model, load_tokenizer, prepare_model
-from lorafa.train_config import TrainConfig, config_from_dict
+from lorafa.train_config import TOKEN_TASKS, TrainConfig, config_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
         AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)
+    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate has no fp16 autocast on CPU and would silently train in fp32.
+        raise ValueError("mixed_precision: fp16 does nothing on CPU (it would train in fp32); use bf16 or no")
     check_distributed(accelerator, cfg)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
@@ -143,7 +147,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     log = TrainLog(out / "train_log.jsonl", main, tensorboard=cfg.tensorboard)
     state = TrainState()
     if checkpoint is not None:
-        check_resumable(cfg, checkpoint)
+        check_resumable(cfg, checkpoint, world)
         state = load_checkpoint(checkpoint, model, cfg.method == "full", optimizer, scheduler)
         _follow_this_schedule(optimizer, scheduler, cfg.lr)
         log.truncate_after(state.step)
@@ -157,7 +161,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             log.write({"step": 0, **state.initial_metrics})
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.with_absolute_paths().to_yaml())
+        # Without resume: the file repeats the run (a resumed run's checkpoint is in train_log / its folder).
+        (out / "config.yaml").write_text(replace(cfg.with_absolute_paths(), resume=None).to_yaml())
         if data.label_names is not None:
             write_labels(out, data.label_names)
     if checkpoint is not None:
@@ -182,9 +187,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         t0 = time.perf_counter()
         trainee.train()
         loss_sum = torch.zeros((), device=accelerator.device)
+        host_batches = [collator(rows(data.train, indices)) for indices in group]
+        # Each micro-batch's loss is a mean over its targets (tokens, or examples); weighting it by its share of
+        # the group's targets makes the step's loss and gradient those of one batch of the whole group.
+        weights = micro_batch_weights(host_batches, cfg.task)
         tokens = 0
-        for i, indices in enumerate(group):
-            host_batch = collator(rows(data.train, indices))
+        for i, host_batch in enumerate(host_batches):
             # Counted on the host: no device sync per micro-batch.
             tokens += (
                 int(host_batch["attention_mask"].sum())
@@ -196,12 +204,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             sync = accelerator.no_sync(trainee) if i < len(group) - 1 else nullcontext()
             with sync:
                 loss = trainee(batch)
-                accelerator.backward(loss / len(group))
-            loss_sum += loss.detach().float()
+                accelerator.backward(loss * weights[i])
+            loss_sum += loss.detach().float() * weights[i]
         # One all-reduce gives every process the step's mean loss and the input tokens of all processes.
         stats = torch.stack(
             [
-                loss_sum.double() / len(group),
+                loss_sum.double(),
                 torch.tensor(float(tokens), dtype=torch.float64, device=loss_sum.device),
             ]
         )
@@ -257,7 +265,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             folder = out / "checkpoints" / f"checkpoint-{state.step}"
             save_checkpoint(
                 folder, model, cfg.method == "full", optimizer, scheduler, state, rank, main,
-                accelerator.wait_for_everyone, extra={"total_steps": total_steps, "config": cfg.to_dict()},
+                accelerator.wait_for_everyone, extra={"total_steps": total_steps, "config": cfg.to_dict(), "processes": world},
             )  # fmt: skip
             if main:
                 prune_checkpoints(out, cfg.keep_checkpoints)
@@ -403,6 +411,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
     runs over the remaining steps; step k > W uses 1 − (k−1−W)/(total−W) of the peak (linear).
     """
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    if warmup >= total_steps:
+        logger.warning(
+            "warmup_steps=%d >= the run's %d steps: the lr never reaches its peak (the last step uses %.2g of it)",
+            warmup, total_steps, total_steps / (warmup + 1),
+        )  # fmt: skip
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -445,8 +458,20 @@ def _follow_this_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, lr: 
     scheduler._last_lr = lrs
 
 
-def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
-    """Refuse to resume a checkpoint of another model, task, method, adapter or data; the rest may change.
+def micro_batch_weights(batches: list[dict[str, torch.Tensor]], task: str) -> list[float]:
+    """Each micro-batch's share of the group's loss targets: label tokens for sft/clm/seq2seq (as the loss counts
+    them), examples for classification/regression; equal shares if the group has no target at all."""
+    counts = [
+        count_targets(b["labels"], task) if task in TOKEN_TASKS else int(b["labels"].shape[0]) for b in batches
+    ]
+    total = sum(counts)
+    return [c / total for c in counts] if total > 0 else [1.0 / len(batches)] * len(batches)
+
+
+def check_resumable(cfg: TrainConfig, checkpoint: Path, processes: int = 1) -> None:
+    """Refuse to resume a checkpoint of another model, task, method, adapter or data, or with another batch_size,
+    seed or number of processes (the data position is counted in per-process batches of a seeded order, so those
+    would repeat or skip examples); the rest (lr, schedule, steps, grad_accum, ...) may change.
 
     Local paths compare as absolute paths (`runs/x/` and `./runs/x` are one folder)."""
     _, raw = read_state(checkpoint)
@@ -455,11 +480,16 @@ def check_resumable(cfg: TrainConfig, checkpoint: Path) -> None:
         with contextlib.suppress(ValueError):  # an older or foreign config is compared as it is
             saved = config_from_dict(saved).with_absolute_paths().to_dict()
     now = cfg.with_absolute_paths().to_dict()
-    for key in ("model", "task", "method", "adapter", "data"):
+    for key in ("model", "task", "method", "adapter", "data", "batch_size", "seed"):
         if key in saved and saved[key] != now[key]:
             raise ValueError(
                 f"resume: {checkpoint} was trained with a different {key} ({saved[key]!r}, now {now[key]!r})"
             )
+    if raw.get("processes", processes) != processes:
+        raise ValueError(
+            f"resume: {checkpoint} was trained by {raw['processes']} processes, now {processes}: its data "
+            "position counts per-process batches"
+        )
 
 
 def save_trained(model: nn.Module, cfg: TrainConfig, folder: Path, tokenizer: Any) -> None:
