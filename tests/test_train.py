@@ -325,10 +325,8 @@ def test_gradient_accumulation_weights_micro_batches_by_their_target_tokens(toys
     # Answers of different lengths: the micro-batches hold different numbers of target tokens, so a mean of their
     # mean losses would differ from one batch of all of them; token-weighted accumulation does not.
     data = toys / "data" / f"{task}.csv"
-    if task == "sft":  # the toy answers all have two tokens: give them 1-4 words of the prompt instead
-        rows = pd.read_csv(data)
-        rows["response"] = [" ".join(p.split()[: i % 4 + 1]) for i, p in enumerate(rows["prompt"])]
-        rows.to_csv(data := tmp_path / "sft.csv", index=False)
+    if task == "sft":
+        data = _varied_answers(shutil.copy(data, tmp_path / "sft.csv"))
 
     def run(out, *extra):
         args = run_args(toys, task, out, "max_steps=3", "eval_before=false", f"data.train_file={data}", *extra)
@@ -439,14 +437,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toys, tmp_path, capsy
     assert not (out / "metrics.json").exists()
 
 
+def _varied_answers(path: Path) -> Path:
+    """The toy sft file with answers of 1-4 words of their prompt (the toy answers all have two tokens)."""
+    rows = pd.read_csv(path)
+    rows["response"] = [" ".join(p.split()[: i % 4 + 1]) for i, p in enumerate(rows["prompt"])]
+    rows.to_csv(out := path.with_name(f"varied-{path.name}"), index=False)
+    return out
+
+
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(toys, tmp_path):
+@pytest.mark.parametrize("task", ["classification", "sft"])
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(toys, tmp_path, task):
+    # sft with answers of different lengths: each process's share of the step's target tokens differs, so the
+    # micro-batch weights must count the targets of both processes.
     if 0 < torch.cuda.device_count() < 2:
         pytest.skip("two processes need two GPUs (NCCL) or none (gloo on CPU)")
-    train_file = write_data(tmp_path / "train", "classification", n=64)  # divisible by the global batch
-    eval_file = write_data(tmp_path / "eval", "classification", n=16, seed=1)
+    train_file = write_data(tmp_path / "train", task, n=64)  # divisible by the global batch
+    eval_file = write_data(tmp_path / "eval", task, n=16, seed=1)
+    if task == "sft":
+        train_file = _varied_answers(train_file)
+    family = {"classification": "bert", "sft": "llama"}[task]
     common = [
-        f"model={toys / 'bert'}", "task=classification", f"data.train_file={train_file}",
+        f"model={toys / family}", f"task={task}", f"data.train_file={train_file}", "data.max_length=32",
         f"data.eval_file={eval_file}", "epochs=2", "lr=1e-2", "adapter.r=4", "progress_bar=false",
     ]  # fmt: skip
     single = train(load_config(None, [*common, f"output_dir={tmp_path / 'single'}", "batch_size=8"]))

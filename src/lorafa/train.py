@@ -189,8 +189,15 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         loss_sum = torch.zeros((), device=accelerator.device)
         host_batches = [collator(rows(data.train, indices)) for indices in group]
         # Each micro-batch's loss is a mean over its targets (tokens, or examples); weighting it by its share of
-        # the group's targets makes the step's loss and gradient those of one batch of the whole group.
-        weights = micro_batch_weights(host_batches, cfg.task)
+        # the step's targets (over all processes: DDP then averages the processes' gradients) makes the step's
+        # loss and gradient those of one batch of the whole global group.
+        counts = target_counts(host_batches, cfg.task)
+        step_targets = float(sum(counts))
+        if world > 1:
+            step_targets = float(accelerator.reduce(torch.tensor(step_targets, device=accelerator.device), "sum"))
+        weights = (
+            [world * c / step_targets for c in counts] if step_targets > 0 else [1.0 / len(counts)] * len(counts)
+        )
         tokens = 0
         for i, host_batch in enumerate(host_batches):
             # Counted on the host: no device sync per micro-batch.
@@ -458,14 +465,12 @@ def _follow_this_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, lr: 
     scheduler._last_lr = lrs
 
 
-def micro_batch_weights(batches: list[dict[str, torch.Tensor]], task: str) -> list[float]:
-    """Each micro-batch's share of the group's loss targets: label tokens for sft/clm/seq2seq (as the loss counts
-    them), examples for classification/regression; equal shares if the group has no target at all."""
-    counts = [
+def target_counts(batches: list[dict[str, torch.Tensor]], task: str) -> list[int]:
+    """What each micro-batch's loss averages over: label tokens for sft/clm/seq2seq (as the loss counts them),
+    examples for classification/regression."""
+    return [
         count_targets(b["labels"], task) if task in TOKEN_TASKS else int(b["labels"].shape[0]) for b in batches
     ]
-    total = sum(counts)
-    return [c / total for c in counts] if total > 0 else [1.0 / len(batches)] * len(batches)
 
 
 def check_resumable(cfg: TrainConfig, checkpoint: Path, processes: int = 1) -> None:
