@@ -72,7 +72,7 @@ def test_saved_weights_resume_into_an_adapted_model_and_merge_state_is_kept(tmp_
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), "llama"), want)
 
 
-def test_copies_carry_a_working_save_pretrained_and_remove_lorafa_restores_the_plain_one(tmp_path):
+def test_copies_carry_a_working_save_pretrained_and_after_remove_lorafa_it_saves_the_plain_model(tmp_path):
     model = _trained("llama")
     copied = copy.deepcopy(model)
     assert copied.save_pretrained.model is copied
@@ -80,12 +80,45 @@ def test_copies_carry_a_working_save_pretrained_and_remove_lorafa_restores_the_p
     torch.testing.assert_close(
         _logits(lorafa.load_adapter(tiny("llama"), tmp_path / "copy"), "llama"), _logits(model, "llama")
     )
-    lorafa.remove_lorafa(model)
-    model.save_pretrained(tmp_path / "plain")
+    model.save_pretrained(tmp_path / "plain")  # adapted: adapter files written
+    lorafa.remove_lorafa(model)  # merged into the base weights
+    model.save_pretrained(tmp_path / "plain")  # the same folder: the earlier adapter files go
     assert not (tmp_path / "plain" / "adapter_config.json").exists()
     torch.testing.assert_close(
         _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "plain"), "llama"), _logits(model, "llama")
     )
+
+
+def test_positional_arguments_push_to_hub_and_a_callers_merged_state_dict(tmp_path):
+    model = _trained("llama")
+    want = _logits(model, "llama")
+    model.save_pretrained(tmp_path / "rank1", False)  # is_main_process=False, positionally: no adapter files
+    assert not (tmp_path / "rank1" / "adapter_config.json").exists()
+    with pytest.raises(ValueError, match=r"push_to_hub=True.*call model.push_to_hub"):
+        model.save_pretrained(tmp_path / "hub", push_to_hub=True)
+    lorafa.merge_lorafa(model)
+    copied = {k: v.clone() for k, v in model.state_dict().items()}  # e.g. gathered under ZeRO-3: still merged
+    model.save_pretrained(tmp_path / "out", state_dict=copied)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), "llama"), want)
+
+
+def test_a_data_initialised_a_is_ready_after_load_state_dict(tmp_path):
+    model = lorafa.add_lorafa(tiny("llama"), lorafa.LoRAFAConfig(r=4, init_lora_weights="gradient"))
+    for _, layer in lorafa.lorafa_layers(model):
+        layer.a_pending = False  # as init_a_from_gradients leaves it
+    model.save_pretrained(tmp_path / "ckpt")
+    from safetensors.torch import load_file
+
+    other = lorafa.add_lorafa(tiny("llama"), lorafa.LoRAFAConfig(r=4, init_lora_weights="gradient"))
+    other.load_state_dict(load_file(str(tmp_path / "ckpt" / "model.safetensors")), strict=False)  # Trainer's resume
+    other.train()(**batch("llama")).loss.backward()  # no "A is not set yet"
+
+
+def test_adding_adapters_to_a_model_transformers_gave_a_peft_adapter_is_a_clear_error(tmp_path):
+    _trained("llama").save_pretrained(tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # base + PEFT adapter
+    with pytest.raises(ValueError, match="already has a PEFT adapter"):
+        lorafa.add_lorafa(loaded, lorafa.LoRAFAConfig(r=4))
 
 
 def _trainer(model: torch.nn.Module, out, max_steps: int):

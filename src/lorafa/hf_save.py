@@ -3,7 +3,9 @@
 `add_lorafa` swaps each target layer for a `LoRAFALinear` holding it as `base_layer`, so the model's own
 `save_pretrained` would write `…q_proj.base_layer.weight` and a folder that neither transformers nor PEFT can read
 (a plain `from_pretrained` re-initialises every adapted layer at random). `add_lorafa` therefore gives the model a
-`save_pretrained` (an instance attribute; `remove_lorafa` takes it away) that writes one folder serving all readers:
+`save_pretrained` (an instance attribute, kept after `remove_lorafa`, when it saves the plain model and deletes
+the adapter files an earlier save of the adapted model left in the folder) that writes one folder serving all
+readers:
 
 - `config.json` and `model.safetensors` as transformers writes them, with every base weight under its plain name
   (unmerged, whatever the model's merge state) plus the adapter tensors (`…q_proj.lora_A.weight`, ...). Trainer's
@@ -13,11 +15,17 @@
   writes: `lorafa.load_adapter(base, folder)` and `peft.PeftModel.from_pretrained(base, folder)` load it, and
   `AutoModel*.from_pretrained(folder)` with PEFT installed loads the base from the folder and then the adapter
   (transformers' "model with an embedded adapter"), giving the trained model back. Without PEFT installed it warns
-  about the adapter tensors it does not use and gives the base model.
+  about the adapter tensors it does not use and gives the base model (with any trained `modules_to_save`).
+
+`save_pretrained(push_to_hub=True)` is refused (transformers uploads before the adapter files are written);
+`model.push_to_hub(repo)` saves through this method into a temporary folder first. A model pushed so records its
+base as the adapter's `base_model_name_or_path` (the local path or Hub id it was loaded from), which is where
+transformers' `from_pretrained(repo)` then loads the base from.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -53,19 +61,43 @@ class AdapterSavePretrained:
     def __call__(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
         model = self.model
         plain_save = type(model).save_pretrained  # type: ignore[attr-defined]
-        layers = _adapted_layers(model)
-        if not layers:
-            return plain_save(model, save_directory, *args, **kwargs)
-        from lorafa.adapter import save_adapter
+        # Keyword view of the call (is_main_process and state_dict may come positionally).
+        bound = inspect.signature(plain_save).bind(model, save_directory, *args, **kwargs)
+        kwargs = {k: v for k, v in bound.arguments.items() if k not in ("self", "save_directory")}
+        kwargs.update(kwargs.pop("kwargs", {}))
+        main = kwargs.get("is_main_process", True)
+        # Imported here: lorafa.adapter imports lorafa.inject, which imports this module.
+        from lorafa.adapter import CONFIG_NAME, LORAFA_NAME, WEIGHTS_NAME, save_adapter
 
-        merged = [layer for layer in layers.values() if layer.merged]
-        for layer in merged:
+        if kwargs.get("push_to_hub"):
+            raise ValueError(
+                "save_pretrained(push_to_hub=True) of a model with LoRA-FA adapters would upload before the adapter "
+                "files are written; call model.push_to_hub(repo_id) instead (it saves through this method first)"
+            )
+        layers = _adapted_layers(model)
+        if not layers:  # after remove_lorafa: a plain model, without an earlier save's adapter files beside it
+            result = plain_save(model, save_directory, **kwargs)
+            if main and (Path(save_directory) / LORAFA_NAME).is_file():
+                for name in (LORAFA_NAME, CONFIG_NAME, WEIGHTS_NAME):
+                    (Path(save_directory) / name).unlink(missing_ok=True)
+            return result
+        merged = {name: layer for name, layer in layers.items() if layer.merged}
+        for layer in merged.values():
             layer.unmerge()  # the base weights are saved as the base model had them
         try:
             state = kwargs.pop("state_dict", None)
-            kwargs["state_dict"] = plain_names(model.state_dict() if state is None else state, layers)
-            result = plain_save(model, save_directory, *args, **kwargs)
-            if kwargs.get("is_main_process", True):
+            if state is None:
+                state = model.state_dict()
+            elif merged:
+                # A caller's copy (e.g. gathered under ZeRO-3) still holds W + s·B·A: take the unmerged live weights.
+                state = dict(state)
+                for name, layer in merged.items():
+                    for local, tensor in layer.base_layer.state_dict().items():
+                        if f"{name}.base_layer.{local}" in state:
+                            state[f"{name}.base_layer.{local}"] = tensor
+            kwargs["state_dict"] = plain_names(state, layers)
+            result = plain_save(model, save_directory, **kwargs)
+            if main:
                 out = Path(save_directory)
                 tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out))
                 try:
@@ -75,7 +107,7 @@ class AdapterSavePretrained:
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
         finally:
-            for layer in merged:
+            for layer in merged.values():
                 layer.merge()
         return result
 
@@ -86,6 +118,3 @@ def install(model: nn.Module) -> None:
         model.save_pretrained = AdapterSavePretrained(model)  # type: ignore[assignment]
 
 
-def uninstall(model: nn.Module) -> None:
-    """Give the model its class's own `save_pretrained` back."""
-    model.__dict__.pop("save_pretrained", None)

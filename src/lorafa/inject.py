@@ -128,6 +128,12 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
             continue
         if isinstance(module, LoRAFALinear):
             raise ValueError(f"module {name!r} already has a LoRA-FA adapter: add_lorafa was applied twice")
+        if not _is_linear(module) and hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+            raise ValueError(
+                f"module {name!r} already has a PEFT adapter ({type(module).__module__}); transformers adds one "
+                "when it loads a folder holding adapter_config.json: load the base model and then "
+                "lorafa.load_adapter(model, folder)"
+            )
         if not _is_linear(module):
             raise ValueError(
                 f"target module {name!r} is a {type(module).__name__}, not an nn.Linear or Conv1D; "
@@ -333,7 +339,6 @@ def remove_lorafa(model: nn.Module, merge: bool = True) -> nn.Module:
     for attr in ("lorafa_config", "lorafa_modules_to_save"):
         if hasattr(model, attr):
             delattr(model, attr)
-    hf_save.uninstall(model)
     return model
 
 

@@ -39,11 +39,14 @@ def _bias(module: nn.Module) -> Tensor | None:
 
 def _base_layer_under_plain_names(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     """Load-state-dict pre-hook: the base layer's tensors under the names they had before add_lorafa
-    (`<layer>.weight`, as `save_pretrained` of an adapted model writes them) load into `<layer>.base_layer.weight`."""
+    (`<layer>.weight`, as `save_pretrained` of an adapted model writes them) load into `<layer>.base_layer.weight`;
+    a state dict holding A ends a data-initialised A's wait (`a_pending`)."""
     for local in cast(nn.Module, module.base_layer).state_dict(keep_vars=True):
         plain, nested = prefix + local, f"{prefix}base_layer.{local}"
         if plain in state_dict and nested not in state_dict:
             state_dict[nested] = state_dict.pop(plain)
+    if f"{prefix}lora_A.weight" in state_dict:
+        cast(Any, module).a_pending = False  # A comes from the state dict (e.g. Trainer's resume), as load_adapter sets it
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
