@@ -671,9 +671,75 @@ def test_sft_conversation_errors_name_file_column_and_row(tmp_path, gpt_tok, cap
         "{{ m['content'] }} {% endfor %}"
     )
     with pytest.raises(
-        ValueError, match="train_file: use_chat_template: .*chat template fails.*no system role"
+        ValueError, match="train_file: row 0: use_chat_template: .*chat template fails.*no system role"
     ):
         build_datasets(cfg(tmp_path, _jsonl(tmp_path / "sys.jsonl", [{"messages": CHAT}])), tok, "sft")
+
+
+def _chat_tok(template: str):
+    tok = make_tokenizer(bert_like=False)
+    tok.chat_template = template
+    return tok
+
+
+# A default system prompt when the conversation has none (as SmolLM2's, Qwen2.5's and Llama-3.1's templates add).
+DEFAULT_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}<s> system the plot </s> {% endif %}"
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant {% endif %}"
+)
+
+
+def test_a_conversation_opening_with_the_assistant_learns_only_the_answers(tmp_path):
+    chat = [{"role": "assistant", "content": "good"}, {"role": "user", "content": "bad"},
+            {"role": "model", "content": "great"}]  # fmt: skip  # "model": Gemini's name for the assistant
+    path = _jsonl(tmp_path / "c.jsonl", [{"messages": chat}])
+    example = build_datasets(cfg(tmp_path, path), _chat_tok(DEFAULT_SYSTEM), "sft").train[0]
+    assert (example["input_ids"], example["labels"]) == _expect(
+        [("<s> system the plot </s> <s> assistant", False), ("good </s>", True),
+         ("<s> user bad </s> <s> assistant", False), ("great </s>", True)]
+    )  # fmt: skip
+
+
+def test_text_a_template_writes_only_after_a_conversations_last_turn_is_not_learned_mid_conversation(
+    tmp_path,
+):
+    # Phi-3's template ends a conversation with EOS unless it adds the generation prompt: the first answer's
+    # turn, rendered last, ends "</s> [PAD]", but in the whole conversation "</s> <s> user ...".
+    tok = _chat_tok(
+        "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant {% else %}[PAD] {% endif %}"
+    )
+    path = _jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])
+    example = build_datasets(cfg(tmp_path, path), tok, "sft").train[0]
+    assert (example["input_ids"], example["labels"]) == _expect(
+        [("<s> system the plot </s> <s> user was the movie good </s> <s> assistant", False),
+         ("the movie was great </s>", True), ("<s> user the plot </s> <s> assistant", False),
+         ("not very good </s> [PAD]", True)]
+    )  # fmt: skip
+
+
+def test_a_template_that_rewrites_earlier_answers_is_refused_with_the_reason(tmp_path):
+    # Like Qwen3's, which drops the reasoning of answers before the last user turn.
+    tok = _chat_tok(
+        "{% for m in messages %}<s> {{ m['role'] }} "
+        "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'] | replace('great', 'fine') }}"
+        "{% else %}{{ m['content'] }}{% endif %} </s> {% endfor %}{% if add_generation_prompt %}<s> assistant {% endif %}"
+    )
+    path = _jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}, {"messages": CHAT}])
+    with pytest.raises(
+        ValueError, match=r"train_file: row 0: .*earlier turns differently.*one assistant turn per row"
+    ):
+        build_datasets(cfg(tmp_path, path), tok, "sft")
+
+
+def test_train_and_eval_files_may_hold_different_sft_forms(tmp_path, gpt_tok):
+    pairs = _sft_file(tmp_path)
+    chats = _jsonl(tmp_path / "chats.jsonl", [{"conversations": [{"from": "human", "value": "the plot"},
+                                                                  {"from": "gpt", "value": "not very good"}]}])  # fmt: skip
+    for train_file, eval_file in ((pairs, chats), (chats, pairs)):
+        data = build_datasets(cfg(tmp_path, train_file, eval_file=str(eval_file)), gpt_tok, "sft")
+        assert ids("the plot not very good </s>") in [*data.train["input_ids"], *data.eval["input_ids"]]
 
 
 def test_seq2seq_source_and_target(tmp_path, gpt_tok):
@@ -1020,3 +1086,31 @@ def test_multi_turn_conversation_with_smollm2_chat_template(tmp_path):
             span.append(i)
     learned.append(tok.decode(span))
     assert learned == ["A small language model.<|im_end|>\n", "It is 4.<|im_end|>\n"]
+
+
+def test_metaspace_tokenizer_learns_the_ids_of_the_whole_conversation(tmp_path):
+    """Llama-2/Mistral-style tokenizers mark a word start with "▁" and prepend one at the start of a text, so an
+    answer tokenized on its own would begin with a "▁" token that inference never produces after the header."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["hello", "▁hello", "▁there", "good", "▁good", "▁movie", "[UNK]"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    specials = ["<|user|>", "<|assistant|>", "<|end|>"]
+    backend.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|end|>")
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    chat = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "good movie"}]
+    example = build_datasets(
+        cfg(tmp_path, _jsonl(tmp_path / "c.jsonl", [{"messages": chat}])), tok, "sft"
+    ).train[0]
+    whole = tok.apply_chat_template(chat, tokenize=False)
+    assert example["input_ids"] == tok(whole, add_special_tokens=False)["input_ids"]
+    learned = [
+        i for i, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE_INDEX
+    ]
+    assert tok.convert_ids_to_tokens(learned) == ["good", "▁movie", "<|end|>"]

@@ -96,7 +96,7 @@ class DataConfig:
     """sft: a column of whole conversations, read instead of prompt_column/response_column: each row a list of
     {"role", "content"} messages (ShareGPT's {"from": "human"|"gpt", "value"} too; a JSON string in CSV; text-part
     contents joined). Every assistant turn is learned, everything else masked. None: the `messages` (else
-    `conversations`) column when the data has no prompt_column."""
+    `conversations`) column of each file that has no prompt_column."""
     source_column: str = "source"
     """Encoder input (seq2seq)."""
     target_column: str = "target"
@@ -405,17 +405,24 @@ def _check_columns(ds: Any, columns: dict[str, str], field: str) -> None:
             )
 
 
-def _conversation_table(ds: Any, column: str, field: str) -> Any:
-    """A dataset with one column, messages_column, of checked conversations ([{"role", "content"}, ...])."""
+def _conversation_table(ds: Any, columns: dict[str, str], field: str) -> Any:
+    """A dataset of checked conversations ([{"role", "content"}, ...]) in column messages_column, from the
+    messages_column or the prompt/response columns of `ds`, with each row's index in `ds` (column row)."""
     import datasets
 
+    if "messages_column" not in columns:
+        _check_texts(ds, columns, field, None)
+        prompts, responses = ds[columns["prompt_column"]], ds[columns["response_column"]]
+        rows = [pair(str(p), str(r)) for p, r in zip(prompts, responses, strict=True)]
+        return datasets.Dataset.from_dict({"messages_column": rows, "row": list(range(len(rows)))})
+    column = columns["messages_column"]
     rows = []
     for i, value in enumerate(ds[column]):
         try:
             rows.append(conversation(value))
         except ValueError as e:
             raise ValueError(f"{field}: column {column!r} (messages_column), row {i}: {e}") from None
-    return datasets.Dataset.from_dict({"messages_column": rows})
+    return datasets.Dataset.from_dict({"messages_column": rows, "row": list(range(len(rows)))})
 
 
 def _check_texts(ds: Any, columns: dict[str, str], field: str, label_ids: list[int] | None) -> None:
@@ -597,14 +604,10 @@ def _tokenize_classification(tokenizer: Any, cfg: DataConfig, pair: bool) -> _Ba
 
 def _tokenize_sft(tokenizer: Any, cfg: DataConfig) -> _BatchFn:
     def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        if "messages_column" in batch:  # conversations, checked and normalised by _conversation_table
-            conversations = batch["messages_column"]
-        else:
-            conversations = [
-                pair(p, r)
-                for p, r in zip(_texts(batch, "prompt_column"), _texts(batch, "response_column"), strict=True)
-            ]
-        return tokenize_conversations(tokenizer, conversations, cfg.use_chat_template, cfg.max_length)
+        # Conversations checked and normalised by _conversation_table; errors name the row of the file.
+        return tokenize_conversations(
+            tokenizer, batch["messages_column"], cfg.use_chat_template, cfg.max_length, batch["row"]
+        )
 
     return fn
 
@@ -724,12 +727,13 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
         if found is not None:
             logger.warning("eval_file not set: evaluating on the %r split of %s", found[0], cfg.train_file)
             eval_ds = found[1]
-    if task == "sft":
-        cfg = _sft_columns(cfg, train)
-    columns = _required_columns(cfg, task)
+    # sft: each file may hold prompt/response pairs or conversations, whatever the other holds.
+    columns = _required_columns(_sft_columns(cfg, train) if task == "sft" else cfg, task)
     _check_columns(train, columns, "train_file")
+    eval_columns = columns
     if eval_ds is not None:
-        _check_columns(eval_ds, columns, "eval_file")
+        eval_columns = _required_columns(_sft_columns(cfg, eval_ds) if task == "sft" else cfg, task)
+        _check_columns(eval_ds, eval_columns, "eval_file")
 
     label_names: list[str] | None = None
     num_labels: int | None = None
@@ -742,10 +746,9 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
         train_labels = _float_labels(train, cfg.label_column, "train_file")
         eval_labels = _float_labels(eval_ds, cfg.label_column, "eval_file") if eval_ds is not None else None
         num_labels = 1
-    if "messages_column" in columns:
-        train = _conversation_table(train, columns["messages_column"], "train_file")
-        if eval_ds is not None:
-            eval_ds = _conversation_table(eval_ds, columns["messages_column"], "eval_file")
+    if task == "sft":  # every sft table becomes conversations (a pair is a one-turn one)
+        train = _conversation_table(train, columns, "train_file")
+        eval_ds = _conversation_table(eval_ds, eval_columns, "eval_file") if eval_ds is not None else None
     else:
         _check_texts(train, columns, "train_file", train_labels if task == "classification" else None)
         if eval_ds is not None:

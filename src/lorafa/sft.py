@@ -1,22 +1,21 @@
 """Instruction-tuning examples (task `sft`): conversations → token ids with only the assistant's turns learned.
 
 A training row is either a prompt/response pair or a whole conversation (`DataConfig.messages_column`): a list of
-messages `{"role": ..., "content": ...}` (ShareGPT's `{"from": "human" | "gpt", "value": ...}` is read too). Each
-row becomes a list of segments `(text, learned)`: with the tokenizer's chat template, the text between one rendered
-prefix of the conversation and the next, where the prefixes end before each assistant turn (rendered with the
-generation prompt) and after it; every assistant turn, with the template's end-of-turn marker, is learned and
-everything else (system prompt, user turns, turn headers) is masked. Without a template the segments are
-`content + "\\n"` for other roles and `content` + EOS for the assistant, after the tokenizer's BOS if it uses one.
-
-Segments are tokenized apart, so a mask boundary never falls inside a token and a prompt gets the same ids as at
-generation (`lorafa generate` renders it with the generation prompt, alone).
+messages `{"role": ..., "content": ...}` (ShareGPT's `{"from": "human" | "gpt", "value": ...}` and Gemini's role
+`model` are read too). With the tokenizer's chat template the conversation is rendered as the model expects and
+every assistant answer, with the template's end-of-turn marker, is learned; everything else (system prompt, user
+turns, turn headers) is masked. The learned character spans come from probing the template (`chat_spans`); a fast
+tokenizer then tokenizes the whole rendering once, as at inference, and learns the tokens that overlap a span
+(through its character offsets); a slow one tokenizes the pieces apart. Without a template the pieces are
+`content + "\n"` for other roles and `content` + EOS for the assistant, after the tokenizer's BOS if it uses one,
+tokenized apart.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any
+import os
+from typing import Any, cast
 
 IGNORE_INDEX = -100
 """Label value that Hugging Face losses skip."""
@@ -24,7 +23,7 @@ IGNORE_INDEX = -100
 CONVERSATION_COLUMNS = ("messages", "conversations")
 """Columns read as conversations when `messages_column` is unset and the data has no `prompt_column`."""
 
-_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+_ROLE_NAMES = {"human": "user", "gpt": "assistant", "model": "assistant"}  # ShareGPT, Gemini
 
 Message = dict[str, str]
 Segment = tuple[str, bool]
@@ -35,7 +34,7 @@ def conversation(value: Any) -> list[Message]:
     """One row's conversation as [{"role", "content"}, ...], from role/content or ShareGPT from/value messages.
 
     A string is parsed as JSON first (a CSV cell holding a conversation). Roles `human` and `gpt` become `user`
-    and `assistant`; other roles pass through unchanged (only `assistant` turns are learned). A content given as
+    and `assistant`, and `model` becomes `assistant`; other roles pass through unchanged (only `assistant` turns are learned). A content given as
     text parts (`[{"type": "text", "text": ...}, ...]`) is joined into one string.
 
     Raises:
@@ -58,11 +57,16 @@ def conversation(value: Any) -> list[Message]:
             isinstance(p, dict) and p.get("type") == "text" for p in content
         ):
             content = "".join(str(p.get("text", "")) for p in content)  # OpenAI-style text parts
+        if content is None and m.get("tool_calls"):
+            raise ValueError(
+                f"message {k} is a tool call without text content; lorafa trains on text conversations (drop "
+                "such rows, or render tool calls into the content)"
+            )
         if not isinstance(role, str) or not role or not isinstance(content, str):
             raise ValueError(
                 f"message {k} needs a role (or from) and a content (or value) string, got {_short(m)}"
             )
-        out.append({"role": _SHAREGPT_ROLES.get(role, role), "content": content})
+        out.append({"role": _ROLE_NAMES.get(role, role), "content": content})
     return out
 
 
@@ -76,58 +80,102 @@ def pair(prompt: str, response: str) -> list[Message]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
-def chat_segments(tokenizer: Any, messages: list[Message]) -> list[Segment]:
-    """Split the chat-template rendering of `messages` into masked and learned pieces (see the module doc).
+# Stands in for an answer while probing the template: private-use characters, which no template rewrites.
+_PLACEHOLDER = "\ue000lorafa\ue001"
+
+
+def chat_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
+    """The chat-template rendering of `messages` and the character spans learned in it, one per assistant turn.
+
+    For the assistant turn i the template renders `messages[:i]` plus an assistant message holding a placeholder:
+    the text before the placeholder is the prompt (everything up to the turn's header), the text after it the
+    turn's end (end-of-turn marker, and, when the turn is last, whatever closes a conversation). The learned span
+    runs from the answer to the end of the marker as the whole conversation renders it: where the turn's end and
+    the whole rendering part (never inside a special token), so text a template writes only after a conversation's
+    last turn (Phi-3's EOS) is not learned in the middle.
 
     Raises:
-        ValueError: the template fails on the conversation, or renders an earlier part of it differently once
-            more turns follow (its prefixes do not nest), so the turns cannot be told apart.
+        ValueError: the template fails on the conversation, does not write an answer verbatim, or renders the
+            earlier turns differently once later turns follow (e.g. it drops the reasoning of earlier answers).
     """
 
-    def render(upto: int, generation_prompt: bool) -> str:
+    def render(part: list[Message], generation_prompt: bool = False) -> str:
         try:
-            return tokenizer.apply_chat_template(
-                messages[:upto], tokenize=False, add_generation_prompt=generation_prompt
-            )
+            return tokenizer.apply_chat_template(part, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as e:  # jinja2 TemplateError, or a template's own raise_exception
             raise ValueError(
                 f"use_chat_template: the tokenizer's chat template fails on the conversation "
                 f"{_short(messages)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
             ) from None
 
-    segments: list[Segment] = []
-    done = ""
+    whole = render(messages)
+    specials = [t for t in getattr(tokenizer, "get_added_vocab", dict)() if t]
+    spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        head = render(i, True) if i > 0 else _empty_head(tokenizer, render)
-        full = render(i + 1, False)
-        if not head.startswith(done) or not full.startswith(head):
+        probe = render([*messages[:i], {"role": "assistant", "content": _PLACEHOLDER}])
+        k = probe.find(_PLACEHOLDER)
+        if k < 0:
+            raise ValueError(
+                "use_chat_template: the tokenizer's chat template does not write an assistant message's content "
+                "as it is, so the answer cannot be found in the rendering; set use_chat_template: false"
+            )
+        head, tail = probe[:k], probe[k + len(_PLACEHOLDER) :]
+        turn = render(messages[: i + 1])
+        # What inference sends (the generation prompt) must start the prompt trained on; the template may add
+        # text of its own after it when an answer follows (Qwen3's empty reasoning block), which stays masked.
+        asked = render(messages[:i], True) if i > 0 else ""
+        if not (
+            head.startswith(asked)
+            and turn.startswith(head)
+            and turn.endswith(tail)
+            and len(turn) >= len(head) + len(tail)
+        ):
             raise ValueError(
                 "use_chat_template: this tokenizer's chat template renders the prompt differently with and "
                 f"without the answer (assistant turn {i} of {_short(messages)}), so the prompt cannot be masked; "
                 "set use_chat_template: false"
             )
-        segments += [(head[len(done) :], False), (full[len(head) :], True)]
-        done = full
-    if messages[-1]["role"] != "assistant" or not segments:
-        whole = render(len(messages), False)
-        if not whole.startswith(done):
+        answer_end = len(turn) - len(tail)
+        start = spans[-1][1] if spans else 0
+        if not whole.startswith(turn[:answer_end]) or len(head) < start:
             raise ValueError(
                 "use_chat_template: this tokenizer's chat template renders earlier turns differently once later "
-                f"turns follow ({_short(messages)}), so the turns cannot be masked; set use_chat_template: false"
+                f"turns follow (assistant turn {i} of {_short(messages)}; e.g. it drops the reasoning of earlier "
+                "answers), so the answers cannot be cut out of the whole conversation; give one assistant turn per "
+                "row (the earlier turns as context), or set use_chat_template: false"
             )
-        segments.append((whole[len(done) :], False))
+        spans.append((len(head), answer_end + _shared_prefix(tail, whole[answer_end:], specials)))
+    return whole, spans
+
+
+def _shared_prefix(a: str, b: str, specials: list[str]) -> int:
+    """Length of the common prefix of `a` and `b`, cut back so that it ends outside every special token of either
+    (so "<|end|><|endoftext|>" and "<|end|><|user|>" share "<|end|>", not "<|end|><|")."""
+    n = len(os.path.commonprefix([a, b]))
+    if n == len(a):
+        return n
+    moved = True
+    while moved:
+        moved = False
+        for text in (a, b):
+            for t in specials:
+                p = text.find(t, max(0, n - len(t) + 1))
+                if 0 <= p < n < p + len(t):
+                    n, moved = p, True
+    return n
+
+
+def _segments(whole: str, spans: list[tuple[int, int]]) -> list[Segment]:
+    """A rendering and its learned spans (`chat_spans`) as consecutive (text, learned) pieces."""
+    segments: list[Segment] = []
+    pos = 0
+    for start, end in spans:
+        segments += [(whole[pos:start], False), (whole[start:end], True)]
+        pos = end
+    segments.append((whole[pos:], False))
     return segments
-
-
-def _empty_head(tokenizer: Any, render: Callable[[int, bool], str]) -> str:
-    # A conversation opening with the assistant: the prefix is the generation prompt of no messages, which some
-    # templates cannot render; then the whole turn, headers included, is learned.
-    try:
-        return render(0, True)
-    except ValueError:
-        return ""
 
 
 def plain_segments(messages: list[Message]) -> list[Segment]:
@@ -138,13 +186,17 @@ def plain_segments(messages: list[Message]) -> list[Segment]:
 
 
 def tokenize_conversations(
-    tokenizer: Any, conversations: list[list[Message]], use_chat_template: bool, max_length: int
+    tokenizer: Any,
+    conversations: list[list[Message]],
+    use_chat_template: bool,
+    max_length: int,
+    rows: list[int] | None = None,
 ) -> dict[str, list[list[int]]]:
     """input_ids, attention_mask and labels (-100 outside the assistant turns) of each conversation, truncated on
-    the right to `max_length`.
+    the right to `max_length`; `rows` (each conversation's row in its file) go into error messages.
 
     Raises:
-        ValueError: see `chat_segments`; without a template, a tokenizer without an EOS token.
+        ValueError: see `chat_spans`; without a template, a tokenizer without an EOS token.
     """
     templated = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
     bos: list[int] = []
@@ -158,7 +210,17 @@ def tokenize_conversations(
         # Start with BOS exactly when the tokenizer itself starts sequences with it (Llama yes, GPT-2 no).
         if tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
             bos = [tokenizer.bos_token_id]
-    per_row = [chat_segments(tokenizer, c) if templated else plain_segments(c) for c in conversations]
+    rendered = []
+    for k, c in enumerate(conversations):
+        try:
+            rendered.append(chat_spans(tokenizer, c) if templated else None)
+        except ValueError as e:
+            raise ValueError(f"row {rows[k] if rows is not None else k}: {e}") from None
+    if templated and getattr(tokenizer, "is_fast", False):
+        return _tokenize_rendered(tokenizer, cast(list, rendered), max_length)
+    per_row = [
+        _segments(*r) if r is not None else plain_segments(c) for r, c in zip(rendered, conversations, strict=True)
+    ]
     # One tokenizer call for every segment of the batch; the template writes its own special tokens.
     texts = [text for segments in per_row for text, _ in segments]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
@@ -170,5 +232,24 @@ def tokenize_conversations(
             ids += piece
             lab += piece if learned else [IGNORE_INDEX] * len(piece)
         input_ids.append(ids[:max_length])
+        labels.append(lab[:max_length])
+    return {"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids], "labels": labels}
+
+
+def _tokenize_rendered(
+    tokenizer: Any, rendered: list[tuple[str, list[tuple[int, int]]]], max_length: int
+) -> dict[str, list[list[int]]]:
+    """Tokenize each whole rendering once (as at inference) and learn the tokens that overlap a learned span,
+    found through the fast tokenizer's character offsets."""
+    enc = tokenizer(
+        [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
+    )  # the template writes its own special tokens
+    input_ids, labels = [], []
+    for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
+        lab = [
+            tok if any(s < end and (e > start or start <= s == e) for start, end in spans) else IGNORE_INDEX
+            for tok, (s, e) in zip(ids, offsets, strict=True)
+        ]
+        input_ids.append(list(ids[:max_length]))
         labels.append(lab[:max_length])
     return {"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids], "labels": labels}
