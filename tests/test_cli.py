@@ -423,3 +423,25 @@ def test_generate_continues_raw_text_for_a_clm_run(toys, tmp_path):
         out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert generate(model, tokenizer, "cat dog", max_new_tokens=4, raw_text=True) == expected
+
+
+def test_generate_prompts_as_training_formatted_a_conversation_with_a_system_message(
+    toys, tmp_path, monkeypatch
+):
+    from transformers import AutoTokenizer
+
+    from lorafa import evaluate as evaluate_module
+    from lorafa.models import load_model
+
+    tok = AutoTokenizer.from_pretrained(toys / "llama")
+    model = load_model(str(toys / "llama"), "sft")
+    seen = []
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.append(kw["input_ids"]) or kw["input_ids"])
+    evaluate_module.generate(model, tok, "cat dog", system="sun moon", max_new_tokens=2)
+    chat = [{"role": "system", "content": "sun moon"}, {"role": "user", "content": "cat dog"}]
+    want = tok(
+        tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )
+    assert seen[0][0].tolist() == want["input_ids"]
+    with pytest.raises(ValueError, match="--system needs the tokenizer's chat template"):
+        evaluate_module.generate(model, tok, "cat dog", system="sun", use_chat_template=False)

@@ -360,6 +360,7 @@ def generate(
     use_chat_template: bool = True,
     temperature: float = 0.0,
     raw_text: bool = False,
+    system: str | None = None,
 ) -> str:
     """Continue `prompt` with a causal or seq2seq LM and return the new text only.
 
@@ -375,6 +376,7 @@ def generate(
         use_chat_template: Format with the chat template when the tokenizer has one.
         temperature: 0 decodes greedily; > 0 samples.
         raw_text: Continue the prompt as plain text (as clm trains), without template or newline.
+        system: A system message before the user turn (with the chat template only; as in a conversation's rows).
 
     Raises:
         ValueError: a negative or non-finite temperature, or max_new_tokens < 1.
@@ -383,14 +385,17 @@ def generate(
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if system is not None and not (use_chat_template and getattr(tokenizer, "chat_template", None)):
+        raise ValueError("--system needs the tokenizer's chat template (the run formats prompts without one)")
     model.eval()
     device = next(model.parameters()).device
     if getattr(model.config, "is_encoder_decoder", False) or raw_text:
         enc = tokenizer(prompt, return_tensors="pt")
     else:
         if use_chat_template and getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "system", "content": system}] if system is not None else []
             text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                [*messages, {"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
             enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
         else:
