@@ -39,22 +39,18 @@ def largest_fitting(fits: Callable[[int], bool], upper: int, guess: int | None =
         return 0
     lo, hi = 1, 2  # fits(lo) is known True; hi is the next candidate
     if guess is not None and 1 <= guess <= upper:
-        if fits(guess):
-            if guess == upper or not fits(guess + 1):
-                return guess
-            lo, hi = guess + 1, 2 * (guess + 1)
-        else:
-            hi = guess
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if fits(mid):
-                    lo = mid
-                else:
-                    hi = mid
-            return lo
+        if not fits(guess):
+            return _bisect(fits, 1, guess)
+        if guess == upper or not fits(guess + 1):
+            return guess
+        lo, hi = guess + 1, 2 * (guess + 1)
     while hi <= upper and fits(hi):
         lo, hi = hi, hi * 2
-    hi = min(hi, upper + 1)  # fits(hi) is False, or hi is past the bound
+    return _bisect(fits, lo, min(hi, upper + 1))  # fits(hi) is False, or hi is past the bound
+
+
+def _bisect(fits: Callable[[int], bool], lo: int, hi: int) -> int:
+    """The largest n in [lo, hi) with fits(n), given fits(lo) and not fits(hi) (or hi past the bound)."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(mid):
