@@ -403,3 +403,12 @@ def test_moe_routers_and_one_output_gates_are_left_to_explicit_targets():
         AutoModelForCausalLM.from_config(phi), lorafa.LoRAFAConfig(r=2, target_modules=["q_proj", "router"])
     )
     assert sum("router" in n for n, _ in lorafa.lorafa_layers(named)) == 2
+
+
+def test_all_linear_says_when_r_is_too_large_for_layers():
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **_DECODER))  # hidden 32, kv 16
+    with pytest.warns(UserWarning, match=r"not adapting 4 layers narrower than r=20"):
+        lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=20, target_modules="all-linear"))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **_DECODER))
+    with pytest.raises(ValueError, match=r"r=64 is larger than every linear layer's min\(d_in, d_out\)"):
+        lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=64, target_modules="all-linear"))

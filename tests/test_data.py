@@ -1114,3 +1114,58 @@ def test_metaspace_tokenizer_learns_the_ids_of_the_whole_conversation(tmp_path):
         i for i, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE_INDEX
     ]
     assert tok.convert_ids_to_tokens(learned) == ["good", "▁movie", "<|end|>"]
+
+
+class _SlowView:
+    """A fast tokenizer seen as a slow one (no character offsets), to test the path slow tokenizers take."""
+
+    is_fast = False
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, text, **kwargs):
+        assert not kwargs.pop("return_offsets_mapping", False), "a slow tokenizer has no offsets"
+        return self._tok(text, **kwargs)
+
+
+def test_slow_tokenizers_find_the_same_answer_tokens(tmp_path):
+    from lorafa.sft import tokenize_conversations
+
+    tok = _chat_tok(DEFAULT_SYSTEM)
+    chats = [CHAT, [{"role": "assistant", "content": "good"}, {"role": "user", "content": "bad"},
+                    {"role": "assistant", "content": "great"}]]  # fmt: skip
+    fast = tokenize_conversations(tok, chats, True, 64)
+    slow = tokenize_conversations(_SlowView(tok), chats, True, 64)
+    assert slow == fast and any(x != IGNORE_INDEX for x in fast["labels"][0])
+
+
+@pytest.mark.assets
+def test_trimmed_offsets_do_not_learn_the_prompts_trailing_space(tmp_path):
+    """Byte-level tokenizers with trim_offsets give the prompt's trailing space token (before an answer that starts
+    with a space of its own) a zero-width offset at the answer's start: it belongs to the prompt."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from lorafa import assets
+    from lorafa.sft import tokenize_conversations
+
+    try:
+        gguf = assets.smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\nAssistant: "
+        "{% else %}{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+    )
+    chat = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": " Paris"}]
+    plain = tokenize_conversations(tok, [chat], True, 64)
+    tok._tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    trimmed = tokenize_conversations(tok, [chat], True, 64)
+    assert trimmed == plain
+    learned = [i for i, x in zip(plain["input_ids"][0], plain["labels"][0], strict=True) if x != IGNORE_INDEX]
+    assert tok.decode(learned) == " Paris" + tok.eos_token + "\n"

@@ -115,10 +115,21 @@ def test_a_data_initialised_a_is_ready_after_load_state_dict(tmp_path):
 
 
 def test_adding_adapters_to_a_model_transformers_gave_a_peft_adapter_is_a_clear_error(tmp_path):
-    _trained("llama").save_pretrained(tmp_path / "out")
+    model = _trained("llama")
+    model.save_pretrained(tmp_path / "out")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # base + PEFT adapter
-    with pytest.raises(ValueError, match="already has a PEFT adapter"):
-        lorafa.add_lorafa(loaded, lorafa.LoRAFAConfig(r=4))
+    for targets in (None, "all-linear"):  # all-linear would otherwise adapt the PEFT layers' inner Linears
+        with pytest.raises(ValueError, match="already has a PEFT adapter"):
+            lorafa.add_lorafa(loaded, lorafa.LoRAFAConfig(r=4, target_modules=targets))
+
+
+def test_an_adapted_model_is_freed_when_deleted():
+    import weakref
+
+    model = _trained("llama")
+    ref = weakref.ref(model)
+    del model  # no reference cycle through save_pretrained: freed at once, without the cycle collector
+    assert ref() is None
 
 
 def _trainer(model: torch.nn.Module, out, max_steps: int):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, cast
 
@@ -60,6 +61,7 @@ def evaluate(
     accelerator: Any = None,
     tokenizer: Any = None,
     exact_match_samples: int = 0,
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> dict[str, float]:
     """Metrics of `model` on a tokenized dataset from `lorafa.data.build_datasets`.
 
@@ -76,6 +78,8 @@ def evaluate(
         accelerator: Optional `accelerate.Accelerator` (device, autocast, gathering).
         tokenizer: Needed for seq2seq exact match (decoding).
         exact_match_samples: seq2seq: greedy-generate this many examples and report eval_exact_match.
+        autocast: Without an accelerator, a context (factory) the forward passes run in, e.g. the run's
+            `torch.autocast` (generation for exact match runs outside it, as under an accelerator).
 
     Returns:
         Metric name → value, plus eval_samples.
@@ -91,7 +95,7 @@ def evaluate(
     for start in range(0, len(mine), batch_size):
         batch = collator(rows(dataset, mine[start : start + batch_size]))
         batch = {k: v.to(device) for k, v in batch.items()}
-        with accelerator.autocast() if accelerator else nullcontext():
+        with accelerator.autocast() if accelerator else (autocast or nullcontext)():
             out = model(**batch)
         if task in TOKEN_TASKS:
             n = count_targets(batch["labels"], task)
@@ -332,16 +336,16 @@ def evaluate_run(
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     if amp == torch.float16 and device.type == "cpu":
         amp = None  # Accelerate trains fp16 on CPU in fp32 (lorafa train now refuses it)
-    with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
-        return evaluate(
-            net,
-            data.eval,
-            cfg.task,
-            make_collator(cfg.task, tokenizer),
-            batch_size or cfg.eval_batch_size or 2 * cfg.batch_size,
-            tokenizer=tokenizer,
-            exact_match_samples=cfg.exact_match_samples,
-        )
+    return evaluate(
+        net,
+        data.eval,
+        cfg.task,
+        make_collator(cfg.task, tokenizer),
+        batch_size or cfg.eval_batch_size or 2 * cfg.batch_size,
+        tokenizer=tokenizer,
+        exact_match_samples=cfg.exact_match_samples,
+        autocast=(lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else None,
+    )
 
 
 def _task_of(model: nn.Module) -> str:

@@ -25,10 +25,12 @@ transformers' `from_pretrained(repo)` then loads the base from.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +54,28 @@ def plain_names(state: dict[str, torch.Tensor], layers: dict[str, LoRAFALinear])
 
 
 class AdapterSavePretrained:
-    """Stands in for `model.save_pretrained` after `add_lorafa` (see the module doc). Holds the model, so copies
-    and pickles of the model carry a working one."""
+    """Stands in for `model.save_pretrained` after `add_lorafa` (see the module doc). Holds the model weakly (no
+    reference cycle keeps a deleted model's weights alive); copies and pickles of the model get their own."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self._model = weakref.ref(model)
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise ReferenceError(
+                "save_pretrained: the model was freed (it holds its save_pretrained weakly, so that deleting it frees "
+                "its memory); call it on a model you keep a reference to, e.g. model = lorafa.add_lorafa(...)"
+            )
+        return model
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (AdapterSavePretrained, (self.model,))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AdapterSavePretrained:
+        # copy.deepcopy of the model registers the copy in memo before copying its attributes: this is the copy.
+        return AdapterSavePretrained(copy.deepcopy(self.model, memo))
 
     def __call__(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
         model = self.model

@@ -105,11 +105,25 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
                 f"target_modules {tm} name parameters, not modules: {raw[:4]}; lorafa adapts nn.Linear and Conv1D "
                 "layers only (fused weights such as transformers' MoE experts cannot be adapted)"
             )
+    peft = next(
+        (
+            n
+            for n, m in model.named_modules()
+            if hasattr(m, "base_layer") and hasattr(m, "lora_A") and not isinstance(m, LoRAFALinear)
+        ),
+        None,
+    )  # (a LoRAFALinear there means "applied twice", reported below)
+    if peft is not None:
+        raise ValueError(
+            f"module {peft!r} already has a PEFT adapter ({type(model.get_submodule(peft)).__module__}); "
+            "transformers adds one when it loads a folder holding adapter_config.json: load the base model and "
+            "then lorafa.load_adapter(model, folder)"
+        )
     heads = _output_head_names(model)
     saved = _resolve_modules_to_save(model, cfg.modules_to_save or [])
     experts = _num_experts(model)
     names: list[str] = []
-    passed: list[str] = []
+    passed: dict[str, list[str]] = {"router": [], "narrow": []}
     for name, module in model.named_modules():
         if not name or _name_matches(name, cfg.exclude_modules):
             continue
@@ -117,8 +131,9 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
             continue  # a module trained fully (modules_to_save) is not adapted
         if tm == "all-linear":
             hit = _is_linear(module) and name not in heads
-            if hit and _is_router_or_narrow(name, module, cfg.r, experts):
-                passed.append(name)
+            reason = _left_alone(name, module, cfg.r, experts) if hit else None
+            if reason is not None:
+                passed[reason].append(name)
                 continue
         elif isinstance(tm, str):
             hit = re.fullmatch(tm, name) is not None
@@ -128,23 +143,28 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
             continue
         if isinstance(module, LoRAFALinear):
             raise ValueError(f"module {name!r} already has a LoRA-FA adapter: add_lorafa was applied twice")
-        if not _is_linear(module) and hasattr(module, "base_layer") and hasattr(module, "lora_A"):
-            raise ValueError(
-                f"module {name!r} already has a PEFT adapter ({type(module).__module__}); transformers adds one "
-                "when it loads a folder holding adapter_config.json: load the base model and then "
-                "lorafa.load_adapter(model, folder)"
-            )
         if not _is_linear(module):
             raise ValueError(
                 f"target module {name!r} is a {type(module).__name__}, not an nn.Linear or Conv1D; "
                 "name the linear layers inside it instead"
             )
         names.append(name)
-    if passed:
+    if passed["router"]:
         warnings.warn(
-            f"target_modules=all-linear: not adapting {len(passed)} MoE router or gate layers (an output per "
-            f"expert, or narrower than r={cfg.r}), e.g. {passed[:3]}; name them in target_modules to adapt them",
+            f"target_modules=all-linear: not adapting {len(passed['router'])} MoE router or gate layers (an output "
+            f"per expert, or a single output), e.g. {passed['router'][:3]}; name them in target_modules to adapt them",
             stacklevel=3,
+        )
+    if passed["narrow"] and names:
+        warnings.warn(
+            f"target_modules=all-linear: not adapting {len(passed['narrow'])} layers narrower than r={cfg.r} "
+            f"(min(d_in, d_out) < r), e.g. {passed['narrow'][:3]}",
+            stacklevel=3,
+        )
+    if not names and passed["narrow"]:
+        raise ValueError(
+            f"r={cfg.r} is larger than every linear layer's min(d_in, d_out) this model has to adapt, e.g. "
+            f"{passed['narrow'][:3]}; choose a smaller r"
         )
     if not names:
         if any(True for _ in lorafa_layers(model)):
@@ -167,12 +187,14 @@ def _num_experts(model: nn.Module) -> int | None:
     return None
 
 
-def _is_router_or_narrow(name: str, module: nn.Module, r: int, experts: int | None) -> bool:
-    """A linear layer that all-linear leaves alone: an MoE router (named *gate*/*router*, one output per expert) or
-    a layer with one output or fewer than r (Qwen2-MoE's shared-expert gate), where a rank-r adapter does not fit."""
+def _left_alone(name: str, module: nn.Module, r: int, experts: int | None) -> str | None:
+    """Why all-linear leaves a linear layer alone: "router" for an MoE router (named *gate*/*router*, one output
+    per expert) or a one-output gate (Qwen2-MoE's shared-expert gate), "narrow" for a layer where a rank-r adapter
+    does not fit (min(d_in, d_out) < r); None to adapt it."""
     d_in, d_out = linear_dims(module)
-    router = d_out == experts and any(k in part for part in name.split(".")[-2:] for k in ("gate", "router"))
-    return bool(router or min(d_out, d_in) < r or d_out == 1)
+    if d_out == 1 or (d_out == experts and any(k in p for p in name.split(".")[-2:] for k in ("gate", "router"))):
+        return "router"
+    return "narrow" if min(d_out, d_in) < r else None
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

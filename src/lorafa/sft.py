@@ -6,7 +6,7 @@ messages `{"role": ..., "content": ...}` (ShareGPT's `{"from": "human" | "gpt", 
 every assistant answer, with the template's end-of-turn marker, is learned; everything else (system prompt, user
 turns, turn headers) is masked. The learned character spans come from probing the template (`chat_spans`); a fast
 tokenizer then tokenizes the whole rendering once, as at inference, and learns the tokens that overlap a span
-(through its character offsets); a slow one tokenizes the pieces apart. Without a template the pieces are
+(through its character offsets); a slow one finds the token edges by tokenizing the text up to each span edge. Without a template the pieces are
 `content + "\n"` for other roles and `content` + EOS for the assistant, after the tokenizer's BOS if it uses one,
 tokenized apart.
 """
@@ -167,17 +167,6 @@ def _shared_prefix(a: str, b: str, specials: list[str]) -> int:
     return n
 
 
-def _segments(whole: str, spans: list[tuple[int, int]]) -> list[Segment]:
-    """A rendering and its learned spans (`chat_spans`) as consecutive (text, learned) pieces."""
-    segments: list[Segment] = []
-    pos = 0
-    for start, end in spans:
-        segments += [(whole[pos:start], False), (whole[start:end], True)]
-        pos = end
-    segments.append((whole[pos:], False))
-    return segments
-
-
 def plain_segments(messages: list[Message]) -> list[Segment]:
     """Segments without a chat template: `content + "\\n"` masked, an assistant's `content` learned (EOS follows)."""
     return [
@@ -216,11 +205,9 @@ def tokenize_conversations(
             rendered.append(chat_spans(tokenizer, c) if templated else None)
         except ValueError as e:
             raise ValueError(f"row {rows[k] if rows is not None else k}: {e}") from None
-    if templated and getattr(tokenizer, "is_fast", False):
+    if templated:
         return _tokenize_rendered(tokenizer, cast(list, rendered), max_length)
-    per_row = [
-        _segments(*r) if r is not None else plain_segments(c) for r, c in zip(rendered, conversations, strict=True)
-    ]
+    per_row = [plain_segments(c) for c in conversations]
     # One tokenizer call for every segment of the batch; the template writes its own special tokens.
     texts = [text for segments in per_row for text, _ in segments]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
@@ -239,17 +226,37 @@ def tokenize_conversations(
 def _tokenize_rendered(
     tokenizer: Any, rendered: list[tuple[str, list[tuple[int, int]]]], max_length: int
 ) -> dict[str, list[list[int]]]:
-    """Tokenize each whole rendering once (as at inference) and learn the tokens that overlap a learned span,
-    found through the fast tokenizer's character offsets."""
-    enc = tokenizer(
-        [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
-    )  # the template writes its own special tokens
+    """Tokenize each whole rendering once (as at inference; the template writes its own special tokens) and learn
+    the tokens inside the learned spans: found through a fast tokenizer's character offsets (a token overlapping a
+    span is learned; a zero-width one only strictly inside), else by tokenizing the text up to each span edge."""
+    texts = [text for text, _ in rendered]
+    fast = getattr(tokenizer, "is_fast", False)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=fast)
     input_ids, labels = [], []
-    for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
-        lab = [
-            tok if any(s < end and (e > start or start <= s == e) for start, end in spans) else IGNORE_INDEX
-            for tok, (s, e) in zip(ids, offsets, strict=True)
-        ]
-        input_ids.append(list(ids[:max_length]))
+    for k, ((text, spans), ids) in enumerate(zip(rendered, enc["input_ids"], strict=True)):
+        ids = list(ids)
+        if fast:
+            lab = [
+                tok
+                if any((s < end and e > start) if e > s else start < s < end for start, end in spans)
+                else IGNORE_INDEX
+                for tok, (s, e) in zip(ids, enc["offset_mapping"][k], strict=True)
+            ]
+        else:
+            lab = [IGNORE_INDEX] * len(ids)
+            for start, end in spans:
+                a, b = _token_edge(tokenizer, text, start, ids), _token_edge(tokenizer, text, end, ids)
+                lab[a:b] = ids[a:b]
+        input_ids.append(ids[:max_length])
         labels.append(lab[:max_length])
     return {"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids], "labels": labels}
+
+
+def _token_edge(tokenizer: Any, text: str, k: int, ids: list[int]) -> int:
+    """The token index in `ids` (the ids of `text`) where character k falls: how many leading ids the ids of
+    text[:k] share with them (a token merging across k goes to the part after it)."""
+    head = tokenizer(text[:k], add_special_tokens=False)["input_ids"]
+    n = 0
+    while n < min(len(head), len(ids)) and head[n] == ids[n]:
+        n += 1
+    return n
