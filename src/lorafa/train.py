@@ -298,11 +298,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             "train_runtime_s": runtime,
             "tokens_per_s": (state.tokens_seen - tokens_before)
             / max(step_time, 1e-9),  # this process's steps
-            "peak_memory_bytes": float(peak),
-            "trainable_params": float(trainable),
-            "total_params": float(total),
-            "train_samples": float(len(data.train)),
-            "steps": float(state.step),
+            "peak_memory_bytes": int(peak),
+            "trainable_params": int(trainable),
+            "total_params": int(total),
+            "train_samples": len(data.train),
+            "steps": state.step,
             **extra_metrics,
         }
     )
