@@ -220,7 +220,8 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
         cfg: the adapter configuration.
 
     Returns:
-        The same model object, with target layers replaced by `LoRAFALinear` and `model.lorafa_config` set.
+        The same model object, with target layers replaced by `LoRAFALinear`, `model.lorafa_config` set, and (for a
+        transformers model) a `save_pretrained` that writes base, adapter and PEFT files (`lorafa.hf_save`).
 
     Raises:
         ValueError: adapters already present, nothing matched, a match that is not a linear layer, an invalid r.
