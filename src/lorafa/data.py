@@ -26,7 +26,7 @@ import math
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -377,21 +377,20 @@ def _pick_split(dataset_dict: Any, field: str, source: Path | str, hint: str = "
     )
 
 
-def _required_columns(cfg: DataConfig, task: str) -> dict[str, str]:
-    """Config field → column name, for the columns `task` reads."""
-    roles = ("messages_column",) if task == "sft" and cfg.messages_column is not None else _ROLES[task]
-    return {role: getattr(cfg, role) for role in roles if getattr(cfg, role) is not None}
-
-
-def _sft_columns(cfg: DataConfig, train: Any) -> DataConfig:
-    """`cfg` with messages_column set to the data's conversation column when it has one and no prompt_column."""
-    if cfg.messages_column is not None or cfg.prompt_column in train.column_names:
-        return cfg
-    found = next((c for c in CONVERSATION_COLUMNS if c in train.column_names), None)
-    if found is None:
-        return cfg
-    logger.info("sft: no %r column; training on the conversations in %r", cfg.prompt_column, found)
-    return replace(cfg, messages_column=found)
+def _required_columns(cfg: DataConfig, task: str, ds: Any) -> dict[str, str]:
+    """Config field → column name, for the columns `task` reads from `ds`: for sft, messages_column, else the
+    data's conversation column when it has one and no prompt_column, else the prompt/response columns."""
+    if task == "sft":
+        column = cfg.messages_column
+        if column is None and cfg.prompt_column not in ds.column_names:
+            column = next((c for c in CONVERSATION_COLUMNS if c in ds.column_names), None)
+            if column is not None:
+                logger.info(
+                    "sft: no %r column; training on the conversations in %r", cfg.prompt_column, column
+                )
+        if column is not None:
+            return {"messages_column": column}
+    return {role: getattr(cfg, role) for role in _ROLES[task] if getattr(cfg, role) is not None}
 
 
 def _check_columns(ds: Any, columns: dict[str, str], field: str) -> None:
@@ -414,14 +413,14 @@ def _conversation_table(ds: Any, columns: dict[str, str], field: str) -> Any:
         _check_texts(ds, columns, field, None)
         prompts, responses = ds[columns["prompt_column"]], ds[columns["response_column"]]
         rows = [pair(str(p), str(r)) for p, r in zip(prompts, responses, strict=True)]
-        return datasets.Dataset.from_dict({"messages_column": rows, "row": list(range(len(rows)))})
-    column = columns["messages_column"]
-    rows = []
-    for i, value in enumerate(ds[column]):
-        try:
-            rows.append(conversation(value))
-        except ValueError as e:
-            raise ValueError(f"{field}: column {column!r} (messages_column), row {i}: {e}") from None
+    else:
+        column = columns["messages_column"]
+        rows = []
+        for i, value in enumerate(ds[column]):
+            try:
+                rows.append(conversation(value))
+            except ValueError as e:
+                raise ValueError(f"{field}: column {column!r} (messages_column), row {i}: {e}") from None
     return datasets.Dataset.from_dict({"messages_column": rows, "row": list(range(len(rows)))})
 
 
@@ -728,11 +727,11 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
             logger.warning("eval_file not set: evaluating on the %r split of %s", found[0], cfg.train_file)
             eval_ds = found[1]
     # sft: each file may hold prompt/response pairs or conversations, whatever the other holds.
-    columns = _required_columns(_sft_columns(cfg, train) if task == "sft" else cfg, task)
+    columns = _required_columns(cfg, task, train)
     _check_columns(train, columns, "train_file")
     eval_columns = columns
     if eval_ds is not None:
-        eval_columns = _required_columns(_sft_columns(cfg, eval_ds) if task == "sft" else cfg, task)
+        eval_columns = _required_columns(cfg, task, eval_ds)
         _check_columns(eval_ds, eval_columns, "eval_file")
 
     label_names: list[str] | None = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, cast
+from typing import Any
 
 IGNORE_INDEX = -100
 """Label value that Hugging Face losses skip."""
@@ -101,7 +101,9 @@ def chat_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple
 
     def render(part: list[Message], generation_prompt: bool = False) -> str:
         try:
-            return tokenizer.apply_chat_template(part, tokenize=False, add_generation_prompt=generation_prompt)
+            return tokenizer.apply_chat_template(
+                part, tokenize=False, add_generation_prompt=generation_prompt
+            )
         except Exception as e:  # jinja2 TemplateError, or a template's own raise_exception
             raise ValueError(
                 f"use_chat_template: the tokenizer's chat template fails on the conversation "
@@ -187,28 +189,38 @@ def tokenize_conversations(
     Raises:
         ValueError: see `chat_spans`; without a template, a tokenizer without an EOS token.
     """
-    templated = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
-    bos: list[int] = []
-    eos: list[int] = []
-    if not templated:
-        if tokenizer.eos_token_id is None:
-            raise ValueError(
-                "use_chat_template: sft without a chat template needs a tokenizer with an eos_token"
-            )
-        eos = [tokenizer.eos_token_id]
-        # Start with BOS exactly when the tokenizer itself starts sequences with it (Llama yes, GPT-2 no).
-        if tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
-            bos = [tokenizer.bos_token_id]
+    if not (use_chat_template and getattr(tokenizer, "chat_template", None)):
+        return _tokenize_plain(tokenizer, conversations, max_length)
     rendered = []
     for k, c in enumerate(conversations):
         try:
-            rendered.append(chat_spans(tokenizer, c) if templated else None)
+            rendered.append(chat_spans(tokenizer, c))
         except ValueError as e:
             raise ValueError(f"row {rows[k] if rows is not None else k}: {e}") from None
-    if templated:
-        return _tokenize_rendered(tokenizer, cast(list, rendered), max_length)
+    return _tokenize_rendered(tokenizer, rendered, max_length)
+
+
+def _examples(
+    input_ids: list[list[int]], labels: list[list[int]], max_length: int
+) -> dict[str, list[list[int]]]:
+    """The tokenized examples, truncated on the right to `max_length`."""
+    input_ids, labels = [x[:max_length] for x in input_ids], [x[:max_length] for x in labels]
+    return {"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids], "labels": labels}
+
+
+def _tokenize_plain(
+    tokenizer: Any, conversations: list[list[Message]], max_length: int
+) -> dict[str, list[list[int]]]:
+    """`plain_segments` tokenized piece by piece, EOS after each answer, BOS first where the tokenizer uses one."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("use_chat_template: sft without a chat template needs a tokenizer with an eos_token")
+    eos = [tokenizer.eos_token_id]
+    # Start with BOS exactly when the tokenizer itself starts sequences with it (Llama yes, GPT-2 no).
+    bos: list[int] = []
+    if tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        bos = [tokenizer.bos_token_id]
     per_row = [plain_segments(c) for c in conversations]
-    # One tokenizer call for every segment of the batch; the template writes its own special tokens.
+    # One tokenizer call for every piece of the batch.
     texts = [text for segments in per_row for text, _ in segments]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     input_ids, labels = [], []
@@ -218,9 +230,9 @@ def tokenize_conversations(
             piece = list(next(encoded)) + (eos if learned else [])
             ids += piece
             lab += piece if learned else [IGNORE_INDEX] * len(piece)
-        input_ids.append(ids[:max_length])
-        labels.append(lab[:max_length])
-    return {"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids], "labels": labels}
+        input_ids.append(ids)
+        labels.append(lab)
+    return _examples(input_ids, labels, max_length)
 
 
 def _tokenize_rendered(
@@ -247,9 +259,9 @@ def _tokenize_rendered(
             for start, end in spans:
                 a, b = _token_edge(tokenizer, text, start, ids), _token_edge(tokenizer, text, end, ids)
                 lab[a:b] = ids[a:b]
-        input_ids.append(ids[:max_length])
-        labels.append(lab[:max_length])
-    return {"input_ids": input_ids, "attention_mask": [[1] * len(x) for x in input_ids], "labels": labels}
+        input_ids.append(ids)
+        labels.append(lab)
+    return _examples(input_ids, labels, max_length)
 
 
 def _token_edge(tokenizer: Any, text: str, k: int, ids: list[int]) -> int:
