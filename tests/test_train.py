@@ -198,6 +198,35 @@ def test_epoch_batches_split_the_global_batch_across_processes(n, batch, world):
     assert epoch_batches(n, batch, 1, 3) != epoch_batches(n, batch, 2, 3)
 
 
+def _padding(batches: list[list[int]], lengths: list[int]) -> int:
+    return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+
+@pytest.mark.parametrize("n, batch, world", [(1000, 8, 1), (999, 4, 3), (130, 3, 2), (131, 3, 2)])
+def test_group_by_length_pads_less_and_keeps_the_order_seeded(n, batch, world):
+    lengths = torch.randint(1, 200, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    plain = epoch_batches(n, batch * world, epoch=1, seed=3)
+    grouped = epoch_batches(n, batch * world, epoch=1, seed=3, lengths=lengths)
+    # Every example once per epoch, in as many batches of the same sizes.
+    assert sorted(i for b in grouped for i in b) == sorted(i for b in plain for i in b)
+    assert sorted(map(len, grouped)) == sorted(map(len, plain))
+    assert _padding(grouped, lengths) < _padding(plain, lengths) / 4
+    assert max(lengths) in [lengths[i] for i in grouped[0]]  # the longest batch first
+    # Within a window (50 global batches) the batches are shuffled, not sorted by length.
+    maxima = [max(lengths[i] for i in b) for b in grouped[1:]]
+    assert maxima != sorted(maxima, reverse=True)
+    # Processes split each global batch, as without grouping (where n is no multiple of the process count the
+    # order wraps around, as without grouping); repeatable per (seed, epoch).
+    shards = [epoch_batches(n, batch, 1, 3, r, world, lengths) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1
+    if n % world == 0:
+        assert [[j for s in shards for j in s[i]] for i in range(len(grouped))] == grouped
+    assert epoch_batches(n, batch, 1, 3, lengths=lengths) == epoch_batches(n, batch, 1, 3, lengths=lengths)
+    assert epoch_batches(n, batch, 1, 3, lengths=lengths) != epoch_batches(n, batch, 2, 3, lengths=lengths)
+    with pytest.raises(ValueError, match="lengths"):
+        epoch_batches(n, batch, 1, 3, lengths=lengths[:-1])
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_a_half_precision_model_trains_its_head_in_fp32(toys, tmp_path, dtype):
     from lorafa.evaluate import load_trained
@@ -249,7 +278,11 @@ def test_resume_refuses_another_batch_size_seed_and_writes_a_repeatable_config(t
     out = tmp_path / "run"
     train(_config(toys, out, "max_steps=4", "batch_size=4", "checkpoint_every=2"))
     checkpoint = out / "checkpoints" / "checkpoint-2"
-    for change, field in (("batch_size=8", "batch_size"), ("seed=3", "seed")):
+    for change, field in (
+        ("batch_size=8", "batch_size"),
+        ("seed=3", "seed"),
+        ("group_by_length=true", "group_by_length"),
+    ):
         with pytest.raises(ValueError, match=rf"resume: .*checkpoint-2 was trained with a different {field}"):
             train(_config(toys, tmp_path / "other", "max_steps=4", "batch_size=4", change, f"resume={checkpoint}"))
     resumed = tmp_path / "resumed"
@@ -362,12 +395,14 @@ def test_gradient_checkpointing_gives_the_same_adapter(toys, tmp_path):
     _assert_same_adapter(tmp_path / "plain", tmp_path / "ckpt", atol=1e-6, rtol=1e-5)
 
 
-def test_resume_is_bit_identical(toys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_resume_is_bit_identical(toys, tmp_path, monkeypatch, group_by_length):
     # Dropout in the model and the adapters, warm-up, cosine decay, accumulation and two epochs: every piece of
     # state that resume restores (RNG, optimizer, schedule, data position) shows up in the result.
     common = (
         f"model={toys / 'bert-dropout'}", "adapter.lora_dropout=0.1", "batch_size=4", "grad_accum=2",
         "max_steps=null", "epochs=2", "warmup_ratio=0.2", "schedule=cosine", "eval_every=3",
+        f"group_by_length={str(group_by_length).lower()}",
     )  # fmt: skip
     whole = train(_config(toys, tmp_path / "whole", *common))
 

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -97,7 +98,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     model = prepare_model(
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
     )
-    first_epoch = epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed, rank, world)
+    lengths = example_lengths(data.train, cfg.task) if cfg.group_by_length else None
+
+    def batches_of(epoch: int) -> list[list[int]]:
+        return epoch_batches(len(data.train), cfg.batch_size, epoch, cfg.seed, rank, world, lengths)
+
+    first_epoch = batches_of(0)
     chunked = use_chunked_loss(cfg)
     if chunked:
         model.to(accelerator.device)
@@ -181,8 +187,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     step_time, tokens_since_log, time_since_log = 0.0, 0, 0.0
     losses_since_log: list[float] = []
     metrics: dict[str, float] = {}
+    batches, batches_epoch = first_epoch, 0
     while state.step < total_steps:
-        batches = epoch_batches(len(data.train), cfg.batch_size, state.epoch, cfg.seed, rank, world)
+        if batches_epoch != state.epoch:
+            batches, batches_epoch = batches_of(state.epoch), state.epoch
         group = batches[state.batch_in_epoch : state.batch_in_epoch + cfg.grad_accum]
         t0 = time.perf_counter()
         trainee.train()
@@ -376,8 +384,19 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+# group_by_length sorts by length within windows of this many global batches (then shuffles the batches): wide
+# enough that a batch's lengths are close, narrow enough that a window is still a random sample of the data.
+LENGTH_WINDOW = 50
+
+
 def epoch_batches(
-    n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1
+    n: int,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    lengths: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """This process's batches (lists of example indices) for one epoch.
 
@@ -386,18 +405,46 @@ def epoch_batches(
     permutation and process r takes its r-th slice of b; so w processes with batch b see exactly the examples a
     single process with batch b·w sees. With w > 1 the permutation is padded by wrapping around to a multiple of
     w (as torch's DistributedSampler does), so every process runs the same number of batches.
+
+    With `lengths` (tokens per example: group_by_length), each window of LENGTH_WINDOW global batches of the
+    permutation is sorted longest first before it is cut into batches, so a batch pads little; then the batches
+    are shuffled by the same generator, except that the one holding the longest example goes first (an
+    out-of-memory shows at step 1, not hours in).
     """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=gen).tolist()
     if world > 1 and n % world:
         order += order[: world - n % world]
     per_step = batch_size * world
+    if lengths is not None:
+        if len(lengths) != n:
+            raise ValueError(f"epoch_batches: {len(lengths)} lengths for {n} examples")
+        window = per_step * LENGTH_WINDOW
+        order = [
+            i
+            for start in range(0, len(order), window)
+            for i in sorted(order[start : start + window], key=lambda i: -lengths[i])  # stable: ties keep order
+        ]
+    chunks = [order[start : start + per_step] for start in range(0, len(order), per_step)]
+    if lengths is not None and len(chunks) > 1:
+        longest = max(range(len(chunks)), key=lambda c: max(lengths[i] for i in chunks[c]))
+        rest = [c for c in range(len(chunks)) if c != longest]
+        shuffled = [rest[j] for j in torch.randperm(len(rest), generator=gen).tolist()]
+        chunks = [chunks[longest]] + [chunks[c] for c in shuffled]
     batches = []
-    for start in range(0, len(order), per_step):
-        chunk = order[start : start + per_step]
+    for chunk in chunks:
         share = len(chunk) // world
         batches.append(chunk[rank * share : (rank + 1) * share])
     return batches
+
+
+def example_lengths(data: Any, task: str) -> list[int]:
+    """Tokens per training example, the key of group_by_length: input ids, plus label ids for seq2seq (whose
+    targets are padded separately)."""
+    lengths = [len(ids) for ids in data["input_ids"]]
+    if task == "seq2seq":
+        lengths = [n + len(labels) for n, labels in zip(lengths, data["labels"], strict=True)]
+    return lengths
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -475,7 +522,7 @@ def target_counts(batches: list[dict[str, torch.Tensor]], task: str) -> list[int
 
 def check_resumable(cfg: TrainConfig, checkpoint: Path, processes: int = 1) -> None:
     """Refuse to resume a checkpoint of another model, task, method, adapter or data, or with another batch_size,
-    seed or number of processes (the data position is counted in per-process batches of a seeded order, so those
+    group_by_length, seed or number of processes (the data position is counted in per-process batches of a seeded order, so those
     would repeat or skip examples); the rest (lr, schedule, steps, grad_accum, ...) may change.
 
     Local paths compare as absolute paths (`runs/x/` and `./runs/x` are one folder)."""
@@ -485,7 +532,7 @@ def check_resumable(cfg: TrainConfig, checkpoint: Path, processes: int = 1) -> N
         with contextlib.suppress(ValueError):  # an older or foreign config is compared as it is
             saved = config_from_dict(saved).with_absolute_paths().to_dict()
     now = cfg.with_absolute_paths().to_dict()
-    for key in ("model", "task", "method", "adapter", "data", "batch_size", "seed"):
+    for key in ("model", "task", "method", "adapter", "data", "batch_size", "group_by_length", "seed"):
         if key in saved and saved[key] != now[key]:
             raise ValueError(
                 f"resume: {checkpoint} was trained with a different {key} ({saved[key]!r}, now {now[key]!r})"
@@ -655,7 +702,7 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
     )
     trainable, total = trainable_parameters(model)
-    batches = len(epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed))
+    batches = len(epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed))  # grouping keeps the count
     steps = cfg.max_steps or cfg.epochs * math.ceil(batches / cfg.grad_accum)
     report: dict[str, Any] = {
         "trainable_params": trainable,

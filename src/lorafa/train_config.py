@@ -71,6 +71,10 @@ class TrainConfig:
     """Stop after this many optimizer steps (the data is repeated as needed); None trains for `epochs`."""
     batch_size: int = 8
     """Examples per device per forward pass (global batch = batch_size × grad_accum × processes)."""
+    group_by_length: bool = False
+    """Batch examples of similar length (sorted within windows of 50 global batches, batches shuffled, the
+    longest first), so batches pad less: faster sft/seq2seq/classification on data of mixed lengths. The order
+    is still seeded, so runs and resumes repeat; clm blocks all have one length (no effect)."""
     eval_batch_size: int | None = None
     """Examples per device per evaluation forward pass; None uses 2 × batch_size."""
     grad_accum: int = 1
@@ -156,6 +160,7 @@ class TrainConfig:
             _check_float("max_grad_norm", self.max_grad_norm)
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         for name in (
+            "group_by_length",
             "gradient_checkpointing",
             "cheap_recompute",
             "eval_before",
