@@ -815,6 +815,15 @@ class DataCollator:
         return batch
 
 
+def example_lengths(data: Any, task: str) -> list[int]:
+    """Tokens per example (the key of group_by_length, and of evaluation's batching): input ids, plus label ids
+    for seq2seq (whose targets are padded separately)."""
+    lengths = [len(ids) for ids in data["input_ids"]]
+    if task == "seq2seq":
+        lengths = [n + len(labels) for n, labels in zip(lengths, data["labels"], strict=True)]
+    return lengths
+
+
 def make_collator(task: str, tokenizer: Any, pad_to_multiple_of: int | None = None) -> DataCollator:
     """The batch collator for examples made by `build_datasets(..., task)`.
 

@@ -28,7 +28,7 @@ from lorafa.adapter import (
     read_adapter_config,
 )
 from lorafa.assets import resolve
-from lorafa.data import IGNORE_INDEX, build_datasets, make_collator
+from lorafa.data import IGNORE_INDEX, build_datasets, example_lengths, make_collator
 from lorafa.inject import remove_lorafa
 from lorafa.metrics import classification_metrics, regression_metrics
 from lorafa.models import load_model, load_tokenizer, quiet_loading
@@ -89,11 +89,15 @@ def evaluate(
     was_training = model.training
     model.eval()
     mine = list(range(rank, len(dataset), world))
+    # Batches of similar lengths pad little; the metrics do not depend on the order (longest first: an
+    # out-of-memory shows in the first batch).
+    lengths = example_lengths(dataset, task)
+    by_length = sorted(mine, key=lambda i: -lengths[i])
     loss_sum, weight = 0.0, 0.0
     predictions: list[float] = []
     labels: list[float] = []
-    for start in range(0, len(mine), batch_size):
-        batch = collator(rows(dataset, mine[start : start + batch_size]))
+    for start in range(0, len(by_length), batch_size):
+        batch = collator(rows(dataset, by_length[start : start + batch_size]))
         batch = {k: v.to(device) for k, v in batch.items()}
         with accelerator.autocast() if accelerator else (autocast or nullcontext)():
             out = model(**batch)

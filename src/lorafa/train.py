@@ -34,7 +34,7 @@ from lorafa.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from lorafa.data import PreparedData, build_datasets, make_collator
+from lorafa.data import PreparedData, build_datasets, example_lengths, make_collator
 from lorafa.evaluate import base_model_path, count_targets, evaluate, rows, write_labels
 from lorafa.gradient_init import gradient_init_budget, init_a_from_gradients
 from lorafa.inject import trainable_parameters
@@ -436,15 +436,6 @@ def epoch_batches(
         share = len(chunk) // world
         batches.append(chunk[rank * share : (rank + 1) * share])
     return batches
-
-
-def example_lengths(data: Any, task: str) -> list[int]:
-    """Tokens per training example, the key of group_by_length: input ids, plus label ids for seq2seq (whose
-    targets are padded separately)."""
-    lengths = [len(ids) for ids in data["input_ids"]]
-    if task == "seq2seq":
-        lengths = [n + len(labels) for n, labels in zip(lengths, data["labels"], strict=True)]
-    return lengths
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
