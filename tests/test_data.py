@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -663,7 +664,7 @@ def test_sft_conversation_errors_name_file_column_and_row(tmp_path, gpt_tok, cap
     # A conversation without an assistant turn has nothing to learn: dropped with a warning.
     rows = [{"messages": CHAT}, {"messages": CHAT[:2]}]
     data = build_datasets(cfg(tmp_path, _jsonl(tmp_path / "two.jsonl", rows)), gpt_tok, "sft")
-    assert len(data.train) == 1 and "no assistant turn" in caplog.text
+    assert len(data.train) == 1 and "without an assistant turn" in caplog.text
     # A template that refuses a conversation: the error names the file and the template.
     tok = make_tokenizer(bert_like=False)
     tok.chat_template = (
@@ -1169,3 +1170,114 @@ def test_trimmed_offsets_do_not_learn_the_prompts_trailing_space(tmp_path):
     assert trimmed == plain
     learned = [i for i, x in zip(plain["input_ids"][0], plain["labels"][0], strict=True) if x != IGNORE_INDEX]
     assert tok.decode(learned) == " Paris" + tok.eos_token + "\n"
+
+
+# ------------------------------------------------------------------------------------- sft layouts and cells
+
+
+def _same_as_messages(tmp_path: Path, rows: list[dict], chats: list[list[dict]], **kw) -> None:
+    """`rows` (some sft layout) tokenize exactly as the conversations `chats` given as a messages file."""
+    tok = _chat_tok(CHAT_TEMPLATE)
+    got = build_datasets(cfg(tmp_path, _jsonl(tmp_path / "rows.jsonl", rows), **kw), tok, "sft").train
+    ref = build_datasets(
+        cfg(tmp_path, _jsonl(tmp_path / "ref.jsonl", [{"messages": c} for c in chats])), tok, "sft"
+    ).train
+    assert got["input_ids"] == ref["input_ids"] and got["labels"] == ref["labels"]
+
+
+def _csv(path: Path, frame: pd.DataFrame) -> Path:
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _turns(prompt: str, answer: str, system: str | None = None) -> list[dict]:
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return [*head, {"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def test_sft_reads_the_common_layouts_when_the_default_columns_are_missing(tmp_path, caplog):
+    # TRL prompt/completion
+    _same_as_messages(tmp_path, [{"prompt": "the plot", "completion": "not very good"}],
+                      [_turns("the plot", "not very good")])  # fmt: skip
+    # Alpaca: instruction + input (skipped when empty) -> output
+    alpaca = [
+        {"instruction": "was the movie good", "input": "the plot", "output": "not very good"},
+        {"instruction": "the plot", "input": "", "output": "great"},
+    ]
+    chats = [_turns("was the movie good\n\nthe plot", "not very good"), _turns("the plot", "great")]
+    _same_as_messages(tmp_path, alpaca, chats)
+    assert "Alpaca" in caplog.text
+    # ... and the same with the columns named explicitly
+    _same_as_messages(tmp_path, alpaca, chats, prompt_column=["instruction", "input"], response_column="output")
+    # Dolly: instruction + context -> response
+    dolly = [{"instruction": "the plot", "context": "a film", "response": "good", "category": "qa"}]
+    _same_as_messages(tmp_path, dolly, [_turns("the plot\n\na film", "good")])
+    # OpenOrca: system_prompt + question -> response
+    orca = [{"system_prompt": "really", "question": "the plot", "response": "fine"}]
+    _same_as_messages(tmp_path, orca, [_turns("the plot", "fine", system="really")])
+    # A prompt column beside a conversation column (UltraChat's layout): the conversations
+    _same_as_messages(tmp_path, [{"prompt": "the plot", "prompt_id": "1", "messages": CHAT}], [CHAT])
+
+
+def test_sft_prompt_completion_cells_may_hold_messages(tmp_path):
+    # TRL's conversational prompt-completion: prompt and completion are lists of messages.
+    rows = [{"prompt": CHAT[:4], "completion": CHAT[4:]}, {"prompt": CHAT[:2], "completion": "good"}]
+    _same_as_messages(tmp_path, rows, [CHAT, [*CHAT[:2], {"role": "assistant", "content": "good"}]])
+    tok = _chat_tok(CHAT_TEMPLATE)
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "good"}, {"prompt": {"x": 1}, "response": "b"}])
+    with pytest.raises(ValueError, match=r"train_file: row 1: the prompt is an object"):
+        build_datasets(cfg(tmp_path, bad), tok, "sft")
+    user_answer = _jsonl(tmp_path / "ua.jsonl", [{"prompt": "a", "completion": CHAT[:2]}])
+    with pytest.raises(ValueError, match="row 0: a response given as messages must hold assistant messages only"):
+        build_datasets(cfg(tmp_path, user_answer), tok, "sft")
+
+
+def test_sft_columns_left_out_of_the_prompt_are_named(tmp_path, caplog):
+    alpaca = [{"instruction": "the plot", "input": "a film", "output": "good"}]
+    path = _jsonl(tmp_path / "a.jsonl", alpaca)
+    columns = {"prompt_column": "instruction", "response_column": "output"}
+    build_datasets(cfg(tmp_path, path, **columns), make_tokenizer(bert_like=False), "sft")
+    assert "['input'] are not part of the prompt" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "row, hint",
+    [
+        ({"text": "the plot"}, "task: clm"),
+        ({"prompt": "the plot", "chosen": "good", "rejected": "bad"}, "response_column: chosen"),
+        ({"question": "the plot", "answer": "good"}, "prompt_column may list several columns"),
+    ],
+)
+def test_sft_missing_columns_say_what_to_set(tmp_path, row, hint):
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        build_datasets(cfg(tmp_path, _jsonl(tmp_path / "x.jsonl", [row])), make_tokenizer(bert_like=False), "sft")
+
+
+def test_sft_roles_are_normalised_and_empty_answers_refused(tmp_path, caplog):
+    other_names = [
+        {"role": "Prompter", "content": "was the movie good"},
+        {"role": "Assistant", "content": "the movie was great"},
+        {"role": "user", "content": "the plot"},
+        {"role": "bot", "content": "not very good"},
+    ]
+    _same_as_messages(tmp_path, [{"messages": other_names}], [CHAT[1:]])
+    odd = [{"role": "narrator", "content": "the plot"}, *CHAT[1:3]]
+    tok = make_tokenizer(bert_like=False)
+    build_datasets(cfg(tmp_path, _jsonl(tmp_path / "odd.jsonl", [{"messages": odd}])), tok, "sft")
+    assert "roles ['narrator'] are none of" in caplog.text
+    json_rows = [{"prompt": "a", "response": "good"}, {"prompt": "b", "response": " "}]
+    csv_rows = pd.DataFrame({"prompt": ["a", "b"], "response": ["good", None]})
+    for path in (_jsonl(tmp_path / "e.jsonl", json_rows), _csv(tmp_path / "e.csv", csv_rows)):
+        with pytest.raises(ValueError, match=r"train_file: row 1: the response is empty"):
+            build_datasets(cfg(tmp_path, path), make_tokenizer(bert_like=False), "sft")
+    only_users = _jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": "a"}]}])
+    with pytest.raises(ValueError, match=r"no row has an assistant turn to learn \(roles found: \['user'\]\)"):
+        build_datasets(cfg(tmp_path, only_users), make_tokenizer(bert_like=False), "sft")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sft_rows_without_an_answer_are_dropped_before_the_eval_split(tmp_path, seed):
+    rows = [{"messages": CHAT} for _ in range(9)] + [{"messages": CHAT[:2]}]
+    path = _jsonl(tmp_path / "c.jsonl", rows)
+    data = build_datasets(cfg(tmp_path, path, eval_split=0.1, seed=seed), make_tokenizer(bert_like=False), "sft")
+    assert len(data.train) + len(data.eval) == 9 and len(data.eval) == 1

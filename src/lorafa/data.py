@@ -28,12 +28,20 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from lorafa.assets import resolve
-from lorafa.sft import CONVERSATION_COLUMNS, IGNORE_INDEX, conversation, pair, tokenize_conversations
+from lorafa.sft import (
+    CONVERSATION_COLUMNS,
+    IGNORE_INDEX,
+    KNOWN_ROLES,
+    Message,
+    conversation,
+    short_repr,
+    tokenize_conversations,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +96,14 @@ class DataConfig:
     """Class (string or integer) for classification, number for regression."""
     label_names: list[str] | None = None
     """Classes in id order; rows with any other label are dropped. None: the sorted labels found in train_file."""
-    prompt_column: str = "prompt"
-    """Instruction / user turn (sft)."""
+    prompt_column: str | list[str] = "prompt"
+    """Instruction / user turn (sft); a list of columns is joined with blank lines, empty cells skipped (Alpaca:
+    [instruction, input]). A cell may hold a list of messages (TRL's conversational prompt-completion form)."""
     response_column: str = "response"
-    """Answer the model learns to produce (sft)."""
+    """Answer the model learns to produce (sft); a cell may hold a list of assistant messages."""
+    system_column: str | None = None
+    """sft pairs: a column with each row's system message (e.g. OpenOrca's system_prompt); None: no system
+    message."""
     messages_column: str | None = None
     """sft: a column of whole conversations, read instead of prompt_column/response_column: each row a list of
     {"role", "content"} messages (ShareGPT's {"from": "human"|"gpt", "value"} too; a JSON string in CSV; text-part
@@ -132,10 +144,15 @@ class DataConfig:
             raise ValueError(f"eval_split must be a number in [0, 1), got {self.eval_split!r}")
         if not 0.0 <= self.eval_split < 1.0:
             raise ValueError(f"eval_split must be in [0, 1), got {self.eval_split!r}")
+        prompt = self.prompt_column
+        if isinstance(prompt, list | tuple):
+            if not prompt or not all(isinstance(c, str) and c for c in prompt):
+                raise ValueError(f"prompt_column must be a column name or a list of them, got {prompt!r}")
+        elif not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"prompt_column must be a non-empty column name, got {prompt!r}")
         for name in (
             "text_column",
             "label_column",
-            "prompt_column",
             "response_column",
             "source_column",
             "target_column",
@@ -143,7 +160,7 @@ class DataConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty column name, got {value!r}")
-        for name in ("text_pair_column", "messages_column"):
+        for name in ("text_pair_column", "messages_column", "system_column"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name} must be a column name or None, got {value!r}")
@@ -377,51 +394,161 @@ def _pick_split(dataset_dict: Any, field: str, source: Path | str, hint: str = "
     )
 
 
-def _required_columns(cfg: DataConfig, task: str, ds: Any) -> dict[str, str]:
-    """Config field → column name, for the columns `task` reads from `ds`: for sft, messages_column, else the
-    data's conversation column when it has one and no prompt_column, else the prompt/response columns."""
-    if task == "sft":
-        column = cfg.messages_column
-        if column is None and cfg.prompt_column not in ds.column_names:
-            column = next((c for c in CONVERSATION_COLUMNS if c in ds.column_names), None)
-            if column is not None:
-                logger.info(
-                    "sft: no %r column; training on the conversations in %r", cfg.prompt_column, column
+# sft layouts found when a file lacks the configured default prompt/response columns, tried in order: (name,
+# prompt columns: the first required, the others joined when the file has them, response column, system column).
+_SFT_LAYOUTS: tuple[tuple[str, tuple[str, ...], str, str | None], ...] = (
+    ("TRL prompt/completion", ("prompt",), "completion", None),
+    ("Alpaca instruction/input/output", ("instruction", "input"), "output", None),
+    ("Dolly instruction/context/response", ("instruction", "context"), "response", None),
+    ("OpenOrca question/response", ("question",), "response", "system_prompt"),
+)
+# Columns that usually belong in the prompt; named in a warning when the configured columns leave them out.
+_PROMPT_EXTRAS = ("input", "context", "system", "system_prompt")
+
+Columns = dict[str, Any]
+"""Config field → column name (prompt_column: a list of names for sft), as `_required_columns` found them."""
+
+
+def _required_columns(cfg: DataConfig, task: str, ds: Any) -> Columns:
+    """Config field → column name, for the columns `task` reads from `ds`. sft: messages_column if set; else the
+    prompt/response columns when the file has them; else its conversation column (messages, conversations); else
+    a known layout (`_SFT_LAYOUTS`) when the columns are the defaults."""
+    if task != "sft":
+        return {role: getattr(cfg, role) for role in _ROLES[task] if getattr(cfg, role) is not None}
+    if cfg.messages_column is not None:
+        return {"messages_column": cfg.messages_column}
+    names = ds.column_names
+    prompt = [cfg.prompt_column] if isinstance(cfg.prompt_column, str) else list(cfg.prompt_column)
+    configured: Columns = {"prompt_column": prompt, "response_column": cfg.response_column}
+    if cfg.system_column is not None:
+        configured["system_column"] = cfg.system_column
+    if all(c in names for c in [*prompt, cfg.response_column]):
+        unused = [c for c in _PROMPT_EXTRAS if c in names and c not in configured.values() and c not in prompt]
+        if unused:
+            logger.warning(
+                "sft: column(s) %s are not part of the prompt (prompt_column %r); to include them set "
+                "prompt_column: %s (joined with blank lines) or system_column", unused, cfg.prompt_column,
+                [*prompt, *[c for c in unused if "system" not in c]],
+            )  # fmt: skip
+        return configured
+    column = next((c for c in CONVERSATION_COLUMNS if c in names), None)
+    if column is not None:
+        logger.info("sft: no %r/%r columns; training on the conversations in %r", prompt, cfg.response_column,
+                    column)  # fmt: skip
+        return {"messages_column": column}
+    if prompt == ["prompt"] and cfg.response_column == "response" and cfg.system_column is None:
+        for name, prompts, response, system in _SFT_LAYOUTS:
+            if prompts[0] in names and response in names:
+                found: Columns = {"prompt_column": [c for c in prompts if c in names], "response_column": response}
+                if system is not None and system in names:
+                    found["system_column"] = system
+                logger.warning("sft: no prompt/response columns; reading the %s layout: %s", name, found)
+                return found
+    return configured
+
+
+def _check_columns(ds: Any, columns: Columns, field: str) -> None:
+    for role, value in columns.items():
+        for column in [value] if isinstance(value, str) else value:
+            if column not in ds.column_names:
+                raise ValueError(
+                    f"{field}: column {column!r} ({role}) not found; the columns are {ds.column_names}"
+                    f"{_column_hint(role, ds.column_names)}"
                 )
-        if column is not None:
-            return {"messages_column": column}
-    return {role: getattr(cfg, role) for role in _ROLES[task] if getattr(cfg, role) is not None}
 
 
-def _check_columns(ds: Any, columns: dict[str, str], field: str) -> None:
-    for role, column in columns.items():
-        if column not in ds.column_names:
-            hint = ""
-            if role == "prompt_column":
-                hint = "; a column of whole conversations is read with messages_column"
-            raise ValueError(
-                f"{field}: column {column!r} ({role}) not found; the columns are {ds.column_names}{hint}"
-            )
+def _column_hint(role: str, names: list[str]) -> str:
+    """What to set when a column is missing, from the columns the file has."""
+    if role in ("prompt_column", "response_column"):
+        if "chosen" in names:
+            return "; preference data: set response_column: chosen (sft learns the chosen answer)"
+        if "text" in names:
+            return "; one text column is language modelling: use task: clm"
+        return (
+            "; set prompt_column / response_column (prompt_column may list several columns), or "
+            "messages_column for a column of whole conversations"
+        )
+    return ""
 
 
-def _conversation_table(ds: Any, columns: dict[str, str], field: str) -> Any:
+def _conversation_table(ds: Any, columns: Columns, field: str) -> Any:
     """A dataset of checked conversations ([{"role", "content"}, ...]) in column messages_column, from the
-    messages_column or the prompt/response columns of `ds`, with each row's index in `ds` (column row)."""
+    messages_column or the prompt/response columns of `ds`, with each row's index in `ds` (column row). Rows
+    without an assistant turn are dropped with a warning (before any split, so no split can end up empty)."""
     import datasets
 
+    rows: list[list[Message]] = []
     if "messages_column" not in columns:
-        _check_texts(ds, columns, field, None)
-        prompts, responses = ds[columns["prompt_column"]], ds[columns["response_column"]]
-        rows = [pair(str(p), str(r)) for p, r in zip(prompts, responses, strict=True)]
+        prompts = [ds[c] for c in columns["prompt_column"]]
+        responses = ds[columns["response_column"]]
+        system = columns.get("system_column")
+        systems = ds[system] if system is not None else [None] * len(ds)
+        for i in range(len(ds)):
+            try:
+                rows.append(_pair_row([p[i] for p in prompts], responses[i], systems[i]))
+            except ValueError as e:
+                raise ValueError(f"{field}: row {i}: {e} (columns {columns})") from None
     else:
         column = columns["messages_column"]
-        rows = []
         for i, value in enumerate(ds[column]):
             try:
                 rows.append(conversation(value))
             except ValueError as e:
                 raise ValueError(f"{field}: column {column!r} (messages_column), row {i}: {e}") from None
-    return datasets.Dataset.from_dict({"messages_column": rows, "row": list(range(len(rows)))})
+    _warn_unknown_roles(rows, field)
+    kept = [i for i, c in enumerate(rows) if any(m["role"] == "assistant" for m in c)]
+    if len(kept) < len(rows):
+        roles = sorted({m["role"] for c in rows for m in c})
+        if not kept:
+            raise ValueError(f"{field}: no row has an assistant turn to learn (roles found: {roles})")
+        missing = sorted(set(range(len(rows))) - set(kept))
+        logger.warning("%s: dropped %d rows without an assistant turn, e.g. rows %s", field, len(missing),
+                       missing[:5])  # fmt: skip
+    return datasets.Dataset.from_dict({"messages_column": [rows[i] for i in kept], "row": kept})
+
+
+def _warn_unknown_roles(rows: list[list[Message]], field: str) -> None:
+    unknown = sorted({m["role"] for c in rows for m in c} - set(KNOWN_ROLES))
+    if unknown:
+        logger.warning(
+            "%s: roles %s are none of %s: they are passed to the chat template as they are and never learned",
+            field, unknown, list(KNOWN_ROLES),
+        )  # fmt: skip
+
+
+def _pair_row(prompts: list[Any], response: Any, system: Any) -> list[Message]:
+    """One prompt/response row as a conversation: string prompt parts joined with blank lines (empty optional
+    parts skipped), or a list of messages (TRL's conversational prompt-completion); the response a string or a
+    list of assistant messages."""
+    head = _text(prompts[0], "prompt")
+    if isinstance(head, list):
+        messages = head
+    else:
+        parts = [head, *(p for p in (_text(v, "prompt") for v in prompts[1:] if v is not None) if p)]
+        if any(isinstance(p, list) for p in parts):
+            raise ValueError("only the first prompt column may hold a list of messages")
+        messages = [{"role": "user", "content": "\n\n".join(cast(list[str], parts))}]
+    if system is not None and _text(system, "system"):
+        messages = [{"role": "system", "content": str(system)}, *messages]
+    answer = _text(response, "response")
+    if isinstance(answer, list):
+        if not answer or any(m["role"] != "assistant" for m in answer):
+            raise ValueError("a response given as messages must hold assistant messages only")
+        return [*messages, *answer]
+    if not answer.strip():
+        raise ValueError("the response is empty (it would teach the model to answer nothing)")
+    return [*messages, {"role": "assistant", "content": answer}]
+
+
+def _text(value: Any, what: str) -> str | list[Message]:
+    """A cell as text (numbers written out) or, for a list, as messages; None and other objects are errors."""
+    if value is None:
+        raise ValueError(f"the {what} is empty")
+    if isinstance(value, list | tuple):
+        return conversation(value)
+    if isinstance(value, dict):
+        raise ValueError(f"the {what} is an object {short_repr(value)}, not text or a list of messages")
+    return value if isinstance(value, str) else str(value)
 
 
 def _check_texts(ds: Any, columns: dict[str, str], field: str, label_ids: list[int] | None) -> None:

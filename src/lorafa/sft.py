@@ -23,7 +23,19 @@ IGNORE_INDEX = -100
 CONVERSATION_COLUMNS = ("messages", "conversations")
 """Columns read as conversations when `messages_column` is unset and the data has no `prompt_column`."""
 
-_ROLE_NAMES = {"human": "user", "gpt": "assistant", "model": "assistant"}  # ShareGPT, Gemini
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+"""Roles chat templates know; others pass to the template unchanged (and are never learned)."""
+
+# Other names of the user and the assistant (case aside): ShareGPT, Gemini, OpenAssistant, assorted scrapes.
+_ROLE_NAMES = {
+    "human": "user",
+    "prompter": "user",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+}
 
 Message = dict[str, str]
 Segment = tuple[str, bool]
@@ -33,9 +45,10 @@ Segment = tuple[str, bool]
 def conversation(value: Any) -> list[Message]:
     """One row's conversation as [{"role", "content"}, ...], from role/content or ShareGPT from/value messages.
 
-    A string is parsed as JSON first (a CSV cell holding a conversation). Roles `human` and `gpt` become `user`
-    and `assistant`, and `model` becomes `assistant`; other roles pass through unchanged (only `assistant` turns are learned). A content given as
-    text parts (`[{"type": "text", "text": ...}, ...]`) is joined into one string.
+    A string is parsed as JSON first (a CSV cell holding a conversation). Roles are lower-cased; `human` and
+    `prompter` become `user`, `gpt`, `model`, `bot`, `chatgpt` and `bing` become `assistant`; other roles pass
+    through unchanged (only `assistant` turns are learned). A content given as text parts
+    (`[{"type": "text", "text": ...}, ...]`) is joined into one string.
 
     Raises:
         ValueError: not a list of messages, a message without role/content strings, or no messages at all.
@@ -46,11 +59,11 @@ def conversation(value: Any) -> list[Message]:
         except json.JSONDecodeError as e:
             raise ValueError(f"a string that is not a JSON list of messages ({e.msg})") from None
     if not isinstance(value, list | tuple) or not value:
-        raise ValueError(f"expected a non-empty list of messages, got {_short(value)}")
+        raise ValueError(f"expected a non-empty list of messages, got {short_repr(value)}")
     out: list[Message] = []
     for k, m in enumerate(value):
         if not isinstance(m, dict):
-            raise ValueError(f"message {k} is {_short(m)}, not an object with role and content")
+            raise ValueError(f"message {k} is {short_repr(m)}, not an object with role and content")
         role = m.get("role") if m.get("role") is not None else m.get("from")
         content = m.get("content") if m.get("content") is not None else m.get("value")
         if isinstance(content, list) and all(
@@ -64,20 +77,17 @@ def conversation(value: Any) -> list[Message]:
             )
         if not isinstance(role, str) or not role or not isinstance(content, str):
             raise ValueError(
-                f"message {k} needs a role (or from) and a content (or value) string, got {_short(m)}"
+                f"message {k} needs a role (or from) and a content (or value) string, got {short_repr(m)}"
             )
+        role = role.strip().lower()
         out.append({"role": _ROLE_NAMES.get(role, role), "content": content})
     return out
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters (for error messages)."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def pair(prompt: str, response: str) -> list[Message]:
-    """A prompt/response row as a one-turn conversation."""
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
 # Stands in for an answer while probing the template: private-use characters, which no template rewrites.
@@ -107,7 +117,7 @@ def chat_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple
         except Exception as e:  # jinja2 TemplateError, or a template's own raise_exception
             raise ValueError(
                 f"use_chat_template: the tokenizer's chat template fails on the conversation "
-                f"{_short(messages)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                f"{short_repr(messages)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
             ) from None
 
     whole = render(messages)
@@ -136,7 +146,7 @@ def chat_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple
         ):
             raise ValueError(
                 "use_chat_template: this tokenizer's chat template renders the prompt differently with and "
-                f"without the answer (assistant turn {i} of {_short(messages)}), so the prompt cannot be masked; "
+                f"without the answer (assistant turn {i} of {short_repr(messages)}), so the prompt cannot be masked; "
                 "set use_chat_template: false"
             )
         answer_end = len(turn) - len(tail)
@@ -144,7 +154,7 @@ def chat_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple
         if not whole.startswith(turn[:answer_end]) or len(head) < start:
             raise ValueError(
                 "use_chat_template: this tokenizer's chat template renders earlier turns differently once later "
-                f"turns follow (assistant turn {i} of {_short(messages)}; e.g. it drops the reasoning of earlier "
+                f"turns follow (assistant turn {i} of {short_repr(messages)}; e.g. it drops the reasoning of earlier "
                 "answers), so the answers cannot be cut out of the whole conversation; give one assistant turn per "
                 "row (the earlier turns as context), or set use_chat_template: false"
             )
