@@ -443,5 +443,10 @@ def test_generate_prompts_as_training_formatted_a_conversation_with_a_system_mes
         tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), add_special_tokens=False
     )
     assert seen[0][0].tolist() == want["input_ids"]
-    with pytest.raises(ValueError, match="--system needs the tokenizer's chat template"):
-        evaluate_module.generate(model, tok, "cat dog", system="sun", use_chat_template=False)
+    # Without the template: the prompt is exactly what plain-format sft training put before the answer.
+    from lorafa.sft import tokenize_conversations
+
+    trained = tokenize_conversations(tok, [[*chat, {"role": "assistant", "content": "one"}]], False, 64)
+    first_learned = next(i for i, x in enumerate(trained["labels"][0]) if x != -100)
+    evaluate_module.generate(model, tok, "cat dog", system="sun moon", use_chat_template=False, max_new_tokens=2)
+    assert seen[1][0].tolist() == trained["input_ids"][0][:first_learned]

@@ -537,6 +537,15 @@ def test_sft_plain_format_masks_the_prompt(tmp_path, bert_like):
     assert first["attention_mask"] == [1] * len(prompt + answer)
 
 
+def test_sft_without_a_template_says_it_uses_the_plain_format(tmp_path, gpt_tok, caplog):
+    asked = build_datasets(cfg(tmp_path, _sft_file(tmp_path)), gpt_tok, "sft")  # use_chat_template: true
+    assert "has no chat template" in caplog.text
+    caplog.clear()
+    plain = build_datasets(cfg(tmp_path, _sft_file(tmp_path), use_chat_template=False), gpt_tok, "sft")
+    assert "has no chat template" not in caplog.text
+    assert asked.train["input_ids"] == plain.train["input_ids"]
+
+
 def test_sft_chat_template_masks_the_prompt(tmp_path):
     tok = make_tokenizer(bert_like=False)
     tok.chat_template = CHAT_TEMPLATE
@@ -960,9 +969,14 @@ def test_collator_pads_token_labels_with_ignore_index(tmp_path):
     assert s2s["labels"].tolist() == [[7, IGNORE_INDEX], [7, 8]]
 
 
-def test_collator_needs_a_pad_or_eos_token():
-    with pytest.raises(ValueError, match="pad_token"):
-        make_collator("clm", make_tokenizer(bert_like=False, pad=False, eos=False))
+def test_collator_pads_with_unk_without_pad_and_eos_tokens():
+    # Padding is masked, so a tokenizer without pad and EOS tokens pads with UNK.
+    tok = make_tokenizer(bert_like=False, pad=False, eos=False)
+    batch = make_collator("clm", tok)(
+        [{"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [5, 6]}, {"input_ids": [5], "attention_mask": [1], "labels": [5]}]
+    )  # fmt: skip
+    assert batch["input_ids"].tolist() == [[5, 6], [5, VOCAB["[UNK]"]]]
+    assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]] and batch["labels"][1, 1] == IGNORE_INDEX
     with pytest.raises(ValueError, match="task"):
         make_collator("nope", make_tokenizer(bert_like=False))
 

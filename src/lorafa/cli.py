@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
     p.add_argument("--no-chat-template", action="store_true", help="format the prompt as plain text")
-    p.add_argument("--system", help="a system message before the prompt (chat template only)")
+    p.add_argument("--system", help="a system message before the prompt")
     p.add_argument("--model", help="base model of an adapter folder (default: the one it records)")
     p.set_defaults(run=_generate)
 

@@ -872,6 +872,12 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
         train_labels = _float_labels(train, cfg.label_column, "train_file")
         eval_labels = _float_labels(eval_ds, cfg.label_column, "eval_file") if eval_ds is not None else None
         num_labels = 1
+    if task == "sft" and cfg.use_chat_template and not getattr(tokenizer, "chat_template", None):
+        logger.warning(
+            "sft: the tokenizer has no chat template, so conversations use the plain format (each message's text "
+            "on its own line, answers followed by EOS; roles are not marked); set use_chat_template: false to "
+            "say so, or give the tokenizer a template"
+        )
     if task == "sft":  # every sft table becomes conversations (a pair is a one-turn one)
         train = _conversation_table(train, columns, "train_file")
         eval_ds = _conversation_table(eval_ds, eval_columns, "eval_file") if eval_ds is not None else None
@@ -956,17 +962,18 @@ def make_collator(task: str, tokenizer: Any, pad_to_multiple_of: int | None = No
 
     Args:
         task: One of `TASKS`.
-        tokenizer: The tokenizer used to build the data; its pad token (else its EOS token) pads input_ids.
+        tokenizer: The tokenizer used to build the data; its pad token (else EOS, else UNK, else id 0) pads
+            input_ids.
         pad_to_multiple_of: Optional multiple for padded lengths.
 
     Raises:
-        ValueError: unknown task, or a tokenizer with neither a pad nor an EOS token.
+        ValueError: unknown task.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad_token nor an eos_token to pad input_ids with")
+    # Padding is masked (attention_mask 0, labels -100), so any id the embedding has will do.
+    candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
+    pad = next((i for i in candidates if i is not None), 0)
     return DataCollator(
         pad_token_id=pad, float_labels=task == "regression", pad_to_multiple_of=pad_to_multiple_of
     )

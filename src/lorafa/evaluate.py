@@ -32,6 +32,7 @@ from lorafa.data import IGNORE_INDEX, build_datasets, example_lengths, make_coll
 from lorafa.inject import remove_lorafa
 from lorafa.metrics import classification_metrics, regression_metrics
 from lorafa.models import load_model, load_tokenizer, quiet_loading
+from lorafa.sft import plain_prompt_ids
 from lorafa.train_config import TOKEN_TASKS, TrainConfig, load_config
 
 LABELS_NAME = "labels.json"
@@ -373,8 +374,9 @@ def generate(
     """Continue `prompt` with a causal or seq2seq LM and return the new text only.
 
     The prompt is formatted as in sft training: with the tokenizer's chat template (a user turn followed by the
-    assistant's generation prompt) when it has one and `use_chat_template`, else `prompt + "\\n"`; with
-    `raw_text` (a clm run) it is continued as it is.
+    assistant's generation prompt) when it has one and `use_chat_template`, else in sft's plain format (BOS where
+    the tokenizer uses one, `prompt + "\\n"`, no other special token); with `raw_text` (a clm run) it is
+    continued as it is.
 
     Args:
         model: A causal LM or encoder–decoder LM (adapters attached or merged).
@@ -384,7 +386,7 @@ def generate(
         use_chat_template: Format with the chat template when the tokenizer has one.
         temperature: 0 decodes greedily; > 0 samples.
         raw_text: Continue the prompt as plain text (as clm trains), without template or newline.
-        system: A system message before the user turn (with the chat template only; as in a conversation's rows).
+        system: A system message before the user turn (as in a conversation's rows).
 
     Raises:
         ValueError: a negative or non-finite temperature, or max_new_tokens < 1.
@@ -393,21 +395,19 @@ def generate(
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if system is not None and not (use_chat_template and getattr(tokenizer, "chat_template", None)):
-        raise ValueError("--system needs the tokenizer's chat template (the run formats prompts without one)")
     model.eval()
     device = next(model.parameters()).device
     if getattr(model.config, "is_encoder_decoder", False) or raw_text:
         enc = tokenizer(prompt, return_tensors="pt")
     else:
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append({"role": "user", "content": prompt})
         if use_chat_template and getattr(tokenizer, "chat_template", None):
-            messages = [{"role": "system", "content": system}] if system is not None else []
-            text = tokenizer.apply_chat_template(
-                [*messages, {"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-        else:
-            enc = tokenizer(prompt + "\n", return_tensors="pt")
+        else:  # the plain format sft trained on: no special token but BOS (an EOS here was never seen)
+            ids = torch.tensor([plain_prompt_ids(tokenizer, messages)])
+            enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask") if k in enc}
     sampling: dict[str, Any] = {"do_sample": False, "num_beams": 1}
     if temperature > 0:

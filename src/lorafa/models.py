@@ -95,12 +95,15 @@ def quiet_loading() -> Iterator[None]:
 
 
 def load_tokenizer(model: str) -> Any:
-    """The model's tokenizer; a pad token is borrowed from EOS when it has none (LLaMA, GPT-2)."""
+    """The model's tokenizer; a pad token is borrowed from EOS (LLaMA, GPT-2), else from UNK, when it has none
+    (padding is masked: its id only has to exist)."""
     from transformers import AutoTokenizer
 
     tokenizer = from_pretrained(AutoTokenizer, model)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        borrowed = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if borrowed is not None:
+            tokenizer.pad_token = borrowed
     return tokenizer
 
 

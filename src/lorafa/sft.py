@@ -224,11 +224,7 @@ def _tokenize_plain(
     """`plain_segments` tokenized piece by piece, EOS after each answer, BOS first where the tokenizer uses one."""
     if tokenizer.eos_token_id is None:
         raise ValueError("use_chat_template: sft without a chat template needs a tokenizer with an eos_token")
-    eos = [tokenizer.eos_token_id]
-    # Start with BOS exactly when the tokenizer itself starts sequences with it (Llama yes, GPT-2 no).
-    bos: list[int] = []
-    if tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        bos = [tokenizer.bos_token_id]
+    eos, bos = [tokenizer.eos_token_id], _bos(tokenizer)
     per_row = [plain_segments(c) for c in conversations]
     # One tokenizer call for every piece of the batch.
     texts = [text for segments in per_row for text, _ in segments]
@@ -243,6 +239,21 @@ def _tokenize_plain(
         input_ids.append(ids)
         labels.append(lab)
     return _examples(input_ids, labels, max_length)
+
+
+def _bos(tokenizer: Any) -> list[int]:
+    """[BOS] when the tokenizer itself starts sequences with it (Llama yes, GPT-2 no), else []."""
+    if tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return [tokenizer.bos_token_id]
+    return []
+
+
+def plain_prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
+    """Token ids of a prompt (no assistant turn) in the plain format sft trains on without a chat template, for
+    generation: BOS where the tokenizer uses one, then each message's `content + "\n"`, no other special token."""
+    texts = [text for text, _ in plain_segments(messages)]
+    pieces = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return _bos(tokenizer) + [i for piece in pieces for i in piece]
 
 
 def _tokenize_rendered(
