@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,29 @@ def test_eval_on_another_file_and_adapter_folder(toys, tmp_path, capsys):
     from_adapter = json.loads(capsys.readouterr().out)
     assert from_adapter["eval_accuracy"] == from_run["eval_accuracy"]
     assert from_adapter["eval_loss"] == pytest.approx(from_run["eval_loss"], abs=1e-6)
+
+
+def test_a_copied_adapter_keeps_its_class_ids(toys, tmp_path, capsys):
+    # Classes in a non-alphabetical order, and an eval file holding only one of them: sorting the eval file's
+    # labels would give that class id 0.
+    out = tmp_path / "run"
+    assert main(run_args(toys, "classification", out, "data.label_names=[pos,neg]")) == 0
+    both = write_data(tmp_path / "d", "classification", n=12, seed=5, fmt="jsonl")
+    rows = [r for r in map(json.loads, both.read_text().splitlines()) if r["label"] == "pos"]
+    only_pos = tmp_path / "pos.jsonl"
+    only_pos.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    copy = shutil.copytree(out / "adapter", tmp_path / "elsewhere" / "adapter")
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(only_pos), "--json"]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(copy), "--data", str(only_pos), "--json"]) == 0
+    from_copy = json.loads(capsys.readouterr().out)
+    assert from_copy["eval_accuracy"] == from_run["eval_accuracy"]
+    assert from_copy["eval_loss"] == pytest.approx(from_run["eval_loss"], abs=1e-6)
+    # Without the names (an adapter from elsewhere): an error, not silently renumbered classes.
+    (copy / "labels.json").unlink()
+    assert main(["eval", str(copy), "--data", str(both)]) == 2
+    assert "class names of training are unknown" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("task", ["classification", "sft"])

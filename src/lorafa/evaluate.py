@@ -198,6 +198,15 @@ def write_labels(run_dir: Path, label_names: list[str]) -> None:
     (run_dir / LABELS_NAME).write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _adapter_labels(folder: Path) -> list[str] | None:
+    """Class names of a classification adapter: its own labels.json (lorafa train writes one into adapter/),
+    else its run folder's (an adapter inside a run, or a checkpoint's run/checkpoints/checkpoint-N/adapter)."""
+    places = [folder, folder.parent]
+    if folder.parent.parent.name == "checkpoints":
+        places.append(folder.parent.parent.parent)
+    return next((names for names in map(read_labels, places) if names is not None), None)
+
+
 def is_run_dir(path: Path) -> bool:
     """A `lorafa train` output folder (config.yaml next to adapter/)."""
     return (path / "config.yaml").is_file() and (path / "adapter").is_dir()
@@ -277,8 +286,7 @@ def load_trained(
         num_labels = _num_labels_from_adapter(folder, lora_cfg.modules_to_save or ["classifier", "score"])
         if num_labels is None:
             raise ValueError(f"{folder}: cannot find the classification head's size; pass --num-labels")
-    # An adapter inside a run folder has the class names next to it.
-    names = read_labels(folder.parent) if task == "classification" else None
+    names = _adapter_labels(folder) if task == "classification" else None
     id2label = dict(enumerate(names)) if names and len(names) == num_labels else None
     tokenizer = load_tokenizer(base)
     with quiet_loading():
@@ -318,13 +326,15 @@ def evaluate_run(
         # The run's cap was for its own held-out split; an explicit file is evaluated whole unless asked.
         if not any(o.split("=", 1)[0].strip() == "data.max_eval_samples" for o in overrides or []):
             data_cfg.max_eval_samples = None
+    known_names = False
     if cfg.task == "classification":
         # Class ids must mean what they meant in training: the run's labels.json, else the model config's names
         # unless they are transformers' placeholders (LABEL_0, ...), else the sorted labels of the data.
         id2label = getattr(net.config, "id2label", None) or {}
         names = [str(id2label[i]) for i in sorted(id2label)]
+        known_names = data_cfg.label_names is not None
         if names and names != [f"LABEL_{i}" for i in range(len(names))]:
-            data_cfg.label_names = names
+            data_cfg.label_names, known_names = names, True
     try:
         data = build_datasets(data_cfg, tokenizer, cfg.task)
     except (ValueError, FileNotFoundError) as e:
@@ -335,6 +345,14 @@ def evaluate_run(
         raise type(e)(f"eval data {eval_file}: {message}") from e
     if data.eval is None:
         raise ValueError("no evaluation data: set data.eval_file=FILE (or data.eval_split > 0)")
+    if cfg.task == "classification" and not known_names and data.label_names != [
+        str(i) for i in range(len(data.label_names or []))
+    ]:
+        # Sorted labels of the eval file need not be the training ids (another order, or a class it lacks).
+        raise ValueError(
+            f"{source}: the class names of training are unknown (no labels.json beside the adapter) and the "
+            f"eval labels {data.label_names} are not the ids 0..K-1; pass data.label_names=[...] in training order"
+        )
     # As training evaluated: on the GPU when there is one, under the run's autocast.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net.to(device)

@@ -290,6 +290,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     # ---- outputs and final evaluation (the weights first: an evaluation that fails must not lose the training)
     if main:
         save_trained(model, cfg, out / "adapter", tokenizer)
+        if data.label_names is not None and cfg.method != "full":
+            write_labels(out / "adapter", data.label_names)  # the class names travel with a copied adapter
     if data.eval is not None:
         metrics = run_eval()
         log.write({"step": state.step, **metrics})
