@@ -211,3 +211,33 @@ def test_position_limit_is_the_longest_sequence_the_model_runs(model_type):
         model(input_ids=torch.full((1, limit), 5))  # runs
         with pytest.raises((IndexError, RuntimeError)):
             model(input_ids=torch.full((1, limit + 1), 5))
+
+
+@pytest.mark.parametrize(
+    "family, task, field, error",
+    [
+        ("bert", "classification", "data.max_length", True),  # learned positions: 64
+        ("roberta", "classification", "data.max_length", True),  # 72 - 2 (positions start after padding)
+        ("gpt2", "clm", "data.block_size", True),
+        ("llama", "sft", "data.max_length", False),  # rotary: runs past max_position_embeddings; a warning
+    ],
+)
+def test_inputs_longer_than_the_positions_are_refused_or_warned(family, task, field, error, caplog):
+    import datasets
+
+    from lorafa.models import check_positions, position_limit
+
+    model = tiny(family)
+    limit = position_limit(model.config)
+    fits = datasets.Dataset.from_dict({"input_ids": [[1] * limit, [1] * 3]})
+    check_positions(model, [fits, None], task)  # exactly the limit: fine
+    assert caplog.text == ""
+    too_long = datasets.Dataset.from_dict({"input_ids": [[1] * 3, [1] * (limit + 1)]})
+    if error:
+        with pytest.raises(ValueError, match=rf"inputs of {limit + 1} tokens.* {limit} positions; set {field}"):
+            check_positions(model, [fits, too_long], task)
+        with pytest.raises((IndexError, RuntimeError)):  # what the model itself does with it
+            model(input_ids=torch.full((1, limit + 1), 5))
+    else:
+        check_positions(model, [fits, too_long], task)
+        assert f"consider {field} <= {limit}" in caplog.text

@@ -7,6 +7,7 @@ folder or `asset:NAME` (`lorafa.assets`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,8 @@ from lorafa.heads import NEW_KEYS_ATTR, classification_head_names, new_module_na
 from lorafa.inject import add_lorafa
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+logger = logging.getLogger(__name__)
 
 
 def model_path(model: str) -> str:
@@ -275,6 +278,31 @@ class LossModel(nn.Module):
             return chunked_causal_lm_loss(self.model, batch)
         extra = {"use_cache": False} if self.task in ("sft", "clm", "seq2seq") else {}
         return self.model(**batch, **extra).loss
+
+
+def check_positions(model: nn.Module, datasets: list[Any], task: str) -> None:
+    """Raise ValueError if the longest tokenized input exceeds the positions the model has (BERT's and GPT-2's
+    learned position tables); warn when it exceeds a rotary model's max_position_embeddings (it runs, past the
+    length the model was trained on). The field to lower is named: data.block_size for clm, else data.max_length."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    limit = position_limit(config)
+    if limit is None:
+        return
+    columns = ("input_ids", "labels") if task == "seq2seq" else ("input_ids",)  # a decoder has positions too
+    longest = max(
+        (max(map(len, ds[c]), default=0) for ds in datasets if ds is not None for c in columns), default=0
+    )
+    if longest <= limit:
+        return
+    field = "data.block_size" if task == "clm" else "data.max_length"
+    rotary = any(getattr(config, k, None) is not None for k in ("rope_theta", "rope_scaling", "rope_parameters"))
+    message = f"the data has inputs of {longest} tokens, but {config.model_type} has {limit} positions"
+    if not rotary:
+        raise ValueError(f"{message}; set {field} <= {limit}")
+    logger.warning("%s (rotary: it runs, past the length it was trained on); consider %s <= %d", message, field,
+                   limit)  # fmt: skip
 
 
 def check_token_ids(model: nn.Module, datasets: list[Any], tokenizer: Any) -> None:

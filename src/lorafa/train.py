@@ -39,7 +39,14 @@ from lorafa.evaluate import base_model_path, count_targets, evaluate, rows, writ
 from lorafa.gradient_init import gradient_init_budget, init_a_from_gradients
 from lorafa.inject import trainable_parameters
 from lorafa.layer import DATA_INITS
-from lorafa.models import LossModel, check_token_ids, load_model, load_tokenizer, prepare_model
+from lorafa.models import (
+    LossModel,
+    check_positions,
+    check_token_ids,
+    load_model,
+    load_tokenizer,
+    prepare_model,
+)
 from lorafa.train_config import TOKEN_TASKS, TrainConfig, config_from_dict
 
 logger = logging.getLogger(__name__)
@@ -95,6 +102,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         cfg.model, cfg.task, data.num_labels, data.id2label, cfg.model_dtype, tokenizer.pad_token_id
     )
     check_token_ids(model, [data.train, data.eval], tokenizer)
+    check_positions(model, [data.train, data.eval], cfg.task)
     model = prepare_model(
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
     )
@@ -691,6 +699,8 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     model = load_model(
         cfg.model, cfg.task, data.num_labels, data.id2label, cfg.model_dtype, tokenizer.pad_token_id
     )
+    check_token_ids(model, [data.train, data.eval], tokenizer)
+    check_positions(model, [data.train, data.eval], cfg.task)
     model = prepare_model(
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
     )
@@ -728,7 +738,7 @@ def memory_estimate(cfg: TrainConfig, num_labels: int | None = None) -> str:
     seq = cfg.data.block_size if cfg.task == "clm" else cfg.data.max_length
     config = json.loads((folder / "config.json").read_text())
     positions = config.get("max_position_embeddings") or config.get("n_positions")
-    seq = min(seq, positions) if isinstance(positions, int) else seq  # inputs are truncated to fit anyway
+    seq = min(seq, positions) if isinstance(positions, int) else seq  # longer inputs are refused (check_positions)
     tm = cfg.adapter.target_modules
     args = PlannerArgs(
         config=str(folder),
