@@ -273,6 +273,27 @@ def test_dataset_dict_folder_splits_and_class_label(tmp_path, bert_tok):
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "glue").rglob("*")) == before
 
 
+@pytest.mark.parametrize("save", ["save_to_disk", "parquet"])
+def test_class_label_keeps_the_datasets_order_and_drops_unlabelled_rows(tmp_path, bert_tok, save, caplog):
+    import datasets
+
+    # CoLA's order (not alphabetical) and its test split's -1 ("no label").
+    names = ["unacceptable", "acceptable"]
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    rows = {"text": ["good", "bad", "great", "awful", "fine"], "label": [1, 0, 1, -1, 0]}
+    table = datasets.Dataset.from_dict(rows, features=features)
+    if save == "parquet":
+        path = tmp_path / "cola.parquet"
+        table.to_parquet(str(path))
+    else:
+        path = tmp_path / "cola"
+        datasets.DatasetDict({"train": table}).save_to_disk(str(path))
+    data = build_datasets(cfg(tmp_path, path), bert_tok, "classification")
+    assert data.label_names == names  # id i is the dataset's id i
+    assert data.train["labels"] == [1, 0, 1, 0]  # the -1 row dropped
+    assert "1 rows are labelled -1" in caplog.text
+
+
 # ---------------------------------------------------------------------------------- data folders, Hub datasets
 
 

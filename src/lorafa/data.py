@@ -580,17 +580,30 @@ def _label_key(value: Any) -> str | None:
     return key or None
 
 
+# The key of a ClassLabel row labelled -1: Hugging Face's "no label" (GLUE's test splits), dropped with a warning.
+UNLABELED = "\x00unlabeled"
+
+
 def _label_keys(ds: Any, column: str) -> list[str | None]:
-    """Label keys of every row; integer ClassLabel values become their names (as load_from_disk stores them)."""
+    """Label keys of every row; integer ClassLabel values become their names (as load_from_disk stores them), and
+    a ClassLabel -1 becomes UNLABELED."""
+    feature = ds.features[column]
+    values = list(ds[column])
+    names = _class_label_names(ds, column)
+    if names is not None:
+        values = [
+            UNLABELED if v == -1 else feature.int2str(v) if isinstance(v, int) and 0 <= v < len(names) else v
+            for v in values
+        ]
+    return [_label_key(v) for v in values]
+
+
+def _class_label_names(ds: Any, column: str) -> list[str] | None:
+    """The class names of a ClassLabel column, in the dataset's id order; None for other columns."""
     import datasets
 
     feature = ds.features[column]
-    values = list(ds[column])
-    if isinstance(feature, datasets.ClassLabel):
-        values = [
-            feature.int2str(v) if isinstance(v, int) and 0 <= v < feature.num_classes else v for v in values
-        ]
-    return [_label_key(v) for v in values]
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
 
 def _sorted_labels(keys: set[str]) -> list[str]:
@@ -614,18 +627,26 @@ def _class_ids(
             raise ValueError(
                 f"{field}: label_column {column!r} is empty in {len(missing)} rows, e.g. rows {missing[:5]}"
             )
+    for field, ks in keys.items():
+        unlabeled = sum(k == UNLABELED for k in ks)
+        if unlabeled:
+            logger.warning("%s: %d rows are labelled -1 (no label, as in GLUE's test splits): dropped", field,
+                           unlabeled)  # fmt: skip
     if cfg.label_names is not None:
         names = [str(_label_key(n)) for n in cfg.label_names]
     else:
-        names = _sorted_labels({k for k in keys["train_file"] if k is not None})
-        unseen = sorted({k for k in keys.get("eval_file", []) if k is not None} - set(names))
+        found = {k for k in keys["train_file"] if k not in (None, UNLABELED)}
+        # A ClassLabel column keeps the dataset's own class order (a model's id 0 is the dataset's id 0).
+        declared = _class_label_names(train, column)
+        names = [str(_label_key(n)) for n in declared] if declared is not None else _sorted_labels(found)
+        unseen = sorted({k for k in keys.get("eval_file", []) if k not in (None, UNLABELED)} - set(names))
         if unseen:
             raise ValueError(
                 f"eval_file: labels {unseen} never occur in train_file, whose labels are {names}"
             )
-        if len(names) < 2:
+        if len(found) < 2:
             raise ValueError(
-                f"train_file: label_column {column!r} needs at least 2 distinct labels, found {names}"
+                f"train_file: label_column {column!r} needs at least 2 distinct labels, found {sorted(found)}"
             )
         n = len(keys["train_file"])
         if any(_is_fraction(k) for k in names) or len(names) > max(20, n // 2):
@@ -652,7 +673,7 @@ def _drop_unlisted(ds: Any, field: str, names: list[str]) -> Any:
     kept = ds.filter(lambda x: x >= 0, input_columns="label_column", desc=desc, **_in_memory())
     if len(kept) < len(ds):
         logger.warning(
-            "%s: dropped %d rows whose label is not in label_names %s", field, len(ds) - len(kept), names
+            "%s: dropped %d rows whose label is not one of the classes %s", field, len(ds) - len(kept), names
         )
     if len(kept) == 0:
         raise ValueError(f"{field}: no row has a label in label_names {names}")
