@@ -819,6 +819,15 @@ def test_csv_cells_are_read_as_written(tmp_path, bert_tok, gpt_tok):
         '"good" movie',
         '"bad plot',
     ]
+    # ... unless the file is quoted as pandas, Excel and csv writers quote it (quotes doubled, tabs and line
+    # breaks inside quoted cells): then the cells come back as written.
+    texts = ['she said "hi"', "a\ttab", "two\nlines", "plain", '"quoted"']
+    pd.DataFrame({"text": texts, "label": ["pos"] * 5}).to_csv(tmp_path / "w.tsv", sep="\t", index=False)
+    assert load_table(str(tmp_path / "w.tsv"), cache_dir=str(tmp_path / "hf-cache"))["text"] == texts
+    # Only an empty cell is missing: NA, None, null and N/A are text.
+    (tmp_path / "na.csv").write_text("text,label\nNA,None\nnull,N/A\n,x\n")
+    na = load_table(str(tmp_path / "na.csv"), cache_dir=str(tmp_path / "hf-cache"))
+    assert na["text"] == ["NA", "null", None] and na["label"] == ["None", "N/A", "x"]
 
 
 def test_sentence_pairs_are_separated_for_tokenizers_that_do_not_mark_pairs(tmp_path, gpt_tok):

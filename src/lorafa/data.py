@@ -276,25 +276,65 @@ def load_table(path: str, field: str = "train_file", cache_dir: str | None = Non
             raise ValueError(f"{field}: cannot read {resolved}: supported file types are {supported}")
         if resolved.stat().st_size == 0:
             raise ValueError(f"{field}: {resolved} is empty")
-        kwargs: dict[str, Any] = {}
         if reader == "csv":
-            # In a TSV file a quote is an ordinary character (GLUE's files hold unpaired quotes).
-            if Path(stem).suffix == ".tsv":
-                kwargs.update(sep="\t", quoting=csv.QUOTE_NONE)
-            # Cells as written: pandas would read "007" as 7.0 and "1e3" as 1000.0 (labels are parsed later, per
-            # task), so every column is read as a string column.
-            kwargs["features"] = _string_features(resolved, kwargs)
-        elif reader == "text":
-            kwargs["keep_linebreaks"] = True  # clm continues a line into the next (see _tokenize_clm)
-        try:
-            ds = getattr(datasets.Dataset, f"from_{reader}")(str(resolved), cache_dir=cache_dir, **kwargs)
-        except Exception as e:  # datasets wraps parser errors in several types; all mean "bad file" here
-            raise ValueError(
-                f"{field}: could not read {resolved} as {reader} (is it empty or malformed?): {e}"
-            ) from e
+            ds = _read_csv(resolved, Path(stem).suffix == ".tsv", field, cache_dir)
+        else:
+            kwargs: dict[str, Any] = {"keep_linebreaks": True} if reader == "text" else {}  # clm: see _tokenize_clm
+            ds = _read(reader, resolved, field, cache_dir, kwargs)
     if len(ds) == 0:
         raise ValueError(f"{field}: {resolved} holds no rows")
     return ds
+
+
+def _read(reader: str, path: Path, field: str, cache_dir: str | None, kwargs: dict[str, Any]) -> Any:
+    """`datasets.Dataset.from_<reader>(path)`; a ValueError naming the file and the parser's reason."""
+    import datasets
+
+    try:
+        return getattr(datasets.Dataset, f"from_{reader}")(str(path), cache_dir=cache_dir, **kwargs)
+    except Exception as e:  # datasets wraps parser errors in several types; all mean "bad file" here
+        cause = f" ({one_line(e.__cause__)})" if isinstance(e.__cause__, Exception) else ""
+        raise ValueError(
+            f"{field}: could not read {path} as {reader} (is it empty or malformed?): {one_line(e)}{cause}"
+        ) from e
+
+
+# A cell as a CSV writer quotes it: wrapped in quotes, inner quotes doubled.
+_QUOTED_CELL = re.compile(r'"(?:[^"]|"")*"', re.DOTALL)
+
+
+def _read_csv(path: Path, tsv: bool, field: str, cache_dir: str | None) -> Any:
+    """A CSV/TSV file with every column read as strings (pandas would read "007" as 7.0 and "1e3" as 1000.0;
+    labels are parsed later, per task) and only empty cells missing ("NA", "null", "None" are text).
+
+    In a TSV a quote is first read as an ordinary character (GLUE's files hold unpaired quotes); if that fails,
+    or some cell then reads as a whole quoted field (quotes around it, inner quotes doubled), as pandas and Excel
+    write TSVs, the file is read again with CSV quoting."""
+    base: dict[str, Any] = {"keep_default_na": False, "na_values": [""]}
+    if tsv:
+        base["sep"] = "\t"
+    tries = [{**base, "quoting": csv.QUOTE_NONE}, base] if tsv else [base]
+    for k, kwargs in enumerate(tries):
+        last = k == len(tries) - 1
+        try:
+            ds = _read("csv", path, field, cache_dir, {**kwargs, "features": _string_features(path, kwargs)})
+        except ValueError:
+            if last:
+                raise
+            continue
+        if last or not _has_quoted_cells(ds):
+            return ds
+    raise AssertionError("unreachable")
+
+
+def _has_quoted_cells(ds: Any, rows: int = 1000) -> bool:
+    """Whether a cell of the first `rows` rows is a whole CSV-quoted field."""
+    sample = ds.select(range(min(rows, len(ds))))
+    return any(
+        isinstance(v, str) and len(v) >= 2 and _QUOTED_CELL.fullmatch(v) is not None
+        for column in sample.column_names
+        for v in sample[column]
+    )
 
 
 def _load_hub(spec: str, hub: tuple[str, str | None, str | None], field: str, cache_dir: str | None) -> Any:
