@@ -796,6 +796,19 @@ def test_clm_blocks(tmp_path, gpt_tok):
     assert data.train["labels"] == blocks
     capped = build_datasets(cfg(tmp_path, path, block_size=4, max_train_samples=2), gpt_tok, "clm")
     assert len(capped.train) == 2 and all(b in blocks for b in capped.train["input_ids"])
+    # A held-out split too short for one block names eval_split, not an eval_file that was never set.
+    with pytest.raises(ValueError, match=r"eval_split \(the 1 rows held out of train_file\): no examples left"):
+        build_datasets(cfg(tmp_path, path, block_size=8, eval_split=0.2), gpt_tok, "clm")
+
+
+@pytest.mark.parametrize("pair, max_length", [(False, 2), (True, 4)])
+def test_max_length_must_leave_room_for_the_text(tmp_path, bert_tok, pair, max_length):
+    # The BERT-like tokenizer adds <s> A </s> (B </s>): 2 special tokens, 3 for a pair (which needs 2 text tokens).
+    path = write(SENTIMENT.assign(other=SENTIMENT.text), tmp_path / "s.csv")
+    extra = {"text_pair_column": "other"} if pair else {}
+    with pytest.raises(ValueError, match=rf"max_length: {max_length} tokens leave no room for the text"):
+        build_datasets(cfg(tmp_path, path, max_length=max_length, **extra), bert_tok, "classification")
+    build_datasets(cfg(tmp_path, path, max_length=max_length + 1, **extra), bert_tok, "classification")
 
 
 def test_clm_documents_end_with_eos_and_only_the_last_partial_block_is_lost(tmp_path, gpt_tok):

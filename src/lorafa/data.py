@@ -853,6 +853,20 @@ def _subset(ds: Any, n: int | None, seed: int) -> Any:
     return ds if n is None or n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
 
 
+def _check_room(cfg: DataConfig, tokenizer: Any, task: str) -> None:
+    """ValueError when max_length leaves no token for the text after the tokenizer's special tokens (the
+    tokenizer would silently skip truncation, or cut every text away)."""
+    if task not in ("classification", "regression", "seq2seq"):
+        return
+    pair = task != "seq2seq" and cfg.text_pair_column is not None
+    needed = tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
+    if cfg.max_length < needed:
+        raise ValueError(
+            f"max_length: {cfg.max_length} tokens leave no room for the text: the tokenizer adds "
+            f"{needed - (2 if pair else 1)} special tokens{' to a pair' if pair else ''}; use at least {needed}"
+        )
+
+
 def _prepare(ds: Any, cfg: DataConfig, tokenizer: Any, task: str, field: str, cap: int | None) -> Any:
     """Cap the rows, tokenize, and check that something is left."""
     if task != "clm":
@@ -952,7 +966,8 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
         train = _drop_unlisted(train, "train_file", label_names)
         eval_ds = _drop_unlisted(eval_ds, "eval_file", label_names) if eval_ds is not None else None
 
-    if eval_ds is None and cfg.eval_split > 0:
+    held_out = eval_ds is None and cfg.eval_split > 0
+    if held_out:
         n_eval = math.ceil(len(train) * cfg.eval_split)
         if n_eval >= len(train):
             raise ValueError(
@@ -968,9 +983,11 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
                     sorted(label_names[i] for i in unseen)[:10],
                 )
 
+    _check_room(cfg, tokenizer, task)
     train = _prepare(train, cfg, tokenizer, task, "train_file", cfg.max_train_samples)
     if eval_ds is not None:
-        eval_ds = _prepare(eval_ds, cfg, tokenizer, task, "eval_file", cfg.max_eval_samples)
+        field = f"eval_split (the {len(eval_ds)} rows held out of train_file)" if held_out else "eval_file"
+        eval_ds = _prepare(eval_ds, cfg, tokenizer, task, field, cfg.max_eval_samples)
     return PreparedData(train=train, eval=eval_ds, label_names=label_names, num_labels=num_labels)
 
 
