@@ -449,6 +449,20 @@ def test_generate_continues_raw_text_for_a_clm_run(toys, tmp_path):
     assert generate(model, tokenizer, "cat dog", max_new_tokens=4, raw_text=True) == expected
 
 
+def test_a_clm_adapter_folder_is_evaluated_and_continued_as_clm(toys, tmp_path, capsys):
+    out = _trained_run(toys, tmp_path, "clm")
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(out / "adapter"), "--json"]) == 0  # inside its run: read as the run
+    assert json.loads(capsys.readouterr().out) == from_run
+    copy = shutil.copytree(out / "adapter", tmp_path / "copy")
+    assert main(["generate", str(out), "cat dog", "--max-new-tokens", "4"]) == 0
+    from_run_text = capsys.readouterr().out
+    assert main(["generate", str(copy), "cat dog", "--max-new-tokens", "4", "--task", "clm"]) == 0
+    assert capsys.readouterr().out == from_run_text
+
+
 def test_generate_prompts_as_training_formatted_a_conversation_with_a_system_message(
     toys, tmp_path, monkeypatch
 ):

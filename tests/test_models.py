@@ -241,3 +241,11 @@ def test_inputs_longer_than_the_positions_are_refused_or_warned(family, task, fi
     else:
         check_positions(model, [fits, too_long], task)
         assert f"consider {field} <= {limit}" in caplog.text
+
+
+def test_a_model_without_the_tasks_form_names_the_tasks_it_fits(tmp_path):
+    from lorafa.models import load_model
+
+    tiny("llama").save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"task seq2seq: transformers cannot load .* decoder-only models take task sft"):
+        load_model(str(tmp_path / "llama"), "seq2seq")

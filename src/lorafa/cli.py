@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true", help="format the prompt as plain text")
     p.add_argument("--system", help="a system message before the prompt")
     p.add_argument("--model", help="base model of an adapter folder (default: the one it records)")
+    p.add_argument(
+        "--task", choices=["sft", "clm", "seq2seq"], help="task of an adapter folder (clm: continue raw text)"
+    )
     p.set_defaults(run=_generate)
 
     from lorafa.bench import add_bench_subparser
@@ -280,7 +283,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     source = Path(args.source)
     if is_run_dir(source) or (source / "adapter_config.json").is_file():
-        model, tokenizer, cfg = load_trained(source, model=args.model)
+        model, tokenizer, cfg = load_trained(source, model=args.model, task=args.task)
         if cfg is not None and cfg.task not in ("sft", "clm", "seq2seq"):
             raise ValueError(f"{source} is a {cfg.task} run; generate needs an sft, clm or seq2seq model")
     else:
@@ -301,7 +304,7 @@ def _generate(args: argparse.Namespace) -> int:
         # text), unless turned off here.
         use_chat_template=not args.no_chat_template
         and (cfg is None or (cfg.task == "sft" and cfg.data.use_chat_template)),
-        raw_text=cfg is not None and cfg.task == "clm",
+        raw_text=(cfg.task if cfg is not None else args.task) == "clm",
         temperature=args.temperature,
         system=args.system,
     )

@@ -250,6 +250,8 @@ def load_trained(
         FileNotFoundError: no run or adapter at `source`. ValueError: what is needed cannot be determined.
     """
     folder = Path(source)
+    if model is None and task is None and folder.name == "adapter" and is_run_dir(folder.parent):
+        folder = folder.parent  # a run's own adapter: the run knows its task, classes and data columns
     if is_run_dir(folder):
         cfg = load_config(folder / "config.yaml", overrides)
         tokenizer = load_tokenizer(cfg.model)
@@ -277,7 +279,7 @@ def load_trained(
     base = model or peft.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{folder}: the adapter does not record its base model; pass the model (--model)")
-    task = task or _TASK_OF_PEFT.get(str(peft.get("task_type")))
+    task = task or _TASK_OF_PEFT.get(str(peft.get("task_type")))  # CAUSAL_LM: sft (a clm adapter: --task clm)
     if task is None:
         raise ValueError(
             f"{folder}: cannot tell the task from task_type={peft.get('task_type')!r}; pass --task"
@@ -342,6 +344,8 @@ def evaluate_run(
             raise
         # Both data fields point at the file given here; name it, not the config field it went through.
         message = re.sub(r"^(train_file|eval_file): ", "", str(e))
+        if task is None and cfg.task == "sft" and "not found" in message:
+            message += " (a causal LM adapter is read as sft; for raw text pass --task clm)"
         raise type(e)(f"eval data {eval_file}: {message}") from e
     if data.eval is None:
         raise ValueError("no evaluation data: set data.eval_file=FILE (or data.eval_split > 0)")

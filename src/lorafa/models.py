@@ -151,7 +151,17 @@ def load_model(
         auto = AutoModelForSeq2SeqLM
     else:
         raise ValueError(f"task must be classification, regression, sft, clm or seq2seq, got {task!r}")
-    loaded, info = from_pretrained(auto, model, **kwargs)
+    try:
+        loaded, info = from_pretrained(auto, model, **kwargs)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        # transformers lists ~40 model classes; say which task fits this model instead.
+        raise ValueError(
+            f"task {task}: transformers cannot load {model!r} as {auto.__name__} "
+            f"({one_line(e, 100, with_type=False)}); decoder-only models take task sft or clm, encoder-decoder "
+            "models seq2seq, encoders classification or regression"
+        ) from None
     # transformers reports mismatched keys as (name, checkpoint shape, model shape).
     new = set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]}
     setattr(loaded, NEW_KEYS_ATTR, sorted(new))
