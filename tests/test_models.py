@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _tiny import FAMILIES, HEADS, batch, tiny
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa
 
@@ -76,6 +77,49 @@ def test_merge_equals_unmerged_and_unmerge_restores(family):
     assert set(n for n, _ in model.named_parameters()) == set(plain)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, unmerged, atol=1e-5, rtol=1e-4)
+
+
+def _tied_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_a_layer_whose_weight_is_tied_warns_trains_unmerged_and_refuses_to_merge(tmp_path):
+    model = _tied_llama()
+    with pytest.warns(UserWarning, match=r"lm_head.weight is tied to \['model.embed_tokens.weight'\]"):
+        lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    _nonzero_B(model)
+    ids = torch.randint(0, 64, (2, 8))
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    with torch.no_grad():
+        want = model(ids).logits
+    for fn in (lorafa.merge_lorafa, lambda m: lorafa.remove_lorafa(m, merge=True)):
+        with pytest.raises(ValueError, match=r"'lm_head'.*also \['model.embed_tokens.weight'\]"):
+            fn(model)
+        assert not any(layer.merged for _, layer in lorafa.lorafa_layers(model))  # q_proj not merged either
+        assert torch.equal(model.model.embed_tokens.weight, embedding)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, want)
+    # Unmerged it saves and loads as usual.
+    lorafa.save_adapter(model, tmp_path / "a")
+    with pytest.warns(UserWarning, match="tied"):
+        fresh = lorafa.load_adapter(_tied_llama(), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, want)
+
+
+def test_two_linears_sharing_a_weight_refuse_to_merge():
+    shared = torch.nn.Linear(8, 8)
+    model = torch.nn.Sequential(shared, torch.nn.Linear(8, 8))
+    model[1].weight = shared.weight  # tied after construction, as transformers' tie_weights does
+    with pytest.warns(UserWarning, match=r"1.weight is tied to \['0.weight'\]"):
+        lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=2, target_modules=["1"]))
+    with pytest.raises(ValueError, match=r"'1'.*also \['0.weight'\]"):
+        lorafa.merge_lorafa(model)
 
 
 def test_eval_mode_never_touches_weights():

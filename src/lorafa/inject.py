@@ -197,6 +197,31 @@ def _left_alone(name: str, module: nn.Module, r: int, experts: int | None) -> st
     return "narrow" if min(d_out, d_in) < r else None
 
 
+def _weight_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """id(parameter) → (full name, owning module) for every registration of it, tied copies and aliases included."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for local, p in module._parameters.items():
+            if p is not None:
+                name = f"{module_name}.{local}" if module_name else local
+                owners.setdefault(id(p), []).append((name, module))
+    return owners
+
+
+def _tied_names(owners: dict[int, list[tuple[str, nn.Module]]], base: nn.Module) -> list[str]:
+    """Names under which other modules than `base` register `base`'s weight (a tied output embedding's input
+    embedding); the same module under two names is not a tie."""
+    weight = base._parameters.get("weight")
+    return [] if weight is None else [n for n, owner in owners.get(id(weight), []) if owner is not base]
+
+
+def _mark_tied(model: nn.Module, layers: list[tuple[str, LoRAFALinear]]) -> None:
+    """Record each layer's tied names as the model has them now (ties may be made after add_lorafa)."""
+    owners = _weight_owners(model)
+    for _, layer in layers:
+        layer.tied_to = tuple(_tied_names(owners, layer.base_layer))
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -233,10 +258,18 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
     saved = _resolve_modules_to_save(model, cfg.modules_to_save or [])
     _check_new_modules_saved(model, names, saved)
     _warn_frozen_head(model, saved)
+    owners = _weight_owners(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
+        tied = _tied_names(owners, base)
+        if tied:
+            warnings.warn(
+                f"{name}.weight is tied to {tied}: its adapter trains and saves as usual, but merge_lorafa will "
+                "refuse this layer (merging would change the tied weights too)",
+                stacklevel=2,
+            )
         layer = LoRAFALinear(
             base,
             r=cfg.r,
@@ -249,6 +282,7 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
             projection=cfg.projection,
             name=name,
         )
+        layer.tied_to = tuple(tied)
         layer.train(base.training)  # a new module defaults to training mode; keep the model's mode
         _set_submodule(model, name, layer)
     if cfg.share_a:
@@ -334,9 +368,22 @@ def _require_adapters(model: nn.Module) -> list[tuple[str, LoRAFALinear]]:
     return layers
 
 
+def _mergeable_adapters(model: nn.Module) -> list[tuple[str, LoRAFALinear]]:
+    """The model's adapted layers, after checking that every one can merge (so none is merged when one cannot)."""
+    layers = _require_adapters(model)
+    _mark_tied(model, layers)
+    for _, layer in layers:
+        layer.check_mergeable()
+    return layers
+
+
 def merge_lorafa(model: nn.Module) -> nn.Module:
-    """Fold s·B·A into every adapted base weight (idempotent); the adapters stay attached for unmerge."""
-    for _, layer in _require_adapters(model):
+    """Fold s·B·A into every adapted base weight (idempotent); the adapters stay attached for unmerge.
+
+    Raises:
+        ValueError: a layer's base weight is tied to another module's (merging would change that module too).
+    """
+    for _, layer in _mergeable_adapters(model):
         layer.merge()
     return model
 
@@ -352,8 +399,11 @@ def remove_lorafa(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the base layers back, merged with their adapters when `merge` (a plain model to `save_pretrained`).
 
     Parameters' requires_grad flags are left as they are (all frozen after add_lorafa).
+
+    Raises:
+        ValueError: `merge` and a layer that cannot merge (`merge_lorafa`); the model is left unchanged.
     """
-    for name, layer in _require_adapters(model):
+    for name, layer in _mergeable_adapters(model) if merge else _require_adapters(model):
         if merge:
             layer.merge()
         else:

@@ -169,6 +169,10 @@ class LoRAFALinear(nn.Module):
         self._proj: Tensor | None = None
         self.share_group: str | None = None
         """Set by `add_lorafa(share_a=True)`: layers with the same group hold equal A's and share u per input."""
+        self.layer_name = name
+        self.tied_to: tuple[str, ...] = ()
+        """Other names of the base weight (e.g. the input embedding a tied lm_head shares), kept current by
+        `lorafa.inject`: merge refuses, as adding s·B·A to a shared tensor changes every module that reads it."""
         self.a_pending = init_lora_weights in DATA_INITS
         """A waits for `lorafa.init_a_from_gradients` (or `load_adapter`); training forward passes refuse to run."""
         self.register_load_state_dict_pre_hook(_base_layer_under_plain_names)
@@ -220,11 +224,21 @@ class LoRAFALinear(nn.Module):
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
         return delta.to(_weight(self.base_layer).dtype)
 
+    def check_mergeable(self) -> None:
+        """Raise ValueError if folding s·B·A into the base weight would not give this layer's output alone."""
+        if self.tied_to:
+            raise ValueError(
+                f"cannot merge the adapter of {self.layer_name or 'this layer'!r}: its base weight is also "
+                f"{list(self.tied_to)} (tied weights), which merging would change too; use the model unmerged "
+                "(it trains, saves and loads as usual) or leave this layer out of target_modules"
+            )
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold s·B·A into the base weight. Idempotent."""
         if self.merged:
             return
+        self.check_mergeable()
         delta = self.delta_weight()
         _weight(self.base_layer).add_(delta.t() if self.fan_in_fan_out else delta)
         self.merged = True
