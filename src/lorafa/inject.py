@@ -287,6 +287,7 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
         _set_submodule(model, name, layer)
     if cfg.share_a:
         _share_a(model)
+    _untie_saved(model, saved, owners)
     for name in saved:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
@@ -294,6 +295,26 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
     model.lorafa_modules_to_save = saved  # type: ignore[assignment]
     hf_save.install(model)
     return model
+
+
+def _untie_saved(model: nn.Module, saved: list[str], owners: dict[int, list[tuple[str, nn.Module]]]) -> None:
+    """Give each modules_to_save module its own copy of the parameters it shares with modules outside it.
+
+    GPT-2's lm_head shares its weight with the input embedding: training it in place would train the embedding
+    too, and loading a saved lm_head would overwrite it. PEFT trains a copy of the module (ModulesToSaveWrapper)
+    and leaves the original, so does lorafa, and the same adapter gives the same model in both.
+    """
+    copies: dict[int, nn.Parameter] = {}
+    for name in saved:
+        root = model.get_submodule(name)
+        inside = {id(m) for m in root.modules()}
+        for module in root.modules():
+            for local, p in list(module._parameters.items()):
+                if p is None or all(id(owner) in inside for _, owner in owners.get(id(p), [])):
+                    continue
+                if id(p) not in copies:
+                    copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                setattr(module, local, copies[id(p)])
 
 
 def _check_new_modules_saved(model: nn.Module, targets: list[str], saved: list[str]) -> None:
