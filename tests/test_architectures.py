@@ -9,6 +9,7 @@ itself: the parameters that differ between two loads under different seeds.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -412,3 +413,48 @@ def test_all_linear_says_when_r_is_too_large_for_layers():
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **_DECODER))
     with pytest.raises(ValueError, match=r"r=64 is larger than every linear layer's min\(d_in, d_out\)"):
         lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=64, target_modules="all-linear"))
+
+
+_VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=8)
+_W2V = dict(
+    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, conv_dim=(8, 8),
+    conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+    vocab_size=12,
+)  # fmt: skip
+_IMAGE = {"pixel_values": torch.randn(2, 3, 16, 16)}
+_AUDIO = {"input_values": torch.randn(2, 400)}
+
+
+@pytest.mark.parametrize(
+    "cls, config, inputs, head",
+    [
+        ("ViTForImageClassification", ("vit", _VIT), _IMAGE, ["classifier"]),
+        (
+            "DeiTForImageClassificationWithTeacher",
+            ("deit", _VIT),
+            _IMAGE,
+            ["cls_classifier", "distillation_classifier"],
+        ),
+        ("Wav2Vec2ForCTC", ("wav2vec2", _W2V), _AUDIO, ["lm_head"]),  # CTC's lm_head is its (new) head
+        ("Wav2Vec2ForSequenceClassification", ("wav2vec2", _W2V), _AUDIO, ["projector", "classifier"]),
+        ("Wav2Vec2ForAudioFrameClassification", ("wav2vec2", _W2V), _AUDIO, ["classifier"]),
+    ],
+)
+def test_image_and_audio_task_heads_are_found_like_text_classification_heads(cls, config, inputs, head):
+    import transformers
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return getattr(transformers, cls)(AutoConfig.for_model(config[0], **config[1])).train()
+
+    model = build()
+    assert classification_head_names(model) == head
+    with pytest.warns(UserWarning, match=re.escape(f"{cls}: its head {head!r} is not in modules_to_save")):
+        lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=2, target_modules="all-linear"))
+    assert not [n for n, _ in lorafa.lorafa_layers(model) if any(n.startswith(h) for h in head)]
+    model = lorafa.add_lorafa(build(), lorafa.LoRAFAConfig(r=2, target_modules="all-linear", modules_to_save=head))
+    out = model(**inputs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits.float().square().mean().backward()
+    for name in head:
+        assert all(p.grad is not None for p in model.get_submodule(name).parameters()), name

@@ -331,11 +331,24 @@ def _check_new_modules_saved(model: nn.Module, targets: list[str], saved: list[s
         )
 
 
+# Model classes that add a head (random unless the checkpoint was fine-tuned for the task) to a backbone.
 _TASK_CLASSES = (
     "ForSequenceClassification",
     "ForTokenClassification",
     "ForQuestionAnswering",
     "ForMultipleChoice",
+    "ForImageClassification",
+    "ForImageClassificationWithTeacher",
+    "ForVideoClassification",
+    "ForAudioClassification",
+    "ForAudioFrameClassification",
+    "ForXVector",
+    "ForCTC",
+    "ForSemanticSegmentation",
+    "ForUniversalSegmentation",
+    "ForInstanceSegmentation",
+    "ForObjectDetection",
+    "ForDepthEstimation",
 )
 
 
