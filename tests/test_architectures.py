@@ -8,6 +8,7 @@ itself: the parameters that differ between two loads under different seeds.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from typing import Any
@@ -458,3 +459,47 @@ def test_image_and_audio_task_heads_are_found_like_text_classification_heads(cls
     logits.float().square().mean().backward()
     for name in head:
         assert all(p.grad is not None for p in model.get_submodule(name).parameters()), name
+
+
+def _randomise_all_B(model: nn.Module) -> None:
+    torch.manual_seed(1)
+    for _, layer in lorafa.lorafa_layers(model):
+        nn.init.normal_(layer.lora_B.weight)
+
+
+def test_multihead_attention_projections_are_left_alone_and_named_ones_refused():
+    # torch's nn.MultiheadAttention hands out_proj's weight and bias to F.multi_head_attention_forward itself.
+    import transformers
+
+    cfg = transformers.SiglipVisionConfig(**_VIT)
+    model = transformers.SiglipVisionModel(cfg).eval()
+    with pytest.warns(UserWarning, match=r"not adapting 1 projections of nn.MultiheadAttention.*head.attention.out"):
+        lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=2))
+    assert "head.attention.out_proj" not in dict(lorafa.lorafa_layers(model))
+    _randomise_all_B(model)
+    with torch.no_grad():
+        unmerged = model(**_IMAGE).pooler_output
+        merged = lorafa.merge_lorafa(model)(**_IMAGE).pooler_output
+    torch.testing.assert_close(unmerged, merged, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"'head.attention.out_proj' is a projection of an nn.MultiheadAttention"):
+        lorafa.add_lorafa(transformers.SiglipVisionModel(cfg), lorafa.LoRAFAConfig(r=2, target_modules=["out_proj"]))
+
+
+def test_transformer_encoder_layer_fast_path_says_how_to_keep_the_adapter():
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 64, batch_first=True), 2)
+    with pytest.warns(UserWarning, match=r"inside nn.TransformerEncoderLayer.*set_fastpath_enabled\(False\)"):
+        lorafa.add_lorafa(encoder, lorafa.LoRAFAConfig(r=2, target_modules=["linear1", "linear2"]))
+    _randomise_all_B(encoder)
+    reference = lorafa.remove_lorafa(copy.deepcopy(encoder), merge=True).eval()  # plain Linears: fast path works
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        want = reference(x)
+        with pytest.raises(AttributeError, match=r"'layers.0.linear1'.*set_fastpath_enabled\(False\)"):
+            encoder.eval()(x)
+        enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            torch.testing.assert_close(encoder(x), want, atol=1e-5, rtol=1e-4)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(enabled)

@@ -122,13 +122,17 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
     heads = _output_head_names(model)
     saved = _resolve_modules_to_save(model, cfg.modules_to_save or [])
     experts = _num_experts(model)
+    mha = _mha_projections(model)
     names: list[str] = []
-    passed: dict[str, list[str]] = {"router": [], "narrow": []}
+    passed: dict[str, list[str]] = {"router": [], "narrow": [], "mha": []}
     for name, module in model.named_modules():
         if not name or _name_matches(name, cfg.exclude_modules):
             continue
         if _within(name, saved):
             continue  # a module trained fully (modules_to_save) is not adapted
+        if tm == "all-linear" and name in mha:
+            passed["mha"].append(name)
+            continue
         if tm == "all-linear":
             hit = _is_linear(module) and name not in heads
             reason = _left_alone(name, module, cfg.r, experts) if hit else None
@@ -141,6 +145,11 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
             hit = _name_matches(name, tm)
         if not hit:
             continue
+        if name in mha:
+            raise ValueError(
+                f"target module {name!r} is a projection of an nn.MultiheadAttention, whose forward reads its weight "
+                "and bias directly (an adapter there would be bypassed); leave it out of target_modules"
+            )
         if isinstance(module, LoRAFALinear):
             raise ValueError(f"module {name!r} already has a LoRA-FA adapter: add_lorafa was applied twice")
         if not _is_linear(module):
@@ -153,6 +162,12 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
         warnings.warn(
             f"target_modules=all-linear: not adapting {len(passed['router'])} MoE router or gate layers (an output "
             f"per expert, or a single output), e.g. {passed['router'][:3]}; name them in target_modules to adapt them",
+            stacklevel=3,
+        )
+    if passed["mha"]:
+        warnings.warn(
+            f"target_modules=all-linear: not adapting {len(passed['mha'])} projections of nn.MultiheadAttention "
+            f"(its forward reads their weight and bias directly, bypassing an adapter), e.g. {passed['mha'][:3]}",
             stacklevel=3,
         )
     if passed["narrow"] and names:
@@ -174,6 +189,33 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
             f"no module matched target_modules={tm!r}; linear modules in this model include: {linear[:8]}"
         )
     return names
+
+
+def _mha_projections(model: nn.Module) -> set[str]:
+    """Names of the linear children of every nn.MultiheadAttention: torch's forward hands out_proj.weight and .bias
+    to F.multi_head_attention_forward instead of calling out_proj, so an adapter there is bypassed (and crashes)."""
+    return {
+        f"{name}.{child_name}" if name else child_name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for child_name, child in module.named_children()
+        if _is_linear(child)
+    }
+
+
+def _warn_fast_path(model: nn.Module, names: list[str]) -> None:
+    """Warn when an adapted layer belongs to an nn.TransformerEncoderLayer: in eval mode torch's fast path reads
+    linear1/linear2's weight and bias directly (and fails on an adapted layer, which has no bias of its own)."""
+    inside = [
+        n for n in names if isinstance(model.get_submodule(n.rpartition(".")[0]), nn.TransformerEncoderLayer)
+    ]
+    if inside:
+        warnings.warn(
+            f"adapting {inside[:3]} inside nn.TransformerEncoderLayer: torch's fast path for eval mode reads their "
+            "weight and bias directly, bypassing the adapter; call torch.backends.mha.set_fastpath_enabled(False) "
+            "before evaluating",
+            stacklevel=3,
+        )
 
 
 def _num_experts(model: nn.Module) -> int | None:
@@ -258,6 +300,7 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
     saved = _resolve_modules_to_save(model, cfg.modules_to_save or [])
     _check_new_modules_saved(model, names, saved)
     _warn_frozen_head(model, saved)
+    _warn_fast_path(model, names)
     owners = _weight_owners(model)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -190,10 +190,13 @@ class LoRAFALinear(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             if name == "bias":
+                layer = self.__dict__.get("layer_name") or "this layer"
                 raise AttributeError(
-                    f"{type(self).__name__} has no attribute 'bias': code that reads an adapted layer's weight and "
-                    "bias directly (e.g. a fused Mamba scan) would bypass its adapter; leave that layer out of "
-                    "target_modules (or add it to exclude_modules)"
+                    f"{type(self).__name__} {layer!r} has no attribute 'bias': code that reads an adapted layer's "
+                    "weight and bias directly (e.g. a fused Mamba scan) would bypass its adapter; leave that layer "
+                    "out of target_modules (or add it to exclude_modules); for nn.TransformerEncoderLayer's "
+                    "linear1/linear2, whose eval-mode fast path does this, call "
+                    "torch.backends.mha.set_fastpath_enabled(False) instead"
                 ) from None
             raise
 
