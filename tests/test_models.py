@@ -79,6 +79,33 @@ def test_merge_equals_unmerged_and_unmerge_restores(family):
         torch.testing.assert_close(model(**inputs).logits, unmerged, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear and Conv1D
+def test_a_merged_models_state_dict_is_the_unmerged_one(family):
+    model = lorafa.add_lorafa(tiny(family), lorafa.LoRAFAConfig(r=4, lora_alpha=8))
+    _nonzero_B(model)
+    inputs = {"input_ids": batch(family)["input_ids"]}
+    with torch.no_grad():
+        want = model(**inputs).logits
+    unmerged = {k: v.clone() for k, v in model.state_dict().items()}  # state_dict() shares storage
+    lorafa.merge_lorafa(model)
+    merged = model.state_dict()
+    assert merged.keys() == unmerged.keys()
+    for key, value in unmerged.items():
+        torch.testing.assert_close(merged[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    # Into a fresh unmerged model: s·B·A is applied once, not twice.
+    fresh = lorafa.add_lorafa(tiny(family, seed=3), lorafa.LoRAFAConfig(r=4, lora_alpha=8, init_seed=7))
+    fresh.load_state_dict(merged)
+    # Into a merged model (its own state dict): the loaded W gets its s·B·A added, so the adapter is kept.
+    model.load_state_dict(merged)
+    assert all(layer.merged for _, layer in lorafa.lorafa_layers(model))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model(**inputs).logits, want, atol=1e-5, rtol=1e-4)
+    lorafa.unmerge_lorafa(model)
+    for key, value in unmerged.items():
+        torch.testing.assert_close(model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
 def _tied_llama():
     torch.manual_seed(0)
     cfg = LlamaConfig(

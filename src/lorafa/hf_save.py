@@ -100,34 +100,29 @@ class AdapterSavePretrained:
                 for name in (LORAFA_NAME, CONFIG_NAME, WEIGHTS_NAME):
                     (Path(save_directory) / name).unlink(missing_ok=True)
             return result
-        merged = {name: layer for name, layer in layers.items() if layer.merged}
-        for layer in merged.values():
-            layer.unmerge()  # the base weights are saved as the base model had them
-        try:
-            state = kwargs.pop("state_dict", None)
-            if state is None:
-                state = model.state_dict()
-            elif merged:
-                # A caller's copy (e.g. gathered under ZeRO-3) still holds W + s·B·A: take the unmerged live weights.
-                state = dict(state)
-                for name, layer in merged.items():
-                    for local, tensor in layer.base_layer.state_dict().items():
-                        if f"{name}.base_layer.{local}" in state:
-                            state[f"{name}.base_layer.{local}"] = tensor
-            kwargs["state_dict"] = plain_names(state, layers)
-            result = plain_save(model, save_directory, **kwargs)
-            if main:
-                out = Path(save_directory)
-                tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out))
-                try:
-                    save_adapter(model, tmp / "adapter")
-                    for f in (tmp / "adapter").iterdir():
-                        os.replace(f, out / f.name)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            for layer in merged.values():
-                layer.merge()
+        state = kwargs.pop("state_dict", None)
+        if state is None:
+            state = model.state_dict()  # base weights unmerged, whatever the merge state (LoRAFALinear's hook)
+        else:
+            # A caller's copy may hold W + s·B·A (e.g. gathered under ZeRO-3, past the layers' state-dict hook):
+            # take each merged layer's unmerged tensors.
+            state = dict(state)
+            for name, layer in layers.items():
+                if layer.merged:
+                    for local, tensor in layer.state_dict().items():
+                        if f"{name}.{local}" in state:
+                            state[f"{name}.{local}"] = tensor
+        kwargs["state_dict"] = plain_names(state, layers)
+        result = plain_save(model, save_directory, **kwargs)
+        if main:
+            out = Path(save_directory)
+            tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out))
+            try:
+                save_adapter(model, tmp / "adapter")
+                for f in (tmp / "adapter").iterdir():
+                    os.replace(f, out / f.name)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return result
 
 

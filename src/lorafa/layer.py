@@ -47,6 +47,25 @@ def _base_layer_under_plain_names(module: nn.Module, state_dict: dict[str, Any],
             state_dict[nested] = state_dict.pop(plain)
     if f"{prefix}lora_A.weight" in state_dict:
         cast(Any, module).a_pending = False  # A comes from the state dict (e.g. Trainer's resume), as load_adapter sets it
+    layer = cast("LoRAFALinear", module)
+    weight = f"{prefix}base_layer.weight"
+    if layer.merged and weight in state_dict:
+        # State dicts hold the unmerged W (`_unmerged_base_weight`); a merged layer holds W + s·B·A.
+        w = state_dict[weight]
+        a = state_dict.get(f"{prefix}lora_A.weight", layer.lora_A.weight).to(w.device, layer.lora_A.weight.dtype)
+        b = state_dict.get(f"{prefix}lora_B.weight", layer.lora_B.weight).to(w.device, layer.lora_B.weight.dtype)
+        delta = ((b @ a) * layer.scaling).to(w.dtype)
+        state_dict[weight] = w + (delta.t() if layer.fan_in_fan_out else delta)
+
+
+def _unmerged_base_weight(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """State-dict post-hook: a merged layer's base weight goes out as W, as the base model had it, so a state dict
+    reads the same merged or not and loading it into an unmerged model does not add s·B·A twice (PEFT's keys are
+    unchanged). `state_dict(keep_vars=True)` asks for the live parameters, which hold W + s·B·A: left as they are."""
+    layer = cast("LoRAFALinear", module)
+    key = f"{prefix}base_layer.weight"
+    if layer.merged and key in state_dict and not isinstance(state_dict[key], nn.Parameter):
+        state_dict[key] = layer.unmerged_weight()
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -176,6 +195,7 @@ class LoRAFALinear(nn.Module):
         self.a_pending = init_lora_weights in DATA_INITS
         """A waits for `lorafa.init_a_from_gradients` (or `load_adapter`); training forward passes refuse to run."""
         self.register_load_state_dict_pre_hook(_base_layer_under_plain_names)
+        self.register_state_dict_post_hook(_unmerged_base_weight)
 
     @property
     def in_features(self) -> int:
@@ -245,6 +265,15 @@ class LoRAFALinear(nn.Module):
         delta = self.delta_weight()
         _weight(self.base_layer).add_(delta.t() if self.fan_in_fan_out else delta)
         self.merged = True
+
+    @torch.no_grad()
+    def unmerged_weight(self) -> Tensor:
+        """The base layer's weight without s·B·A, as stored (a new tensor when merged)."""
+        w = _weight(self.base_layer).detach()
+        if not self.merged:
+            return w
+        delta = self.delta_weight()
+        return w - (delta.t() if self.fan_in_fan_out else delta)
 
     @torch.no_grad()
     def unmerge(self) -> None:
