@@ -106,6 +106,23 @@ def test_a_merged_models_state_dict_is_the_unmerged_one(family):
         torch.testing.assert_close(model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
 
 
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_merging_a_parametrized_weight_is_refused(norm):
+    torch.manual_seed(0)
+    base = getattr(torch.nn.utils.parametrizations, norm)(torch.nn.Linear(8, 6))
+    model = torch.nn.ModuleDict({"proj": base}).eval()
+    lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    _nonzero_B(model)
+    layer = model["proj"]
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = base(x) + layer.scaling * x @ layer.lora_A.weight.t() @ layer.lora_B.weight.t()
+        with pytest.raises(ValueError, match=r"'proj'.*parametrization"):
+            lorafa.merge_lorafa(model)
+        assert not layer.merged
+        torch.testing.assert_close(layer(x), want)
+
+
 def _tied_llama():
     torch.manual_seed(0)
     cfg = LlamaConfig(

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lorafa.autograd import SharedProjection, lorafa_linear
 from lorafa.projection import projection_matrix
@@ -254,6 +255,13 @@ class LoRAFALinear(nn.Module):
                 f"cannot merge the adapter of {self.layer_name or 'this layer'!r}: its base weight is also "
                 f"{list(self.tied_to)} (tied weights), which merging would change too; use the model unmerged "
                 "(it trains, saves and loads as usual) or leave this layer out of target_modules"
+            )
+        if parametrize.is_parametrized(self.base_layer, "weight"):
+            # The weight is recomputed from its parametrization's originals on every access: an addition is lost.
+            raise ValueError(
+                f"cannot merge the adapter of {self.layer_name or 'this layer'!r}: its base weight is computed by a "
+                "parametrization (e.g. weight_norm, spectral_norm), which would drop s·B·A; use the model unmerged "
+                "or call torch.nn.utils.parametrize.remove_parametrizations(layer.base_layer, 'weight') first"
             )
 
     @torch.no_grad()
