@@ -123,6 +123,35 @@ def test_merging_a_parametrized_weight_is_refused(norm):
         torch.testing.assert_close(layer(x), want)
 
 
+class _Aliased(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = self.a  # one layer under two names, called through both
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_layer_registered_under_two_names_is_adapted_under_both():
+    torch.manual_seed(0)
+    model = _Aliased()
+    W, bias = model.a.weight.detach().clone(), model.a.bias.detach().clone()
+    lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=2, lora_alpha=4, target_modules=["a"]))
+    assert model.a is model.b and isinstance(model.b, lorafa.LoRAFALinear)
+    _nonzero_B(model)
+    x = torch.randn(3, 8)
+    model(x).square().sum().backward()
+    # Reference: plain autograd with W + s·B·A in both calls.
+    A = model.a.lora_A.weight.detach()
+    B = model.a.lora_B.weight.detach().clone().requires_grad_(True)
+    w = W + model.a.scaling * B @ A
+    (torch.tanh(x @ w.t() + bias) @ w.t() + bias).square().sum().backward()
+    torch.testing.assert_close(model.a.lora_B.weight.grad, B.grad)
+    lorafa.remove_lorafa(model, merge=False)
+    assert model.a is model.b and isinstance(model.a, torch.nn.Linear)
+
+
 def _tied_llama():
     torch.manual_seed(0)
     cfg = LlamaConfig(

@@ -41,7 +41,8 @@ from lorafa.layer import LoRAFALinear
 
 
 def _adapted_layers(model: nn.Module) -> dict[str, LoRAFALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRAFALinear)}
+    # remove_duplicate=False: a layer registered under two names has its state under both
+    return {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LoRAFALinear)}
 
 
 def plain_names(state: dict[str, torch.Tensor], layers: dict[str, LoRAFALinear]) -> dict[str, torch.Tensor]:

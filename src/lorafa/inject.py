@@ -270,6 +270,14 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` under every name `old` has (a module registered twice, `self.b = self.a`, is called through both
+    names; replacing one name only would let calls through the other bypass the adapter)."""
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
+    for name in names:
+        _set_submodule(model, name, new)
+
+
 def _resolve_modules_to_save(model: nn.Module, keys: list[str]) -> list[str]:
     found = [n for n, _ in model.named_modules() if n and _name_matches(n, keys)]
     missing = [k for k in keys if not any(_name_matches(n, [k]) for n in found)]
@@ -327,7 +335,7 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
         )
         layer.tied_to = tuple(tied)
         layer.train(base.training)  # a new module defaults to training mode; keep the model's mode
-        _set_submodule(model, name, layer)
+        _replace_module(model, base, layer)
     if cfg.share_a:
         _share_a(model)
     _untie_saved(model, saved, owners)
@@ -480,12 +488,12 @@ def remove_lorafa(model: nn.Module, merge: bool = True) -> nn.Module:
     Raises:
         ValueError: `merge` and a layer that cannot merge (`merge_lorafa`); the model is left unchanged.
     """
-    for name, layer in _mergeable_adapters(model) if merge else _require_adapters(model):
+    for _, layer in _mergeable_adapters(model) if merge else _require_adapters(model):
         if merge:
             layer.merge()
         else:
             layer.unmerge()
-        _set_submodule(model, name, layer.base_layer)
+        _replace_module(model, layer, layer.base_layer)
     for attr in ("lorafa_config", "lorafa_modules_to_save"):
         if hasattr(model, attr):
             delattr(model, attr)
