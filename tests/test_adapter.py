@@ -87,6 +87,33 @@ def test_peft_loads_exactly_our_modules_to_save(family, saved, tmp_path, recwarn
         torch.testing.assert_close(fresh(**_inputs(family)).logits, ours, atol=0, rtol=0)
 
 
+def test_a_tied_module_to_save_trains_its_own_copy_as_peft_does(tmp_path):
+    # GPT-2's lm_head shares its weight with transformer.wte; PEFT trains a copy of lm_head and leaves wte alone.
+    embedding = tiny("gpt2").transformer.wte.weight.detach().clone()
+    model = lorafa.add_lorafa(tiny("gpt2"), lorafa.LoRAFAConfig(r=4, modules_to_save=["lm_head"]))
+    model(**batch("gpt2")).loss.backward()
+    assert model.transformer.wte.weight.grad is None and model.lm_head.weight.grad is not None
+    _randomise_trainables(model)
+    assert torch.equal(model.transformer.wte.weight, embedding)
+    with torch.no_grad():
+        ours = model(**_inputs("gpt2")).logits
+    lorafa.save_adapter(model, tmp_path / "a")
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(tiny("gpt2"), tmp_path / "a")(**_inputs("gpt2")).logits
+    torch.testing.assert_close(peft_logits, ours, atol=1e-5, rtol=1e-4)
+
+    # The other way: a PEFT adapter with modules_to_save=["lm_head"] loaded by lorafa.
+    peft_model = get_peft_model(tiny("gpt2"), LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    _randomise_trainables(peft_model, seed=1)
+    with torch.no_grad():
+        expected = peft_model(**_inputs("gpt2")).logits
+    peft_model.save_pretrained(tmp_path / "p")
+    loaded = lorafa.load_adapter(tiny("gpt2"), tmp_path / "p")
+    assert torch.equal(loaded.transformer.wte.weight, embedding)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**_inputs("gpt2")).logits, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_a_task_head_left_frozen_warns_and_is_never_adapted():
     with pytest.warns(UserWarning, match=r"head \['classifier'\] is not in modules_to_save"):
         lorafa.add_lorafa(tiny("roberta"), lorafa.LoRAFAConfig(r=2, target_modules="all-linear"))

@@ -8,7 +8,9 @@ itself: the parameters that differ between two loads under different seeds.
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from typing import Any
 
 import pytest
@@ -412,3 +414,92 @@ def test_all_linear_says_when_r_is_too_large_for_layers():
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **_DECODER))
     with pytest.raises(ValueError, match=r"r=64 is larger than every linear layer's min\(d_in, d_out\)"):
         lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=64, target_modules="all-linear"))
+
+
+_VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=8)
+_W2V = dict(
+    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, conv_dim=(8, 8),
+    conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+    vocab_size=12,
+)  # fmt: skip
+_IMAGE = {"pixel_values": torch.randn(2, 3, 16, 16)}
+_AUDIO = {"input_values": torch.randn(2, 400)}
+
+
+@pytest.mark.parametrize(
+    "cls, config, inputs, head",
+    [
+        ("ViTForImageClassification", ("vit", _VIT), _IMAGE, ["classifier"]),
+        (
+            "DeiTForImageClassificationWithTeacher",
+            ("deit", _VIT),
+            _IMAGE,
+            ["cls_classifier", "distillation_classifier"],
+        ),
+        ("Wav2Vec2ForCTC", ("wav2vec2", _W2V), _AUDIO, ["lm_head"]),  # CTC's lm_head is its (new) head
+        ("Wav2Vec2ForSequenceClassification", ("wav2vec2", _W2V), _AUDIO, ["projector", "classifier"]),
+        ("Wav2Vec2ForAudioFrameClassification", ("wav2vec2", _W2V), _AUDIO, ["classifier"]),
+    ],
+)
+def test_image_and_audio_task_heads_are_found_like_text_classification_heads(cls, config, inputs, head):
+    import transformers
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return getattr(transformers, cls)(AutoConfig.for_model(config[0], **config[1])).train()
+
+    model = build()
+    assert classification_head_names(model) == head
+    with pytest.warns(UserWarning, match=re.escape(f"{cls}: its head {head!r} is not in modules_to_save")):
+        lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=2, target_modules="all-linear"))
+    assert not [n for n, _ in lorafa.lorafa_layers(model) if any(n.startswith(h) for h in head)]
+    model = lorafa.add_lorafa(build(), lorafa.LoRAFAConfig(r=2, target_modules="all-linear", modules_to_save=head))
+    out = model(**inputs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits.float().square().mean().backward()
+    for name in head:
+        assert all(p.grad is not None for p in model.get_submodule(name).parameters()), name
+
+
+def _randomise_all_B(model: nn.Module) -> None:
+    torch.manual_seed(1)
+    for _, layer in lorafa.lorafa_layers(model):
+        nn.init.normal_(layer.lora_B.weight)
+
+
+def test_multihead_attention_projections_are_left_alone_and_named_ones_refused():
+    # torch's nn.MultiheadAttention hands out_proj's weight and bias to F.multi_head_attention_forward itself.
+    import transformers
+
+    cfg = transformers.SiglipVisionConfig(**_VIT)
+    model = transformers.SiglipVisionModel(cfg).eval()
+    with pytest.warns(UserWarning, match=r"not adapting 1 projections of nn.MultiheadAttention.*head.attention.out"):
+        lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=2))
+    assert "head.attention.out_proj" not in dict(lorafa.lorafa_layers(model))
+    _randomise_all_B(model)
+    with torch.no_grad():
+        unmerged = model(**_IMAGE).pooler_output
+        merged = lorafa.merge_lorafa(model)(**_IMAGE).pooler_output
+    torch.testing.assert_close(unmerged, merged, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"'head.attention.out_proj' is a projection of an nn.MultiheadAttention"):
+        lorafa.add_lorafa(transformers.SiglipVisionModel(cfg), lorafa.LoRAFAConfig(r=2, target_modules=["out_proj"]))
+
+
+def test_transformer_encoder_layer_fast_path_says_how_to_keep_the_adapter():
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 64, batch_first=True), 2)
+    with pytest.warns(UserWarning, match=r"inside nn.TransformerEncoderLayer.*set_fastpath_enabled\(False\)"):
+        lorafa.add_lorafa(encoder, lorafa.LoRAFAConfig(r=2, target_modules=["linear1", "linear2"]))
+    _randomise_all_B(encoder)
+    reference = lorafa.remove_lorafa(copy.deepcopy(encoder), merge=True).eval()  # plain Linears: fast path works
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        want = reference(x)
+        with pytest.raises(AttributeError, match=r"'layers.0.linear1'.*set_fastpath_enabled\(False\)"):
+            encoder.eval()(x)
+        enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            torch.testing.assert_close(encoder(x), want, atol=1e-5, rtol=1e-4)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(enabled)

@@ -165,3 +165,32 @@ def test_trainer_save_model_and_checkpoint_resume(tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     loaded = lorafa.load_adapter(tiny("llama"), tmp_path / "final")
     torch.testing.assert_close(_logits(loaded, "llama"), _logits(whole, "llama"), atol=0, rtol=0)
+
+
+def test_a_class_with_its_own_load_adapter_gets_the_adapter_in_a_subfolder(tmp_path, caplog):
+    # Wav2Vec2's load_adapter loads MMS language adapters: from_pretrained(folder) failed on PEFT files there.
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    config = Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, conv_dim=(8, 8),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        vocab_size=12,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = lorafa.add_lorafa(Wav2Vec2ForCTC(config).eval(), lorafa.LoRAFAConfig(r=2, modules_to_save=["lm_head"]))
+    for _, layer in lorafa.lorafa_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight)
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))
+        audio = torch.randn(2, 400)
+        want = model(audio).logits
+    with caplog.at_level("WARNING", logger="lorafa.hf_save"):
+        model.save_pretrained(tmp_path / "out")
+    assert "lorafa.load_adapter(model, " in caplog.text
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    base = Wav2Vec2ForCTC.from_pretrained(tmp_path / "out").eval()  # the base weights, unmerged
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out" / "adapter")
+    ours = lorafa.load_adapter(base, tmp_path / "out" / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(peft(audio).logits, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours(audio).logits, want, atol=0, rtol=0)

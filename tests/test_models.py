@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _tiny import FAMILIES, HEADS, batch, tiny
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorafa
 
@@ -76,6 +77,122 @@ def test_merge_equals_unmerged_and_unmerge_restores(family):
     assert set(n for n, _ in model.named_parameters()) == set(plain)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, unmerged, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear and Conv1D
+def test_a_merged_models_state_dict_is_the_unmerged_one(family):
+    model = lorafa.add_lorafa(tiny(family), lorafa.LoRAFAConfig(r=4, lora_alpha=8))
+    _nonzero_B(model)
+    inputs = {"input_ids": batch(family)["input_ids"]}
+    with torch.no_grad():
+        want = model(**inputs).logits
+    unmerged = {k: v.clone() for k, v in model.state_dict().items()}  # state_dict() shares storage
+    lorafa.merge_lorafa(model)
+    merged = model.state_dict()
+    assert merged.keys() == unmerged.keys()
+    for key, value in unmerged.items():
+        torch.testing.assert_close(merged[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    # Into a fresh unmerged model: s·B·A is applied once, not twice.
+    fresh = lorafa.add_lorafa(tiny(family, seed=3), lorafa.LoRAFAConfig(r=4, lora_alpha=8, init_seed=7))
+    fresh.load_state_dict(merged)
+    # Into a merged model (its own state dict): the loaded W gets its s·B·A added, so the adapter is kept.
+    model.load_state_dict(merged)
+    assert all(layer.merged for _, layer in lorafa.lorafa_layers(model))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model(**inputs).logits, want, atol=1e-5, rtol=1e-4)
+    lorafa.unmerge_lorafa(model)
+    for key, value in unmerged.items():
+        torch.testing.assert_close(model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_merging_a_parametrized_weight_is_refused(norm):
+    torch.manual_seed(0)
+    base = getattr(torch.nn.utils.parametrizations, norm)(torch.nn.Linear(8, 6))
+    model = torch.nn.ModuleDict({"proj": base}).eval()
+    lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    _nonzero_B(model)
+    layer = model["proj"]
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = base(x) + layer.scaling * x @ layer.lora_A.weight.t() @ layer.lora_B.weight.t()
+        with pytest.raises(ValueError, match=r"'proj'.*parametrization"):
+            lorafa.merge_lorafa(model)
+        assert not layer.merged
+        torch.testing.assert_close(layer(x), want)
+
+
+class _Aliased(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = self.a  # one layer under two names, called through both
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_layer_registered_under_two_names_is_adapted_under_both():
+    torch.manual_seed(0)
+    model = _Aliased()
+    W, bias = model.a.weight.detach().clone(), model.a.bias.detach().clone()
+    lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=2, lora_alpha=4, target_modules=["a"]))
+    assert model.a is model.b and isinstance(model.b, lorafa.LoRAFALinear)
+    _nonzero_B(model)
+    x = torch.randn(3, 8)
+    model(x).square().sum().backward()
+    # Reference: plain autograd with W + s·B·A in both calls.
+    A = model.a.lora_A.weight.detach()
+    B = model.a.lora_B.weight.detach().clone().requires_grad_(True)
+    w = W + model.a.scaling * B @ A
+    (torch.tanh(x @ w.t() + bias) @ w.t() + bias).square().sum().backward()
+    torch.testing.assert_close(model.a.lora_B.weight.grad, B.grad)
+    lorafa.remove_lorafa(model, merge=False)
+    assert model.a is model.b and isinstance(model.a, torch.nn.Linear)
+
+
+def _tied_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_a_layer_whose_weight_is_tied_warns_trains_unmerged_and_refuses_to_merge(tmp_path):
+    model = _tied_llama()
+    with pytest.warns(UserWarning, match=r"lm_head.weight is tied to \['model.embed_tokens.weight'\]"):
+        lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    _nonzero_B(model)
+    ids = torch.randint(0, 64, (2, 8))
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    with torch.no_grad():
+        want = model(ids).logits
+    for fn in (lorafa.merge_lorafa, lambda m: lorafa.remove_lorafa(m, merge=True)):
+        with pytest.raises(ValueError, match=r"'lm_head'.*also \['model.embed_tokens.weight'\]"):
+            fn(model)
+        assert not any(layer.merged for _, layer in lorafa.lorafa_layers(model))  # q_proj not merged either
+        assert torch.equal(model.model.embed_tokens.weight, embedding)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, want)
+    # Unmerged it saves and loads as usual.
+    lorafa.save_adapter(model, tmp_path / "a")
+    with pytest.warns(UserWarning, match="tied"):
+        fresh = lorafa.load_adapter(_tied_llama(), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, want)
+
+
+def test_two_linears_sharing_a_weight_refuse_to_merge():
+    shared = torch.nn.Linear(8, 8)
+    model = torch.nn.Sequential(shared, torch.nn.Linear(8, 8))
+    model[1].weight = shared.weight  # tied after construction, as transformers' tie_weights does
+    with pytest.warns(UserWarning, match=r"1.weight is tied to \['0.weight'\]"):
+        lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=2, target_modules=["1"]))
+    with pytest.raises(ValueError, match=r"'1'.*also \['0.weight'\]"):
+        lorafa.merge_lorafa(model)
 
 
 def test_eval_mode_never_touches_weights():

@@ -28,6 +28,10 @@ from torch import nn
 # Heads that a task model adds on top of the backbone; trained and saved via modules_to_save, never adapted.
 HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head")
 
+# Model classes whose `lm_head` is a task head added on the backbone (CTC's per-frame vocabulary projection, random
+# on a pretrained speech encoder), not the pretrained output embedding of a language model.
+LM_HEAD_TASKS = ("ForCTC",)
+
 # The attribute `lorafa.models.load_model` sets: parameter names the checkpoint did not provide.
 NEW_KEYS_ATTR = "lorafa_new_keys"
 
@@ -84,6 +88,10 @@ def new_module_names(model: nn.Module, new_keys: Iterable[str] | None = None) ->
     return names
 
 
+def _lm_head_is_task_head(model: nn.Module) -> bool:
+    return type(model).__name__.endswith(LM_HEAD_TASKS)
+
+
 def _added_children(model: nn.Module) -> list[str]:
     """Top-level children with parameters outside the backbone, except the LM output head (rule 2)."""
     base = getattr(model, "base_model", None)
@@ -96,7 +104,7 @@ def _added_children(model: nn.Module) -> list[str]:
         for name, child in model.named_children()
         if child is not base
         and child is not out
-        and name != "lm_head"
+        and (name != "lm_head" or _lm_head_is_task_head(model))
         and any(True for _ in child.parameters())
     ]
 
@@ -105,7 +113,8 @@ def classification_head_names(model: nn.Module, new_keys: Iterable[str] | None =
     """The task head of a transformers model for modules_to_save (e.g. ["classifier"], ["bert.pooler", "score"]).
 
     Args:
-        model: a task model (sequence classification, regression, question answering).
+        model: a task model (sequence, token, image or audio classification, regression, question answering,
+            CTC, whose `lm_head` is its head).
         new_keys: parameter names the checkpoint did not provide; default `model.lorafa_new_keys`, which
             `lorafa.models.load_model` sets. Without either, the model counts as built in code (module doc).
 
@@ -113,6 +122,7 @@ def classification_head_names(model: nn.Module, new_keys: Iterable[str] | None =
         Module names in model order, none nested in another.
     """
     keys = getattr(model, NEW_KEYS_ATTR, None) if new_keys is None else new_keys
-    named = [n for n, _ in model.named_children() if n in HEAD_NAMES and n != "lm_head"]
+    lm_head_task = _lm_head_is_task_head(model)
+    named = [n for n, _ in model.named_children() if n in HEAD_NAMES and (n != "lm_head" or lm_head_task)]
     found = new_module_names(model, keys) if keys is not None else _added_children(model)
     return outermost_modules(model, [*named, *found])

@@ -17,6 +17,11 @@ readers:
   (transformers' "model with an embedded adapter"), giving the trained model back. Without PEFT installed it warns
   about the adapter tensors it does not use and gives the base model (with any trained `modules_to_save`).
 
+A model class that replaces transformers' `load_adapter` with its own (the Wav2Vec2 family's, for MMS language
+adapters) would fail in `from_pretrained(folder)` on those files, so for it they go to `folder/adapter`
+(`ADAPTER_SUBFOLDER`), with a logged warning: `from_pretrained(folder)` gives the base model, and
+`lorafa.load_adapter(model, folder/"adapter")` or `PeftModel.from_pretrained(model, folder/"adapter")` the trained one.
+
 `save_pretrained(push_to_hub=True)` is refused (transformers uploads before the adapter files are written);
 `model.push_to_hub(repo)` saves through this method into a temporary folder first. A model pushed so records its
 base as the adapter's `base_model_name_or_path` (the local path or Hub id it was loaded from), which is where
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import os
 import shutil
 import tempfile
@@ -39,9 +45,15 @@ from torch import nn
 
 from lorafa.layer import LoRAFALinear
 
+logger = logging.getLogger(__name__)
+
+ADAPTER_SUBFOLDER = "adapter"
+"""Where the PEFT files go for a model class with its own `load_adapter` (Wav2Vec2 family): see `_has_own_load_adapter`."""
+
 
 def _adapted_layers(model: nn.Module) -> dict[str, LoRAFALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRAFALinear)}
+    # remove_duplicate=False: a layer registered under two names has its state under both
+    return {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LoRAFALinear)}
 
 
 def plain_names(state: dict[str, torch.Tensor], layers: dict[str, LoRAFALinear]) -> dict[str, torch.Tensor]:
@@ -99,36 +111,56 @@ class AdapterSavePretrained:
             if main and (Path(save_directory) / LORAFA_NAME).is_file():
                 for name in (LORAFA_NAME, CONFIG_NAME, WEIGHTS_NAME):
                     (Path(save_directory) / name).unlink(missing_ok=True)
+            if main and (Path(save_directory) / ADAPTER_SUBFOLDER / LORAFA_NAME).is_file():
+                shutil.rmtree(Path(save_directory) / ADAPTER_SUBFOLDER)
             return result
-        merged = {name: layer for name, layer in layers.items() if layer.merged}
-        for layer in merged.values():
-            layer.unmerge()  # the base weights are saved as the base model had them
-        try:
-            state = kwargs.pop("state_dict", None)
-            if state is None:
-                state = model.state_dict()
-            elif merged:
-                # A caller's copy (e.g. gathered under ZeRO-3) still holds W + s·B·A: take the unmerged live weights.
-                state = dict(state)
-                for name, layer in merged.items():
-                    for local, tensor in layer.base_layer.state_dict().items():
-                        if f"{name}.base_layer.{local}" in state:
-                            state[f"{name}.base_layer.{local}"] = tensor
-            kwargs["state_dict"] = plain_names(state, layers)
-            result = plain_save(model, save_directory, **kwargs)
-            if main:
-                out = Path(save_directory)
-                tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out))
-                try:
-                    save_adapter(model, tmp / "adapter")
-                    for f in (tmp / "adapter").iterdir():
-                        os.replace(f, out / f.name)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            for layer in merged.values():
-                layer.merge()
+        state = kwargs.pop("state_dict", None)
+        if state is None:
+            state = model.state_dict()  # base weights unmerged, whatever the merge state (LoRAFALinear's hook)
+        else:
+            # A caller's copy may hold W + s·B·A (e.g. gathered under ZeRO-3, past the layers' state-dict hook):
+            # take each merged layer's unmerged tensors.
+            state = dict(state)
+            for name, layer in layers.items():
+                if layer.merged:
+                    for local, tensor in layer.state_dict().items():
+                        if f"{name}.{local}" in state:
+                            state[f"{name}.{local}"] = tensor
+        kwargs["state_dict"] = plain_names(state, layers)
+        result = plain_save(model, save_directory, **kwargs)
+        if main and _has_own_load_adapter(model):
+            sub = Path(save_directory) / ADAPTER_SUBFOLDER
+            save_adapter(model, sub)
+            if (Path(save_directory) / LORAFA_NAME).is_file():  # an earlier save's files, which would fail to load
+                for name in (LORAFA_NAME, CONFIG_NAME, WEIGHTS_NAME):
+                    (Path(save_directory) / name).unlink(missing_ok=True)
+            logger.warning(
+                "%s overrides transformers' load_adapter (for its own adapters), so from_pretrained could not read "
+                "PEFT files in %s: the LoRA-FA adapter is in %s; load it with lorafa.load_adapter(model, %r) or "
+                "PeftModel.from_pretrained(model, %r) on the model from_pretrained gives",
+                type(model).__name__, save_directory, sub, str(sub), str(sub),
+            )  # fmt: skip
+        elif main:
+            out = Path(save_directory)
+            tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out))
+            try:
+                save_adapter(model, tmp / "adapter")
+                for f in (tmp / "adapter").iterdir():
+                    os.replace(f, out / f.name)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return result
+
+
+def _has_own_load_adapter(model: nn.Module) -> bool:
+    """Whether the model's class replaces transformers' PEFT `load_adapter` (Wav2Vec2's loads MMS language
+    adapters), which `from_pretrained` calls when the folder holds adapter_config.json, and which then fails."""
+    try:
+        from transformers.integrations.peft import PeftAdapterMixin
+    except ImportError:  # pragma: no cover - transformers without its PEFT integration
+        return False
+    own = getattr(type(model), "load_adapter", None)
+    return own is not None and own is not PeftAdapterMixin.load_adapter
 
 
 def install(model: nn.Module) -> None:

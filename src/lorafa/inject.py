@@ -122,13 +122,17 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
     heads = _output_head_names(model)
     saved = _resolve_modules_to_save(model, cfg.modules_to_save or [])
     experts = _num_experts(model)
+    mha = _mha_projections(model)
     names: list[str] = []
-    passed: dict[str, list[str]] = {"router": [], "narrow": []}
+    passed: dict[str, list[str]] = {"router": [], "narrow": [], "mha": []}
     for name, module in model.named_modules():
         if not name or _name_matches(name, cfg.exclude_modules):
             continue
         if _within(name, saved):
             continue  # a module trained fully (modules_to_save) is not adapted
+        if tm == "all-linear" and name in mha:
+            passed["mha"].append(name)
+            continue
         if tm == "all-linear":
             hit = _is_linear(module) and name not in heads
             reason = _left_alone(name, module, cfg.r, experts) if hit else None
@@ -141,6 +145,11 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
             hit = _name_matches(name, tm)
         if not hit:
             continue
+        if name in mha:
+            raise ValueError(
+                f"target module {name!r} is a projection of an nn.MultiheadAttention, whose forward reads its weight "
+                "and bias directly (an adapter there would be bypassed); leave it out of target_modules"
+            )
         if isinstance(module, LoRAFALinear):
             raise ValueError(f"module {name!r} already has a LoRA-FA adapter: add_lorafa was applied twice")
         if not _is_linear(module):
@@ -153,6 +162,12 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
         warnings.warn(
             f"target_modules=all-linear: not adapting {len(passed['router'])} MoE router or gate layers (an output "
             f"per expert, or a single output), e.g. {passed['router'][:3]}; name them in target_modules to adapt them",
+            stacklevel=3,
+        )
+    if passed["mha"]:
+        warnings.warn(
+            f"target_modules=all-linear: not adapting {len(passed['mha'])} projections of nn.MultiheadAttention "
+            f"(its forward reads their weight and bias directly, bypassing an adapter), e.g. {passed['mha'][:3]}",
             stacklevel=3,
         )
     if passed["narrow"] and names:
@@ -176,6 +191,33 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
     return names
 
 
+def _mha_projections(model: nn.Module) -> set[str]:
+    """Names of the linear children of every nn.MultiheadAttention: torch's forward hands out_proj.weight and .bias
+    to F.multi_head_attention_forward instead of calling out_proj, so an adapter there is bypassed (and crashes)."""
+    return {
+        f"{name}.{child_name}" if name else child_name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for child_name, child in module.named_children()
+        if _is_linear(child)
+    }
+
+
+def _warn_fast_path(model: nn.Module, names: list[str]) -> None:
+    """Warn when an adapted layer belongs to an nn.TransformerEncoderLayer: in eval mode torch's fast path reads
+    linear1/linear2's weight and bias directly (and fails on an adapted layer, which has no bias of its own)."""
+    inside = [
+        n for n in names if isinstance(model.get_submodule(n.rpartition(".")[0]), nn.TransformerEncoderLayer)
+    ]
+    if inside:
+        warnings.warn(
+            f"adapting {inside[:3]} inside nn.TransformerEncoderLayer: torch's fast path for eval mode reads their "
+            "weight and bias directly, bypassing the adapter; call torch.backends.mha.set_fastpath_enabled(False) "
+            "before evaluating",
+            stacklevel=3,
+        )
+
+
 def _num_experts(model: nn.Module) -> int | None:
     """The number of routed experts of a mixture-of-experts config, or None."""
     config: Any = getattr(model, "config", None)
@@ -197,10 +239,43 @@ def _left_alone(name: str, module: nn.Module, r: int, experts: int | None) -> st
     return "narrow" if min(d_out, d_in) < r else None
 
 
+def _weight_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """id(parameter) → (full name, owning module) for every registration of it, tied copies and aliases included."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for local, p in module._parameters.items():
+            if p is not None:
+                name = f"{module_name}.{local}" if module_name else local
+                owners.setdefault(id(p), []).append((name, module))
+    return owners
+
+
+def _tied_names(owners: dict[int, list[tuple[str, nn.Module]]], base: nn.Module) -> list[str]:
+    """Names under which other modules than `base` register `base`'s weight (a tied output embedding's input
+    embedding); the same module under two names is not a tie."""
+    weight = base._parameters.get("weight")
+    return [] if weight is None else [n for n, owner in owners.get(id(weight), []) if owner is not base]
+
+
+def _mark_tied(model: nn.Module, layers: list[tuple[str, LoRAFALinear]]) -> None:
+    """Record each layer's tied names as the model has them now (ties may be made after add_lorafa)."""
+    owners = _weight_owners(model)
+    for _, layer in layers:
+        layer.tied_to = tuple(_tied_names(owners, layer.base_layer))
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` under every name `old` has (a module registered twice, `self.b = self.a`, is called through both
+    names; replacing one name only would let calls through the other bypass the adapter)."""
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
+    for name in names:
+        _set_submodule(model, name, new)
 
 
 def _resolve_modules_to_save(model: nn.Module, keys: list[str]) -> list[str]:
@@ -233,10 +308,19 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
     saved = _resolve_modules_to_save(model, cfg.modules_to_save or [])
     _check_new_modules_saved(model, names, saved)
     _warn_frozen_head(model, saved)
+    _warn_fast_path(model, names)
+    owners = _weight_owners(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
+        tied = _tied_names(owners, base)
+        if tied:
+            warnings.warn(
+                f"{name}.weight is tied to {tied}: its adapter trains and saves as usual, but merge_lorafa will "
+                "refuse this layer (merging would change the tied weights too)",
+                stacklevel=2,
+            )
         layer = LoRAFALinear(
             base,
             r=cfg.r,
@@ -249,10 +333,12 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
             projection=cfg.projection,
             name=name,
         )
+        layer.tied_to = tuple(tied)
         layer.train(base.training)  # a new module defaults to training mode; keep the model's mode
-        _set_submodule(model, name, layer)
+        _replace_module(model, base, layer)
     if cfg.share_a:
         _share_a(model)
+    _untie_saved(model, saved, owners)
     for name in saved:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
@@ -260,6 +346,26 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
     model.lorafa_modules_to_save = saved  # type: ignore[assignment]
     hf_save.install(model)
     return model
+
+
+def _untie_saved(model: nn.Module, saved: list[str], owners: dict[int, list[tuple[str, nn.Module]]]) -> None:
+    """Give each modules_to_save module its own copy of the parameters it shares with modules outside it.
+
+    GPT-2's lm_head shares its weight with the input embedding: training it in place would train the embedding
+    too, and loading a saved lm_head would overwrite it. PEFT trains a copy of the module (ModulesToSaveWrapper)
+    and leaves the original, so does lorafa, and the same adapter gives the same model in both.
+    """
+    copies: dict[int, nn.Parameter] = {}
+    for name in saved:
+        root = model.get_submodule(name)
+        inside = {id(m) for m in root.modules()}
+        for module in root.modules():
+            for local, p in list(module._parameters.items()):
+                if p is None or all(id(owner) in inside for _, owner in owners.get(id(p), [])):
+                    continue
+                if id(p) not in copies:
+                    copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                setattr(module, local, copies[id(p)])
 
 
 def _check_new_modules_saved(model: nn.Module, targets: list[str], saved: list[str]) -> None:
@@ -276,11 +382,24 @@ def _check_new_modules_saved(model: nn.Module, targets: list[str], saved: list[s
         )
 
 
+# Model classes that add a head (random unless the checkpoint was fine-tuned for the task) to a backbone.
 _TASK_CLASSES = (
     "ForSequenceClassification",
     "ForTokenClassification",
     "ForQuestionAnswering",
     "ForMultipleChoice",
+    "ForImageClassification",
+    "ForImageClassificationWithTeacher",
+    "ForVideoClassification",
+    "ForAudioClassification",
+    "ForAudioFrameClassification",
+    "ForXVector",
+    "ForCTC",
+    "ForSemanticSegmentation",
+    "ForUniversalSegmentation",
+    "ForInstanceSegmentation",
+    "ForObjectDetection",
+    "ForDepthEstimation",
 )
 
 
@@ -334,9 +453,22 @@ def _require_adapters(model: nn.Module) -> list[tuple[str, LoRAFALinear]]:
     return layers
 
 
+def _mergeable_adapters(model: nn.Module) -> list[tuple[str, LoRAFALinear]]:
+    """The model's adapted layers, after checking that every one can merge (so none is merged when one cannot)."""
+    layers = _require_adapters(model)
+    _mark_tied(model, layers)
+    for _, layer in layers:
+        layer.check_mergeable()
+    return layers
+
+
 def merge_lorafa(model: nn.Module) -> nn.Module:
-    """Fold s·B·A into every adapted base weight (idempotent); the adapters stay attached for unmerge."""
-    for _, layer in _require_adapters(model):
+    """Fold s·B·A into every adapted base weight (idempotent); the adapters stay attached for unmerge.
+
+    Raises:
+        ValueError: a layer's base weight is tied to another module's (merging would change that module too).
+    """
+    for _, layer in _mergeable_adapters(model):
         layer.merge()
     return model
 
@@ -352,13 +484,16 @@ def remove_lorafa(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the base layers back, merged with their adapters when `merge` (a plain model to `save_pretrained`).
 
     Parameters' requires_grad flags are left as they are (all frozen after add_lorafa).
+
+    Raises:
+        ValueError: `merge` and a layer that cannot merge (`merge_lorafa`); the model is left unchanged.
     """
-    for name, layer in _require_adapters(model):
+    for _, layer in _mergeable_adapters(model) if merge else _require_adapters(model):
         if merge:
             layer.merge()
         else:
             layer.unmerge()
-        _set_submodule(model, name, layer.base_layer)
+        _replace_module(model, layer, layer.base_layer)
     for attr in ("lorafa_config", "lorafa_modules_to_save"):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lorafa.autograd import SharedProjection, lorafa_linear
 from lorafa.projection import projection_matrix
@@ -47,6 +48,25 @@ def _base_layer_under_plain_names(module: nn.Module, state_dict: dict[str, Any],
             state_dict[nested] = state_dict.pop(plain)
     if f"{prefix}lora_A.weight" in state_dict:
         cast(Any, module).a_pending = False  # A comes from the state dict (e.g. Trainer's resume), as load_adapter sets it
+    layer = cast("LoRAFALinear", module)
+    weight = f"{prefix}base_layer.weight"
+    if layer.merged and weight in state_dict:
+        # State dicts hold the unmerged W (`_unmerged_base_weight`); a merged layer holds W + s·B·A.
+        w = state_dict[weight]
+        a = state_dict.get(f"{prefix}lora_A.weight", layer.lora_A.weight).to(w.device, layer.lora_A.weight.dtype)
+        b = state_dict.get(f"{prefix}lora_B.weight", layer.lora_B.weight).to(w.device, layer.lora_B.weight.dtype)
+        delta = ((b @ a) * layer.scaling).to(w.dtype)
+        state_dict[weight] = w + (delta.t() if layer.fan_in_fan_out else delta)
+
+
+def _unmerged_base_weight(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """State-dict post-hook: a merged layer's base weight goes out as W, as the base model had it, so a state dict
+    reads the same merged or not and loading it into an unmerged model does not add s·B·A twice (PEFT's keys are
+    unchanged). `state_dict(keep_vars=True)` asks for the live parameters, which hold W + s·B·A: left as they are."""
+    layer = cast("LoRAFALinear", module)
+    key = f"{prefix}base_layer.weight"
+    if layer.merged and key in state_dict and not isinstance(state_dict[key], nn.Parameter):
+        state_dict[key] = layer.unmerged_weight()
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -169,9 +189,14 @@ class LoRAFALinear(nn.Module):
         self._proj: Tensor | None = None
         self.share_group: str | None = None
         """Set by `add_lorafa(share_a=True)`: layers with the same group hold equal A's and share u per input."""
+        self.layer_name = name
+        self.tied_to: tuple[str, ...] = ()
+        """Other names of the base weight (e.g. the input embedding a tied lm_head shares), kept current by
+        `lorafa.inject`: merge refuses, as adding s·B·A to a shared tensor changes every module that reads it."""
         self.a_pending = init_lora_weights in DATA_INITS
         """A waits for `lorafa.init_a_from_gradients` (or `load_adapter`); training forward passes refuse to run."""
         self.register_load_state_dict_pre_hook(_base_layer_under_plain_names)
+        self.register_state_dict_post_hook(_unmerged_base_weight)
 
     @property
     def in_features(self) -> int:
@@ -186,10 +211,13 @@ class LoRAFALinear(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             if name == "bias":
+                layer = self.__dict__.get("layer_name") or "this layer"
                 raise AttributeError(
-                    f"{type(self).__name__} has no attribute 'bias': code that reads an adapted layer's weight and "
-                    "bias directly (e.g. a fused Mamba scan) would bypass its adapter; leave that layer out of "
-                    "target_modules (or add it to exclude_modules)"
+                    f"{type(self).__name__} {layer!r} has no attribute 'bias': code that reads an adapted layer's "
+                    "weight and bias directly (e.g. a fused Mamba scan) would bypass its adapter; leave that layer "
+                    "out of target_modules (or add it to exclude_modules); for nn.TransformerEncoderLayer's "
+                    "linear1/linear2, whose eval-mode fast path does this, call "
+                    "torch.backends.mha.set_fastpath_enabled(False) instead"
                 ) from None
             raise
 
@@ -220,14 +248,40 @@ class LoRAFALinear(nn.Module):
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
         return delta.to(_weight(self.base_layer).dtype)
 
+    def check_mergeable(self) -> None:
+        """Raise ValueError if folding s·B·A into the base weight would not give this layer's output alone."""
+        if self.tied_to:
+            raise ValueError(
+                f"cannot merge the adapter of {self.layer_name or 'this layer'!r}: its base weight is also "
+                f"{list(self.tied_to)} (tied weights), which merging would change too; use the model unmerged "
+                "(it trains, saves and loads as usual) or leave this layer out of target_modules"
+            )
+        if parametrize.is_parametrized(self.base_layer, "weight"):
+            # The weight is recomputed from its parametrization's originals on every access: an addition is lost.
+            raise ValueError(
+                f"cannot merge the adapter of {self.layer_name or 'this layer'!r}: its base weight is computed by a "
+                "parametrization (e.g. weight_norm, spectral_norm), which would drop s·B·A; use the model unmerged "
+                "or call torch.nn.utils.parametrize.remove_parametrizations(layer.base_layer, 'weight') first"
+            )
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold s·B·A into the base weight. Idempotent."""
         if self.merged:
             return
+        self.check_mergeable()
         delta = self.delta_weight()
         _weight(self.base_layer).add_(delta.t() if self.fan_in_fan_out else delta)
         self.merged = True
+
+    @torch.no_grad()
+    def unmerged_weight(self) -> Tensor:
+        """The base layer's weight without s·B·A, as stored (a new tensor when merged)."""
+        w = _weight(self.base_layer).detach()
+        if not self.merged:
+            return w
+        delta = self.delta_weight()
+        return w - (delta.t() if self.fan_in_fan_out else delta)
 
     @torch.no_grad()
     def unmerge(self) -> None:
