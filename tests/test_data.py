@@ -1338,3 +1338,9 @@ def test_sft_rows_without_an_answer_are_dropped_before_the_eval_split(tmp_path, 
     path = _jsonl(tmp_path / "c.jsonl", rows)
     data = build_datasets(cfg(tmp_path, path, eval_split=0.1, seed=seed), make_tokenizer(bert_like=False), "sft")
     assert len(data.train) + len(data.eval) == 9 and len(data.eval) == 1
+
+
+def test_a_file_read_as_one_column_asks_about_its_separator(tmp_path, bert_tok):
+    (tmp_path / "semi.csv").write_text("text;label\ngood movie;pos\nbad plot;neg\n")
+    with pytest.raises(ValueError, match="one column named 'text;label': is it separated by something else"):
+        build_datasets(cfg(tmp_path, tmp_path / "semi.csv"), bert_tok, "classification")

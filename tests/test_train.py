@@ -159,6 +159,9 @@ def test_metrics_equal_their_definitions(seed):
     fp, fn = np.sum((pb == 1) & (yb == 0)), np.sum((pb == 0) & (yb == 1))
     mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     assert metrics.matthews_corrcoef(pb, yb) == pytest.approx(mcc)
+    assert metrics.f1(pb, yb) == pytest.approx(2 * tp / (2 * tp + fp + fn))  # the positive class, id 1
+    binary = metrics.classification_metrics(pb, yb, num_classes=2)
+    assert binary["eval_f1_class1"] == metrics.f1(pb, yb) and "eval_f1_class1" not in metrics.classification_metrics(p, y, 3)
     # Multi-class MCC equals the correlation of one-hot indicator matrices (Gorodkin's definition).
     onehot_p, onehot_y = np.eye(3)[p], np.eye(3)[y]
     cov = lambda a, b: np.sum((a - a.mean(0)) * (b - b.mean(0)))  # noqa: E731
@@ -289,6 +292,11 @@ def test_resume_refuses_another_batch_size_seed_and_writes_a_repeatable_config(t
     train(_config(toys, resumed, "max_steps=4", "batch_size=4", "grad_accum=2", f"resume={checkpoint}"))
     # Its config.yaml repeats the run: it does not resume again.
     assert load_config(resumed / "config.yaml").resume is None
+
+
+def test_eval_every_without_eval_data_warns(toys, tmp_path, caplog):
+    train(_config(toys, tmp_path / "run", "data.eval_split=0", "eval_every=1", "max_steps=2"))
+    assert "there is no eval data" in caplog.text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="trains on the GPU where there is one")

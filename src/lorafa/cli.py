@@ -198,6 +198,7 @@ def summary(cfg: Any, metrics: dict[str, float]) -> str:
     names = {
         "eval_accuracy": ("accuracy", True),
         "eval_f1": ("macro-F1", True),
+        "eval_f1_class1": ("F1 of class 1", True),
         "eval_mcc": ("Matthews corr.", False),
         "eval_pearson": ("Pearson", False),
         "eval_spearman": ("Spearman", False),

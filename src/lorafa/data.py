@@ -488,6 +488,7 @@ def _required_columns(cfg: DataConfig, task: str, ds: Any) -> Columns:
 
 
 def _check_columns(ds: Any, columns: Columns, field: str) -> None:
+    """ValueError naming a missing column, the file's columns and what to set."""
     for role, value in columns.items():
         for column in [value] if isinstance(value, str) else value:
             if column not in ds.column_names:
@@ -499,6 +500,8 @@ def _check_columns(ds: Any, columns: Columns, field: str) -> None:
 
 def _column_hint(role: str, names: list[str]) -> str:
     """What to set when a column is missing, from the columns the file has."""
+    if len(names) == 1 and any(sep in names[0] for sep in (";", "\t", "|")):
+        return f"; the file has one column named {names[0]!r}: is it separated by something else than commas?"
     if role in ("prompt_column", "response_column"):
         if "chosen" in names:
             return "; preference data: set response_column: chosen (sft learns the chosen answer)"

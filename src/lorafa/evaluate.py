@@ -1,7 +1,7 @@
 """Evaluation, generation and merging of trained models: the library behind `lorafa eval / generate / merge`.
 
 `evaluate` computes a task's metrics on a tokenized dataset (classification: eval_loss, eval_accuracy, eval_f1
-(macro), eval_mcc; regression: eval_loss (MSE), eval_pearson, eval_spearman; sft/clm/seq2seq: eval_loss (mean
+(macro), eval_mcc, and with two classes eval_f1_class1; regression: eval_loss (MSE), eval_pearson, eval_spearman; sft/clm/seq2seq: eval_loss (mean
 over target tokens), eval_perplexity, and for seq2seq eval_exact_match of greedy generations on a sample).
 `load_trained` rebuilds a trained model from a run folder (config.yaml + adapter/) or a bare adapter folder.
 """
@@ -134,7 +134,7 @@ def evaluate(
     loss = loss_sum / max(weight, 1)
     metrics = {"eval_loss": loss, "eval_samples": float(len(dataset))}
     if task == "classification":
-        metrics.update(classification_metrics(predictions, labels))
+        metrics.update(classification_metrics(predictions, labels, getattr(model.config, "num_labels", None)))
     elif task == "regression":
         metrics.update(regression_metrics(predictions, labels))
     else:

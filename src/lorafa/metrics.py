@@ -1,4 +1,5 @@
-"""Evaluation metrics of the paper's tasks in plain numpy: accuracy, macro-F1, Matthews correlation, Pearson, Spearman.
+"""Evaluation metrics of the paper's tasks in plain numpy: accuracy, F1 (macro, and of one class), Matthews
+correlation, Pearson, Spearman.
 
 Definitions follow scikit-learn / scipy (GLUE reports the same ones): macro-F1 averages the per-class F1 over the
 classes present in labels or predictions; MCC is Gorodkin's multi-class generalisation, which equals the usual
@@ -21,16 +22,19 @@ def accuracy(predictions: ArrayLike, labels: ArrayLike) -> float:
     return float(np.mean(p == y))
 
 
-def macro_f1(predictions: ArrayLike, labels: ArrayLike) -> float:
-    """Unweighted mean over classes of F1 = 2·TP / (2·TP + FP + FN)."""
+def f1(predictions: ArrayLike, labels: ArrayLike, positive: int = 1) -> float:
+    """F1 = 2·TP / (2·TP + FP + FN) of one class (GLUE's MRPC and QQP report it for class 1); 0.0 when the class
+    occurs in neither."""
     p, y = _pair(predictions, labels)
-    scores = []
-    for c in np.union1d(p, y):
-        tp = np.sum((p == c) & (y == c))
-        fp = np.sum((p == c) & (y != c))
-        fn = np.sum((p != c) & (y == c))
-        scores.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores))
+    tp = np.sum((p == positive) & (y == positive))
+    wrong = np.sum((p == positive) != (y == positive))  # FP + FN
+    return float(2 * tp / (2 * tp + wrong)) if tp + wrong > 0 else 0.0
+
+
+def macro_f1(predictions: ArrayLike, labels: ArrayLike) -> float:
+    """Unweighted mean of the per-class F1 over the classes present in labels or predictions."""
+    p, y = _pair(predictions, labels)
+    return float(np.mean([f1(p, y, c) for c in np.union1d(p, y)]))
 
 
 def matthews_corrcoef(predictions: ArrayLike, labels: ArrayLike) -> float:
@@ -88,13 +92,19 @@ def _pair(
     return p, y
 
 
-def classification_metrics(predictions: ArrayLike, labels: ArrayLike) -> dict[str, float]:
-    """eval_accuracy, eval_f1 (macro) and eval_mcc."""
-    return {
+def classification_metrics(
+    predictions: ArrayLike, labels: ArrayLike, num_classes: int | None = None
+) -> dict[str, float]:
+    """eval_accuracy, eval_f1 (macro) and eval_mcc; with two classes also eval_f1_class1, the F1 of class id 1
+    (the "F1" GLUE reports for MRPC and QQP)."""
+    metrics = {
         "eval_accuracy": accuracy(predictions, labels),
         "eval_f1": macro_f1(predictions, labels),
         "eval_mcc": matthews_corrcoef(predictions, labels),
     }
+    if num_classes == 2:
+        metrics["eval_f1_class1"] = f1(predictions, labels, 1)
+    return metrics
 
 
 def regression_metrics(predictions: ArrayLike, labels: ArrayLike) -> dict[str, float]:

@@ -103,6 +103,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     )
     check_token_ids(model, [data.train, data.eval], tokenizer)
     check_positions(model, [data.train, data.eval], cfg.task)
+    if data.eval is None and cfg.eval_every > 0:
+        logger.warning("eval_every=%d: there is no eval data (no eval_file, eval_split 0), so nothing is "
+                       "evaluated", cfg.eval_every)  # fmt: skip
     model = prepare_model(
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
     )
