@@ -1016,8 +1016,11 @@ def test_collator_pads_with_unk_without_pad_and_eos_tokens():
     # Padding is masked, so a tokenizer without pad and EOS tokens pads with UNK.
     tok = make_tokenizer(bert_like=False, pad=False, eos=False)
     batch = make_collator("clm", tok)(
-        [{"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [5, 6]}, {"input_ids": [5], "attention_mask": [1], "labels": [5]}]
-    )  # fmt: skip
+        [
+            {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [5, 6]},
+            {"input_ids": [5], "attention_mask": [1], "labels": [5]},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[5, 6], [5, VOCAB["[UNK]"]]]
     assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]] and batch["labels"][1, 1] == IGNORE_INDEX
     with pytest.raises(ValueError, match="task"):

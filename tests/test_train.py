@@ -161,7 +161,8 @@ def test_metrics_equal_their_definitions(seed):
     assert metrics.matthews_corrcoef(pb, yb) == pytest.approx(mcc)
     assert metrics.f1(pb, yb) == pytest.approx(2 * tp / (2 * tp + fp + fn))  # the positive class, id 1
     binary = metrics.classification_metrics(pb, yb, num_classes=2)
-    assert binary["eval_f1_class1"] == metrics.f1(pb, yb) and "eval_f1_class1" not in metrics.classification_metrics(p, y, 3)
+    assert binary["eval_f1_class1"] == metrics.f1(pb, yb)
+    assert "eval_f1_class1" not in metrics.classification_metrics(p, y, 3)
     # Multi-class MCC equals the correlation of one-hot indicator matrices (Gorodkin's definition).
     onehot_p, onehot_y = np.eye(3)[p], np.eye(3)[y]
     cov = lambda a, b: np.sum((a - a.mean(0)) * (b - b.mean(0)))  # noqa: E731

@@ -1,8 +1,9 @@
 """Evaluation, generation and merging of trained models: the library behind `lorafa eval / generate / merge`.
 
 `evaluate` computes a task's metrics on a tokenized dataset (classification: eval_loss, eval_accuracy, eval_f1
-(macro), eval_mcc, and with two classes eval_f1_class1; regression: eval_loss (MSE), eval_pearson, eval_spearman; sft/clm/seq2seq: eval_loss (mean
-over target tokens), eval_perplexity, and for seq2seq eval_exact_match of greedy generations on a sample).
+(macro), eval_mcc, and with two classes eval_f1_class1; regression: eval_loss (MSE), eval_pearson, eval_spearman;
+sft/clm/seq2seq: eval_loss (mean over target tokens), eval_perplexity, and for seq2seq eval_exact_match of greedy
+generations on a sample).
 `load_trained` rebuilds a trained model from a run folder (config.yaml + adapter/) or a bare adapter folder.
 """
 

@@ -48,7 +48,8 @@ from lorafa.layer import LoRAFALinear
 logger = logging.getLogger(__name__)
 
 ADAPTER_SUBFOLDER = "adapter"
-"""Where the PEFT files go for a model class with its own `load_adapter` (Wav2Vec2 family): see `_has_own_load_adapter`."""
+"""Where the PEFT files go for a model class with its own `load_adapter` (Wav2Vec2 family): see
+`_has_own_load_adapter`."""
 
 
 def _adapted_layers(model: nn.Module) -> dict[str, LoRAFALinear]:

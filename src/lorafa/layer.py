@@ -47,7 +47,8 @@ def _base_layer_under_plain_names(module: nn.Module, state_dict: dict[str, Any],
         if plain in state_dict and nested not in state_dict:
             state_dict[nested] = state_dict.pop(plain)
     if f"{prefix}lora_A.weight" in state_dict:
-        cast(Any, module).a_pending = False  # A comes from the state dict (e.g. Trainer's resume), as load_adapter sets it
+        # A comes from the state dict (e.g. Trainer's resume), as load_adapter sets it
+        cast(Any, module).a_pending = False
     layer = cast("LoRAFALinear", module)
     weight = f"{prefix}base_layer.weight"
     if layer.merged and weight in state_dict:

@@ -289,9 +289,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             log.write({"step": state.step, **run_eval()})
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             folder = out / "checkpoints" / f"checkpoint-{state.step}"
+            extra = {"total_steps": total_steps, "config": cfg.to_dict(), "processes": world}
             save_checkpoint(
                 folder, model, cfg.method == "full", optimizer, scheduler, state, rank, main,
-                accelerator.wait_for_everyone, extra={"total_steps": total_steps, "config": cfg.to_dict(), "processes": world},
+                accelerator.wait_for_everyone, extra=extra,
             )  # fmt: skip
             if main:
                 prune_checkpoints(out, cfg.keep_checkpoints)
@@ -526,8 +527,8 @@ def target_counts(batches: list[dict[str, torch.Tensor]], task: str) -> list[int
 
 def check_resumable(cfg: TrainConfig, checkpoint: Path, processes: int = 1) -> None:
     """Refuse to resume a checkpoint of another model, task, method, adapter or data, or with another batch_size,
-    group_by_length, seed or number of processes (the data position is counted in per-process batches of a seeded order, so those
-    would repeat or skip examples); the rest (lr, schedule, steps, grad_accum, ...) may change.
+    group_by_length, seed or number of processes (the data position is counted in per-process batches of a
+    seeded order, so those would repeat or skip examples); the rest (lr, schedule, steps, grad_accum, ...) may change.
 
     Local paths compare as absolute paths (`runs/x/` and `./runs/x` are one folder)."""
     _, raw = read_state(checkpoint)
