@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,12 @@ def tiny_config(family: str, attention: str, attention_dropout: float | None = N
         return dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                     attention_dropout=p if attention_dropout is not None else 0.0)  # fmt: skip
+    if family in ("phi3", "gpt_neox"):  # partial rotary: q and k are concatenated, head-major
+        sizes = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=64)  # fmt: skip
+        if family == "phi3":
+            return dict(model_type="phi3", num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=0, **sizes)
+        return dict(model_type="gpt_neox", rotary_pct=0.5, attention_dropout=0.0, hidden_dropout=0.0, **sizes)
     if family == "roberta":
         return dict(model_type="roberta", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                     num_attention_heads=4, max_position_embeddings=72, attention_probs_dropout_prob=p)  # fmt: skip
@@ -66,6 +73,8 @@ def tiny_config(family: str, attention: str, attention_dropout: float | None = N
 
 _AUTO = {
     "llama": AutoModelForCausalLM,
+    "phi3": AutoModelForCausalLM,
+    "gpt_neox": AutoModelForCausalLM,
     "roberta": AutoModelForSequenceClassification,
     "t5": AutoModelForSeq2SeqLM,
 }
@@ -198,6 +207,13 @@ def test_planner_equals_a_real_cpu_step(tmp_path, family, attention):
     )
 
 
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox"])
+def test_planner_follows_the_layout_of_a_head_major_q(tmp_path, family):
+    # Their q is a new head-major tensor (partial rotary concatenates), so the attention output is head-major too
+    # and the transpose before the output projection copies: that copy is what the projection keeps.
+    compare_methods(tmp_path, family, "sdpa-flash", ["full", "peft-lora"])
+
+
 @pytest.mark.parametrize("attention", ["sdpa-flash", "eager"])
 @pytest.mark.parametrize("family", ["llama", "roberta", "t5"])
 def test_planner_equals_a_real_cpu_step_lorafa_methods(tmp_path, family, attention):
@@ -328,8 +344,12 @@ def test_planner_batch_search_is_exact_at_its_edge(tmp_path, method):
     assert nothing["methods"][0]["max_batch_size"] == 0
 
 
-def test_planner_seq_search_is_exact_at_its_edge(tmp_path):
-    kw = dict(methods=["full"], checkpointing="off", attention="eager")
+@pytest.mark.parametrize("checkpointing", ["off", "on"])
+def test_planner_seq_search_is_exact_at_its_edge(tmp_path, checkpointing):
+    # With checkpointing the search measures checkpointed and plain models in turn: turning checkpointing off must
+    # leave nothing behind (transformers' input-grad hook made later plain measurements keep more).
+    # (lora-fa: under full fine-tuning the embedding output requires grad anyway.)
+    kw = dict(methods=["lora-fa"], checkpointing=checkpointing, attention="eager")
     total_20 = plan(tmp_path, "llama", **kw, seq_len=20)["methods"][0]["total"]
     found = plan(tmp_path, "llama", **kw, gpu_memory=f"{total_20}B", search="seq")["methods"][0][
         "max_seq_len"
@@ -391,6 +411,17 @@ def test_unreadable_configs_raise(tmp_path):
     (tmp_path / "alien.json").write_text(json.dumps({"model_type": "not-a-model"}))
     with pytest.raises(ValueError, match="unsupported model_type"):
         run_planner(PlannerArgs(config=str(tmp_path / "alien.json")))
+    (tmp_path / "odd.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 5}))
+    with pytest.raises(ValueError, match="--config: llama config rejected"):
+        run_planner(PlannerArgs(config=str(tmp_path / "odd.json")))
+
+
+def test_a_config_without_its_sizes_says_it_plans_defaults(tmp_path, caplog):
+    from lorafa.planner_models import load_config
+
+    (tmp_path / "bare.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 128}))
+    load_config(PlannerArgs(config=str(tmp_path / "bare.json")))
+    assert "sets no hidden_size, num_hidden_layers, num_attention_heads" in caplog.text
 
 
 def test_dtype_names():
@@ -425,6 +456,22 @@ def test_cli_table_json_and_plot(tmp_path, capsys):
     assert table.startswith(str(path)) and "peft-lora" in table and "activations" in table
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert format_table(report).count("\n") > 4
+    # A chart that cannot be written: one line, exit 2, and the earlier chart kept whole.
+    before = png.read_bytes()
+    (tmp_path / "dir.png").mkdir()
+    assert main([*common, "--checkpointing", "off", "--plot", str(tmp_path / "dir.png")]) == 2
+    assert "cannot write the chart" in capsys.readouterr().err
+
+    def broken(self, path, **kw):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError("disk full")
+
+    import matplotlib.figure
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matplotlib.figure.Figure, "savefig", broken)
+        assert main([*common, "--checkpointing", "off", "--plot", str(png)]) == 2
+    assert png.read_bytes() == before
 
 
 def test_cli_errors_exit_2_with_a_message(capsys, monkeypatch):

@@ -205,7 +205,9 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call write(tmp) on a temporary name next to `path`, then rename it into place (a failed write leaves an
+    earlier file as it was)."""
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     write(tmp)
     tmp.replace(path)
@@ -222,14 +224,14 @@ def write_report(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path
         if not has_chart[0]:
             tmp.write_bytes(b"")
 
-    _atomic_write(png, chart)
+    atomic_write(png, chart)
     if not has_chart[0]:
         png.unlink()
     md = out_dir / "BENCHMARKS.md"
     text = render_report(rows, meta, png.name if has_chart[0] else None)
-    _atomic_write(md, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(md, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     payload = {"meta": meta, "rows": rows}
-    _atomic_write(out_dir / "benchmarks.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
+    atomic_write(out_dir / "benchmarks.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
     return md
 
 

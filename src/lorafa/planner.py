@@ -228,7 +228,11 @@ def memory_main(ns: argparse.Namespace) -> int:
         return 2
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     if args.plot:
-        plot_report(report, args.plot)
+        try:
+            plot_report(report, args.plot)
+        except OSError as e:
+            print(f"lorafa memory: error: cannot write the chart {args.plot}: {one_line(e)}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -33,9 +33,14 @@ class _SimulatedFlashAttention(torch.autograd.Function):
         if q.device.type != "meta":
             raise RuntimeError("the simulated flash attention only models memory on the meta device")
         b, h, t, _ = q.shape
-        # The kernels write the output token-major (B, T, H, D) and return a (B, H, T, D) view of it, so the
-        # `transpose(1, 2).contiguous()` before o_proj makes no copy.
-        out = q.new_empty((b, t, h, v.shape[-1])).transpose(1, 2)  # (B, H, T, Dv)
+        # The kernels write the output in q's layout: for a token-major q (a (B, H, T, D) view of (B, T, H, D), as
+        # LLaMA's projections give) a view of (B, T, H, Dv), so the `transpose(1, 2).contiguous()` before o_proj
+        # makes no copy; for a head-major q (Phi-3's and GPT-NeoX's partial rotary concatenates) a (B, H, T, Dv)
+        # tensor, which that line copies and o_proj keeps.
+        if q.transpose(1, 2).is_contiguous():
+            out = q.new_empty((b, t, h, v.shape[-1])).transpose(1, 2)  # (B, H, T, Dv)
+        else:
+            out = q.new_empty((b, h, t, v.shape[-1]))  # (B, H, T, Dv)
         lse = q.new_empty((b, h, t), dtype=torch.float32)  # (B, H, T)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask)
         return out

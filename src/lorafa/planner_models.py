@@ -5,6 +5,7 @@ model) and activation checkpointing (`set_checkpointing`, `checkpointed_layers`)
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,20 @@ import torch
 from torch import nn
 
 from lorafa.config import LoRAFAConfig
+from lorafa.data import one_line
 from lorafa.inject import add_lorafa, classification_head_names, resolve_targets
 from lorafa.models import enable_activation_checkpointing
 from lorafa.planner_args import PRESETS, PlannerArgs, _alpha
+
+logger = logging.getLogger(__name__)
+
+# Size fields (any of each group's names) without which a config plans transformers' default model size.
+_SIZE_FIELDS = (
+    ("hidden_size", "d_model", "n_embd"),
+    ("num_hidden_layers", "num_layers", "n_layer"),
+    ("num_attention_heads", "num_heads", "n_head"),
+    ("vocab_size",),
+)
 
 __all__ = [
     "adapter_config",
@@ -56,10 +68,17 @@ def load_config(args: PlannerArgs) -> Any:
         if not isinstance(d, dict) or "model_type" not in d:
             raise ValueError(f"--config: {path} is not a transformers config (no 'model_type')")
     model_type = d.pop("model_type")
+    if args.preset is None:
+        missing = [names[0] for names in _SIZE_FIELDS if not any(n in d for n in names)]
+        if missing:
+            logger.warning("--config: %s sets no %s; transformers' defaults for %s are used", args.config,
+                           ", ".join(missing), model_type)  # fmt: skip
     try:
         return AutoConfig.for_model(model_type, **d)
     except (ValueError, KeyError) as e:
         raise ValueError(f"--config: unsupported model_type {model_type!r}: {e}") from e
+    except Exception as e:  # e.g. huggingface_hub's strict-dataclass validation of inconsistent sizes
+        raise ValueError(f"--config: {model_type} config rejected: {one_line(e)}") from e
 
 
 def resolve_task(config: Any, task: str) -> str:
@@ -151,10 +170,15 @@ def set_checkpointing(model: nn.Module, on: bool) -> None:
     hf: Any = _hf_model(model)
     if on:
         enable_activation_checkpointing(hf)
-    elif hasattr(hf, "activation_checkpointing_disable"):
-        hf.activation_checkpointing_disable()
     else:
-        hf.gradient_checkpointing_disable()
+        if hasattr(hf, "activation_checkpointing_disable"):
+            hf.activation_checkpointing_disable()
+        else:
+            hf.gradient_checkpointing_disable()
+        # Enabling registered enable_input_require_grads' hook, which disabling leaves (without PEFT): the
+        # embedding output would keep requiring grad and the first layer would keep more for backward.
+        if getattr(hf, "_require_grads_hook", None) is not None:
+            hf.disable_input_require_grads()
 
 
 def checkpointed_layers(model: nn.Module) -> list[str]:

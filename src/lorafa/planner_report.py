@@ -3,8 +3,10 @@ stacked-bar chart per method (`plot_report`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from lorafa.bench_report import atomic_write
 from lorafa.planner_args import format_bytes
 
 __all__ = ["format_table", "plot_report"]
@@ -98,5 +100,7 @@ def plot_report(report: dict[str, Any], path: str) -> None:
     )
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)
