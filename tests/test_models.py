@@ -293,6 +293,23 @@ def test_injection_errors():
         lorafa.merge_lorafa(tiny("llama"))
 
 
+def test_quantized_linear_layers_are_refused():
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear and hold packed weights once on the GPU; lorafa's
+    # layer multiplies by the base weight itself, so it must not take them for plain linears.
+    int8 = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    int8[0].weight = torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"target module '0' is a quantized layer .*torch.int8"):
+        lorafa.add_lorafa(int8, lorafa.LoRAFAConfig(r=2, target_modules=["0"]))
+
+    class Linear4bit(torch.nn.Linear):  # stands in for bitsandbytes.nn.Linear4bit (not installed here)
+        pass
+
+    Linear4bit.__module__ = "bitsandbytes.nn.modules"
+    bnb = torch.nn.Sequential(Linear4bit(8, 8), torch.nn.ReLU())
+    with pytest.raises(ValueError, match=r"quantized layer \(bitsandbytes.nn.modules.Linear4bit"):
+        lorafa.add_lorafa(bnb, lorafa.LoRAFAConfig(r=2, target_modules="all-linear"))
+
+
 def test_token_ids_outside_the_embedding_table_are_a_clear_error():
     from datasets import Dataset
 

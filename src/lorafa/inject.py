@@ -64,6 +64,18 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def _is_quantized(module: nn.Module) -> bool:
+    """A linear layer whose weight is not a plain floating-point tensor: bitsandbytes' Linear4bit / Linear8bitLt
+    (nn.Linear subclasses, quantized when moved to the GPU), or a weight held as a quantized tensor subclass
+    (torchao)."""
+    weight = getattr(module, "weight", None)
+    if type(module).__module__.split(".")[0] == "bitsandbytes":
+        return True
+    return isinstance(weight, torch.Tensor) and (
+        not weight.dtype.is_floating_point or type(weight) not in (nn.Parameter, torch.Tensor)
+    )
+
+
 def _within(name: str, roots: list[str]) -> bool:
     """Whether module `name` is one of `roots` or nested inside one."""
     return any(name == r or name.startswith(r + ".") for r in roots)
@@ -156,6 +168,13 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
             raise ValueError(
                 f"target module {name!r} is a {type(module).__name__}, not an nn.Linear or Conv1D; "
                 "name the linear layers inside it instead"
+            )
+        if _is_quantized(module):
+            raise ValueError(
+                f"target module {name!r} is a quantized layer ({type(module).__module__}.{type(module).__name__}, "
+                f"weight {type(module.weight).__name__} {module.weight.dtype}): lorafa's layer multiplies by the "
+                "base weight itself, so it adapts unquantized fp32/bf16/fp16 weights only; load the model without "
+                "quantization (e.g. dtype=torch.bfloat16)"
             )
         names.append(name)
     if passed["router"]:
