@@ -1,14 +1,15 @@
 """Instruction-tuning examples (task `sft`): conversations → token ids with only the assistant's turns learned.
 
-A training row is either a prompt/response pair or a whole conversation (`DataConfig.messages_column`): a list of
-messages `{"role": ..., "content": ...}` (ShareGPT's `{"from": "human" | "gpt", "value": ...}` and Gemini's role
-`model` are read too). With the tokenizer's chat template the conversation is rendered as the model expects and
-every assistant answer, with the template's end-of-turn marker, is learned; everything else (system prompt, user
-turns, turn headers) is masked. The learned character spans come from probing the template (`chat_spans`); a fast
-tokenizer then tokenizes the whole rendering once, as at inference, and learns the tokens that overlap a span
-(through its character offsets); a slow one finds the token edges by tokenizing the text up to each span edge. Without a template the pieces are
-`content + "\n"` for other roles and `content` + EOS for the assistant, after the tokenizer's BOS if it uses one,
-tokenized apart.
+A training row is a conversation: a list of messages `{"role": ..., "content": ...}` (ShareGPT's
+`{"from": "human" | "gpt", "value": ...}` and other role names are read too, see `conversation`), given whole
+(`DataConfig.messages_column`) or built by `lorafa.data` from a prompt/response row. With the tokenizer's chat
+template the conversation is rendered as the model expects and every assistant answer, with the template's
+end-of-turn marker, is learned; everything else (system prompt, user turns, turn headers) is masked. The learned
+character spans come from probing the template (`chat_spans`); a fast tokenizer then tokenizes the whole rendering
+once, as at inference, and learns the tokens that overlap a span (through its character offsets); a slow one finds
+the token edges by tokenizing the text up to each span edge. Without a template the pieces are `content + "\n"`
+for other roles and `content` + EOS for the assistant, after the tokenizer's BOS if it uses one, tokenized apart
+(`plain_prompt_ids` builds a prompt the same way for generation).
 """
 
 from __future__ import annotations
@@ -146,17 +147,17 @@ def chat_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple
         ):
             raise ValueError(
                 "use_chat_template: this tokenizer's chat template renders the prompt differently with and "
-                f"without the answer (assistant turn {i} of {short_repr(messages)}), so the prompt cannot be masked; "
-                "set use_chat_template: false"
+                f"without the answer (assistant turn {i} of {short_repr(messages)}), so the prompt cannot be "
+                "masked; set use_chat_template: false"
             )
         answer_end = len(turn) - len(tail)
         start = spans[-1][1] if spans else 0
         if not whole.startswith(turn[:answer_end]) or len(head) < start:
             raise ValueError(
                 "use_chat_template: this tokenizer's chat template renders earlier turns differently once later "
-                f"turns follow (assistant turn {i} of {short_repr(messages)}; e.g. it drops the reasoning of earlier "
-                "answers), so the answers cannot be cut out of the whole conversation; give one assistant turn per "
-                "row (the earlier turns as context), or set use_chat_template: false"
+                f"turns follow (assistant turn {i} of {short_repr(messages)}; e.g. it drops the reasoning of "
+                "earlier answers), so the answers cannot be cut out of the whole conversation; give one assistant "
+                "turn per row (the earlier turns as context), or set use_chat_template: false"
             )
         spans.append((len(head), answer_end + _shared_prefix(tail, whole[answer_end:], specials)))
     return whole, spans
