@@ -20,6 +20,7 @@ cache files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -310,21 +311,17 @@ def _read_csv(path: Path, tsv: bool, field: str, cache_dir: str | None) -> Any:
     In a TSV a quote is first read as an ordinary character (GLUE's files hold unpaired quotes); if that fails,
     or some cell then reads as a whole quoted field (quotes around it, inner quotes doubled), as pandas and Excel
     write TSVs, the file is read again with CSV quoting."""
-    base: dict[str, Any] = {"keep_default_na": False, "na_values": [""]}
+    base: dict[str, Any] = {"keep_default_na": False, "na_values": [""], **({"sep": "\t"} if tsv else {})}
+
+    def read(kwargs: dict[str, Any]) -> Any:
+        return _read("csv", path, field, cache_dir, {**kwargs, "features": _string_features(path, kwargs)})
+
     if tsv:
-        base["sep"] = "\t"
-    tries = [{**base, "quoting": csv.QUOTE_NONE}, base] if tsv else [base]
-    for k, kwargs in enumerate(tries):
-        last = k == len(tries) - 1
-        try:
-            ds = _read("csv", path, field, cache_dir, {**kwargs, "features": _string_features(path, kwargs)})
-        except ValueError:
-            if last:
-                raise
-            continue
-        if last or not _has_quoted_cells(ds):
-            return ds
-    raise AssertionError("unreachable")
+        with contextlib.suppress(ValueError):  # then read with quoting below, which reports the error
+            ds = read({**base, "quoting": csv.QUOTE_NONE})
+            if not _has_quoted_cells(ds):
+                return ds
+    return read(base)
 
 
 def _has_quoted_cells(ds: Any, rows: int = 1000) -> bool:
