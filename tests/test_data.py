@@ -797,7 +797,7 @@ def test_clm_blocks(tmp_path, gpt_tok):
     capped = build_datasets(cfg(tmp_path, path, block_size=4, max_train_samples=2), gpt_tok, "clm")
     assert len(capped.train) == 2 and all(b in blocks for b in capped.train["input_ids"])
     # A held-out split too short for one block names eval_split, not an eval_file that was never set.
-    with pytest.raises(ValueError, match=r"eval_split \(the 1 rows held out of train_file\): no examples left"):
+    with pytest.raises(ValueError, match=r"eval_split \(the rows held out of train_file\): no examples left"):
         build_datasets(cfg(tmp_path, path, block_size=8, eval_split=0.2), gpt_tok, "clm")
 
 

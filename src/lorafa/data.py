@@ -986,7 +986,7 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
     _check_room(cfg, tokenizer, task)
     train = _prepare(train, cfg, tokenizer, task, "train_file", cfg.max_train_samples)
     if eval_ds is not None:
-        field = f"eval_split (the {len(eval_ds)} rows held out of train_file)" if held_out else "eval_file"
+        field = "eval_split (the rows held out of train_file)" if held_out else "eval_file"
         eval_ds = _prepare(eval_ds, cfg, tokenizer, task, field, cfg.max_eval_samples)
     return PreparedData(train=train, eval=eval_ds, label_names=label_names, num_labels=num_labels)
 
