@@ -861,6 +861,21 @@ def test_sentence_pairs_are_separated_for_tokenizers_that_do_not_mark_pairs(tmp_
     assert data.train["input_ids"][0] == [*ids("good movie"), EOS, *ids("great film")]
 
 
+@pytest.mark.parametrize("max_length", [4, 6, 9])
+def test_pairs_joined_with_eos_are_cut_longest_first(tmp_path, gpt_tok, max_length):
+    # A long first text must not push the second out: the same cut as the tokenizer's own pair truncation.
+    first, second = "the movie was really not very good", "great film"
+    df = pd.DataFrame({"a": [first, "good"], "b": [second, "bad"], "y": ["pos", "neg"]})
+    columns = dict(text_column="a", text_pair_column="b", label_column="y", max_length=max_length)
+    data = build_datasets(cfg(tmp_path, write(df, tmp_path / "p.csv"), **columns), gpt_tok, "classification")
+    # Reference: the tokenizer's own longest-first pair truncation to max_length minus the EOS between them.
+    enc = gpt_tok(first, second, truncation="longest_first", max_length=max_length - 1, add_special_tokens=False)
+    which = enc.encodings[0].sequence_ids
+    a = [t for t, s in zip(enc["input_ids"], which, strict=True) if s == 0]
+    b = [t for t, s in zip(enc["input_ids"], which, strict=True) if s == 1]
+    assert data.train["input_ids"][0] == [*a, EOS, *b] and len(b) > 0
+
+
 def test_integer_labels_that_tie_keep_one_order():
     from lorafa.data import _sorted_labels
 

@@ -368,7 +368,7 @@ def test_inputs_longer_than_the_positions_are_refused_or_warned(family, task, fi
     assert caplog.text == ""
     too_long = datasets.Dataset.from_dict({"input_ids": [[1] * 3, [1] * (limit + 1)]})
     if error:
-        with pytest.raises(ValueError, match=rf"inputs of {limit + 1} tokens.* {limit} positions; set {field}"):
+        with pytest.raises(ValueError, match=rf"input_ids of {limit + 1} tokens.* {limit} positions; set {field}"):
             check_positions(model, [fits, too_long], task)
         with pytest.raises((IndexError, RuntimeError)):  # what the model itself does with it
             model(input_ids=torch.full((1, limit + 1), 5))
@@ -383,3 +383,45 @@ def test_a_model_without_the_tasks_form_names_the_tasks_it_fits(tmp_path):
     tiny("llama").save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match=r"task seq2seq: transformers cannot load .* decoder-only models take"):
         load_model(str(tmp_path / "llama"), "seq2seq")
+
+
+def test_seq2seq_targets_are_checked_against_the_decoders_own_positions():
+    import datasets
+    from transformers import LEDConfig, LEDForConditionalGeneration
+
+    from lorafa.models import check_positions
+
+    # LED: no max_position_embeddings, separate encoder and decoder tables (allenai/led-base-16384: 16384 / 1024).
+    config = LEDConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, attention_window=[4],
+        max_encoder_position_embeddings=64, max_decoder_position_embeddings=8,
+    )  # fmt: skip
+    model = LEDForConditionalGeneration(config)
+    ok = datasets.Dataset.from_dict({"input_ids": [[5] * 40], "labels": [[5] * 8]})
+    check_positions(model, [ok], "seq2seq")
+    long_targets = datasets.Dataset.from_dict({"input_ids": [[5] * 40], "labels": [[5] * 9]})
+    with pytest.raises(ValueError, match=r"labels of 9 tokens, but led has 8 positions; set data.max_target_length"):
+        check_positions(model, [long_targets], "seq2seq")
+    long_inputs = datasets.Dataset.from_dict({"input_ids": [[5] * 65], "labels": [[5] * 8]})
+    with pytest.raises(ValueError, match=r"input_ids of 65 tokens, but led has 64 positions; set data.max_length"):
+        check_positions(model, [long_inputs], "seq2seq")
+
+
+def test_a_decoder_classifier_pools_the_last_real_token_whatever_its_configs_pad_id(tmp_path, caplog):
+    from lorafa.models import load_model
+
+    # huggyllama/open_llama pattern: the config says pad_token_id 0, the tokenizer has no pad token, and lorafa
+    # pads with the borrowed EOS (here 2): pooling must skip id 2, not look for 0.
+    backbone = tiny("llama")
+    backbone.config.pad_token_id = 0
+    backbone.save_pretrained(tmp_path / "llama")
+    model = load_model(str(tmp_path / "llama"), "classification", num_labels=2, pad_token_id=2).eval()
+    assert model.config.pad_token_id == 2 and "is not the tokenizer's pad id 2" in caplog.text
+    long, short = [5, 6, 7, 8, 9], [5, 6, 7]
+    batch = torch.tensor([long, short + [2, 2]])
+    mask = (torch.arange(5) < torch.tensor([[5], [3]])).long()
+    with torch.no_grad():
+        together = model(input_ids=batch, attention_mask=mask).logits
+        alone = model(input_ids=torch.tensor([short])).logits
+    torch.testing.assert_close(together[1], alone[0], atol=1e-5, rtol=1e-5)

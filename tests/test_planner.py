@@ -725,3 +725,12 @@ def test_cli_options(tmp_path, capsys):
     roberta.write_text(json.dumps(tiny_config("roberta", "sdpa-flash")))
     assert main(["--config", str(roberta), "--seq-len", "8", "--chunked-loss"]) == 2
     assert "--chunked-loss" in capsys.readouterr().err
+
+
+def test_a_decoder_classifier_without_a_pad_id_is_planned(tmp_path):
+    # GPT-2/Qwen2/Llama-3 configs have no pad_token_id; transformers' classifier then refuses batches > 1, while
+    # lorafa train sets one from the tokenizer. The planner must plan it too.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(model_type="gpt2", vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)))
+    report = run_planner(PlannerArgs(config=str(path), task="seq-cls", batch_size=2, seq_len=8, methods=["lora-fa"]))
+    assert report["methods"][0]["activations"] > 0

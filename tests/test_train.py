@@ -628,3 +628,22 @@ def test_gradient_init_resume_reloads_a_instead_of_recomputing(toys, tmp_path, m
     assert calls == []  # A came from the checkpoint
     _assert_same_adapter(tmp_path / "whole", out, atol=0, rtol=0, trained=True)
     assert resumed["eval_loss"] == whole["eval_loss"]
+
+
+def test_the_dry_run_memory_estimate_plans_the_runs_own_loss(toys, tmp_path):
+    from lorafa.planner import PlannerArgs, format_bytes, run_planner
+    from lorafa.train import memory_estimate
+
+    def estimate(*extra: str) -> str:
+        return memory_estimate(load_config(None, run_args(toys, "sft", tmp_path / "run", *extra)[1:]))
+
+    def planned(chunked: bool) -> str:
+        args = PlannerArgs(config=str(toys / "llama"), batch_size=8, seq_len=32, dtype="float32", r=4,
+                           lora_alpha=8, methods=["lora-fa"], checkpointing="off", device="cpu",
+                           task="causal-lm", chunked_loss=chunked)  # fmt: skip
+        return format_bytes(run_planner(args)["methods"][0]["activations"])
+
+    # sft trains with the chunked loss by default (no logits kept): the estimate must plan that, not the logits.
+    assert f"activations {planned(True)};" in estimate()
+    assert f"activations {planned(False)};" in estimate("chunked_loss=false")
+    assert planned(True) != planned(False)

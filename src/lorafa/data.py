@@ -776,17 +776,41 @@ def _tokenize_classification(tokenizer: Any, cfg: DataConfig, pair: bool) -> _Ba
     # A tokenizer that marks pairs with special tokens (BERT, RoBERTa, T5...) encodes a pair itself; one that adds
     # none (GPT-2, SmolLM2) would run the two texts together, so they get its EOS (else a line break) between them.
     marks_pairs = tokenizer.num_special_tokens_to_add(pair=True) > 0
-    joiner = None if marks_pairs else (tokenizer.eos_token or "\n")
+    sep: list[int] = []
+    if pair and not marks_pairs:
+        eos = tokenizer.eos_token_id
+        sep = [eos] if eos is not None else list(tokenizer("\n", add_special_tokens=False)["input_ids"])
 
     def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         texts = _texts(batch, "text_column")
         pairs = _texts(batch, "text_pair_column") if pair else None
-        if pairs is not None and joiner is not None:
-            texts, pairs = [a + joiner + b for a, b in zip(texts, pairs, strict=True)], None
-        enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length)
+        if pairs is not None and sep:
+            enc = _joined_pairs(tokenizer, texts, pairs, sep, cfg.max_length)
+        else:
+            enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length)
         return {**enc, "labels": batch["label_column"]}
 
     return fn
+
+
+def _joined_pairs(
+    tokenizer: Any, firsts: list[str], seconds: list[str], sep: list[int], max_length: int
+) -> dict[str, list[list[int]]]:
+    """`a sep b` for a tokenizer that marks no pairs: each text tokenized alone and cut longest first (a token at a
+    time from the longer, as the tokenizer's own pair truncation does), so a long first text cannot push the
+    second out of max_length."""
+    budget = max_length - len(sep)
+    input_ids = []
+    for a, b in zip(
+        tokenizer(firsts, add_special_tokens=False)["input_ids"],
+        tokenizer(seconds, add_special_tokens=False)["input_ids"],
+        strict=True,
+    ):
+        a, b = list(a), list(b)
+        while len(a) + len(b) > budget:
+            (a if len(a) > len(b) else b).pop()
+        input_ids.append(a + sep + b)
+    return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids]}
 
 
 def _tokenize_sft(tokenizer: Any, cfg: DataConfig) -> _BatchFn:

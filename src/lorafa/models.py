@@ -165,7 +165,14 @@ def load_model(
     # transformers reports mismatched keys as (name, checkpoint shape, model shape).
     new = set(info["missing_keys"]) | {k[0] for k in info["mismatched_keys"]}
     setattr(loaded, NEW_KEYS_ATTR, sorted(new))
-    if pad_token_id is not None and getattr(loaded.config, "pad_token_id", None) is None:
+    own = getattr(loaded.config, "pad_token_id", None)
+    # A decoder classifier pools the last token that is not config.pad_token_id: it must be the id the batches
+    # are padded with, or it pools padding (huggyllama/open_llama configs say 0, their tokenizers have no pad).
+    pools = task in ("classification", "regression")
+    if pad_token_id is not None and own != pad_token_id and (own is None or pools):
+        if own is not None:
+            logger.warning("%s: config.pad_token_id %s is not the tokenizer's pad id %s, which pads the batches; "
+                           "using %s", model, own, pad_token_id, pad_token_id)  # fmt: skip
         loaded.config.pad_token_id = pad_token_id
     return loaded
 
@@ -291,28 +298,33 @@ class LossModel(nn.Module):
 
 
 def check_positions(model: nn.Module, datasets: list[Any], task: str) -> None:
-    """Raise ValueError if the longest tokenized input exceeds the positions the model has (BERT's and GPT-2's
-    learned position tables); warn when it exceeds a rotary model's max_position_embeddings (it runs, past the
-    length the model was trained on). The field to lower is named: data.block_size for clm, else data.max_length."""
+    """Raise ValueError if the longest tokenized input (or seq2seq target) exceeds the positions the model has
+    (BERT's, GPT-2's and BART's learned position tables; LED's encoder and decoder each their own); warn when it
+    exceeds a rotary model's max_position_embeddings (it runs, past the length it was trained on). The field to
+    lower is named: data.block_size for clm, data.max_target_length for targets, else data.max_length."""
     config = getattr(model, "config", None)
     if config is None:
         return
     limit = position_limit(config)
-    if limit is None:
-        return
-    columns = ("input_ids", "labels") if task == "seq2seq" else ("input_ids",)  # a decoder has positions too
-    longest = max(
-        (max(map(len, ds[c]), default=0) for ds in datasets if ds is not None for c in columns), default=0
-    )
-    if longest <= limit:
-        return
-    field = "data.block_size" if task == "clm" else "data.max_length"
+    if task == "seq2seq":  # encoder inputs and decoder targets, each against its own table
+        checks = [
+            ("input_ids", getattr(config, "max_encoder_position_embeddings", None) or limit, "data.max_length"),
+            ("labels", getattr(config, "max_decoder_position_embeddings", None) or limit, "data.max_target_length"),
+        ]
+    else:
+        checks = [("input_ids", limit, "data.block_size" if task == "clm" else "data.max_length")]
     rotary = any(getattr(config, k, None) is not None for k in ("rope_theta", "rope_scaling", "rope_parameters"))
-    message = f"the data has inputs of {longest} tokens, but {config.model_type} has {limit} positions"
-    if not rotary:
-        raise ValueError(f"{message}; set {field} <= {limit}")
-    logger.warning("%s (rotary: it runs, past the length it was trained on); consider %s <= %d", message, field,
-                   limit)  # fmt: skip
+    for column, positions, field in checks:
+        longest = max(
+            (max(map(len, ds[column]), default=0) for ds in datasets if ds is not None), default=0
+        )
+        if positions is None or longest <= positions:
+            continue
+        message = f"the data has {column} of {longest} tokens, but {config.model_type} has {positions} positions"
+        if not rotary:
+            raise ValueError(f"{message}; set {field} <= {positions}")
+        logger.warning("%s (rotary: it runs, past the length it was trained on); consider %s <= %d", message,
+                       field, positions)  # fmt: skip
 
 
 def check_token_ids(model: nn.Module, datasets: list[Any], tokenizer: Any) -> None:

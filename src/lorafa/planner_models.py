@@ -22,9 +22,9 @@ logger = logging.getLogger(__name__)
 
 # Size fields (any of each group's names) without which a config plans transformers' default model size.
 _SIZE_FIELDS = (
-    ("hidden_size", "d_model", "n_embd"),
-    ("num_hidden_layers", "num_layers", "n_layer"),
-    ("num_attention_heads", "num_heads", "n_head"),
+    ("hidden_size", "d_model", "n_embd", "encoder"),
+    ("num_hidden_layers", "num_layers", "n_layer", "encoder_layers", "encoder"),
+    ("num_attention_heads", "num_heads", "n_head", "encoder_attention_heads", "encoder"),
     ("vocab_size",),
 )
 
@@ -104,8 +104,15 @@ def build_model(
         "seq2seq": AutoModelForSeq2SeqLM,
     }[task]
     impl = "sdpa" if attention == "sdpa-flash" else "eager"
+    if task == "seq-cls" and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = 0  # decoder classifiers pool the last non-pad token; make_batch's ids are all 1
     with torch.device(device):
         model = auto.from_config(config, dtype=dtype, attn_implementation=impl)
+    # With a pad id, GPT-2-style models look for padding in the input's values (a warning), which the meta device
+    # has not; the planning batch has no padding, so the check is skipped.
+    for module in model.modules():
+        if hasattr(module, "warn_if_padding_and_no_attention_mask"):
+            module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
     return model.train()
 
 

@@ -728,7 +728,7 @@ def memory_estimate(cfg: TrainConfig, num_labels: int | None = None) -> str:
 
     Sequences are padded per batch, so real batches are often shorter than max_length and need less. The planner
     runs the model on the meta device in one dtype (the autocast dtype under mixed precision), so weights kept in
-    fp32 under autocast are counted at that dtype.
+    fp32 under autocast are counted at that dtype (the line says so).
     """
     try:
         from lorafa.planner import PlannerArgs, format_bytes, run_planner
@@ -759,6 +759,11 @@ def memory_estimate(cfg: TrainConfig, num_labels: int | None = None) -> str:
         device="cuda" if torch.cuda.is_available() else "cpu",
         task={"sft": "causal-lm", "clm": "causal-lm", "seq2seq": "seq2seq"}.get(cfg.task, "seq-cls"),
         num_labels=num_labels or 2,
+        chunked_loss=use_chunked_loss(cfg),
+        cheap_recompute=cfg.cheap_recompute,
+        # BART-style decoders read their inputs' values to build masks, which the meta device cannot; eager
+        # attention avoids that path (T5 runs either way).
+        attention="eager" if cfg.task == "seq2seq" and config.get("model_type") != "t5" else "sdpa-flash",
     )
     try:
         entry = run_planner(args)["methods"][0]
@@ -768,5 +773,7 @@ def memory_estimate(cfg: TrainConfig, num_labels: int | None = None) -> str:
         f"{format_bytes(entry['total'])} at batch {cfg.batch_size} × {seq} tokens "
         f"(weights {format_bytes(entry['weights'])}, gradients + optimizer "
         f"{format_bytes(entry['grads'] + entry['optimizer_states'] + entry['master_weights'])}, "
-        f"activations {format_bytes(entry['activations'])}; lorafa.planner, {args.dtype} on {args.device})"
+        f"activations {format_bytes(entry['activations'])}; lorafa.planner, {args.dtype} on {args.device}"
+        + (f", fp32 weights counted as {args.dtype}" if cfg.mixed_precision != "no" else "")
+        + ")"
     )
