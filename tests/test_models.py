@@ -425,3 +425,33 @@ def test_a_decoder_classifier_pools_the_last_real_token_whatever_its_configs_pad
         together = model(input_ids=batch, attention_mask=mask).logits
         alone = model(input_ids=torch.tensor([short])).logits
     torch.testing.assert_close(together[1], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("method", ["lora", "lora-fa"])
+def test_gradients_equal_peft_lora_on_the_same_weights(family, method, tmp_path):
+    # The paper's LoRA baseline (method lora) and LoRA-FA run through lorafa's layer; PEFT's LoRA on the same A, B
+    # and head is the reference: the loss and every trainable gradient must agree (LoRA-FA: B's and the head's).
+    from peft import PeftModel
+
+    model = tiny(family)
+    lorafa.add_lorafa(model, lorafa.LoRAFAConfig(r=4, lora_alpha=8, method=method, modules_to_save=HEADS.get(family)))
+    _nonzero_B(model)  # so A's gradient is not zero
+    lorafa.save_adapter(model, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(tiny(family), str(tmp_path / "adapter"), is_trainable=True)
+    inputs = batch(family)
+    ours_loss, peft_loss = model(**inputs).loss, peft_model(**inputs).loss
+    ours_loss.backward()
+    peft_loss.backward()
+    torch.testing.assert_close(ours_loss, peft_loss, atol=1e-6, rtol=1e-6)
+    peft_grads = {
+        n.removeprefix("base_model.model.").replace(".default", "").replace(".modules_to_save", ""): p.grad
+        for n, p in peft_model.named_parameters()
+        if p.grad is not None
+    }
+    ours = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    if method == "lora-fa":
+        peft_grads = {n: g for n, g in peft_grads.items() if ".lora_A." not in n}
+    assert ours.keys() == peft_grads.keys()
+    for n, g in ours.items():
+        torch.testing.assert_close(g, peft_grads[n], atol=1e-6, rtol=1e-5, msg=n)
