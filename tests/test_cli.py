@@ -461,6 +461,20 @@ def test_a_clm_adapter_folder_is_evaluated_and_continued_as_clm(toys, tmp_path, 
     from_run_text = capsys.readouterr().out
     assert main(["generate", str(copy), "cat dog", "--max-new-tokens", "4", "--task", "clm"]) == 0
     assert capsys.readouterr().out == from_run_text
+    # A system message belongs to a chat prompt: refused for raw-text continuation instead of dropped.
+    assert main(["generate", str(out), "cat dog", "--system", "sun"]) == 2
+    assert "a system message is part of a chat prompt" in capsys.readouterr().err
+
+
+def test_a_checkpoints_adapter_is_evaluated_with_its_runs_data(toys, tmp_path, capsys):
+    out = _trained_run(toys, tmp_path, "classification", "checkpoint_every=2")
+    checkpoint = out / "checkpoints" / "checkpoint-2" / "adapter"
+    capsys.readouterr()
+    assert main(["eval", str(checkpoint), "--json"]) == 0  # no --data: the run's eval data and columns
+    at_2 = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(out), "--json"]) == 0
+    final = json.loads(capsys.readouterr().out)
+    assert at_2["eval_samples"] == final["eval_samples"] and at_2["eval_loss"] != final["eval_loss"]
 
 
 def test_generate_prompts_as_training_formatted_a_conversation_with_a_system_message(

@@ -1287,9 +1287,11 @@ def test_sft_reads_the_common_layouts_when_the_default_columns_are_missing(tmp_p
     # Dolly: instruction + context -> response
     dolly = [{"instruction": "the plot", "context": "a film", "response": "good", "category": "qa"}]
     _same_as_messages(tmp_path, dolly, [_turns("the plot\n\na film", "good")])
-    # OpenOrca: system_prompt + question -> response
+    # OpenOrca: system_prompt + question -> response; a system column serves any found layout
     orca = [{"system_prompt": "really", "question": "the plot", "response": "fine"}]
     _same_as_messages(tmp_path, orca, [_turns("the plot", "fine", system="really")])
+    with_system = [{"prompt": "the plot", "completion": "fine", "system": "really"}]
+    _same_as_messages(tmp_path, with_system, [_turns("the plot", "fine", system="really")])
     # A prompt column beside a conversation column (UltraChat's layout): the conversations
     _same_as_messages(tmp_path, [{"prompt": "the plot", "prompt_id": "1", "messages": CHAT}], [CHAT])
 

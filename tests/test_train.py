@@ -81,6 +81,10 @@ def test_overrides_are_coerced_to_the_field_types():
         ).adapter.target_modules
         == "all-linear"
     )
+    # A field that is a name or a list of names: brackets make a list, a bare name stays a name.
+    listed = load_config(None, ["model=m", "data.train_file=t", "data.prompt_column=[instruction,input]"])
+    assert listed.data.prompt_column == ["instruction", "input"]
+    assert load_config(None, ["model=m", "data.train_file=t", "data.prompt_column=q"]).data.prompt_column == "q"
 
 
 def test_yaml_values_are_coerced_and_round_trip(tmp_path):
@@ -304,6 +308,8 @@ def test_eval_every_without_eval_data_warns(toys, tmp_path, caplog):
 def test_fp16_on_cpu_is_refused(toys, tmp_path):
     with pytest.raises(ValueError, match="mixed_precision: fp16 does nothing on CPU"):
         train(_config(toys, tmp_path / "run", "mixed_precision=fp16"))
+    with pytest.raises(ValueError, match="mixed_precision: fp16 does nothing on CPU"):
+        train_module.dry_run(_config(toys, tmp_path / "run", "mixed_precision=fp16"))
 
 
 def test_the_log_records_the_lr_each_step_used(toys, tmp_path):

@@ -432,13 +432,15 @@ def _pick_split(dataset_dict: Any, field: str, source: Path | str, hint: str = "
 
 
 # sft layouts found when a file lacks the configured default prompt/response columns, tried in order: (name,
-# prompt columns: the first required, the others joined when the file has them, response column, system column).
-_SFT_LAYOUTS: tuple[tuple[str, tuple[str, ...], str, str | None], ...] = (
-    ("TRL prompt/completion", ("prompt",), "completion", None),
-    ("Alpaca instruction/input/output", ("instruction", "input"), "output", None),
-    ("Dolly instruction/context/response", ("instruction", "context"), "response", None),
-    ("OpenOrca question/response", ("question",), "response", "system_prompt"),
+# prompt columns: the first required, the others joined when the file has them, response column).
+_SFT_LAYOUTS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("TRL prompt/completion", ("prompt",), "completion"),
+    ("Alpaca instruction/input/output", ("instruction", "input"), "output"),
+    ("Dolly instruction/context/response", ("instruction", "context"), "response"),
+    ("OpenOrca question/response", ("question",), "response"),
 )
+# A found layout's system message: the first of these columns the file has (OpenOrca's system_prompt).
+_SYSTEM_COLUMNS = ("system", "system_prompt")
 # Columns that usually belong in the prompt; named in a warning when the configured columns leave them out.
 _PROMPT_EXTRAS = ("input", "context", "system", "system_prompt")
 
@@ -474,10 +476,11 @@ def _required_columns(cfg: DataConfig, task: str, ds: Any) -> Columns:
                     column)  # fmt: skip
         return {"messages_column": column}
     if prompt == ["prompt"] and cfg.response_column == "response" and cfg.system_column is None:
-        for name, prompts, response, system in _SFT_LAYOUTS:
+        for name, prompts, response in _SFT_LAYOUTS:
             if prompts[0] in names and response in names:
                 found: Columns = {"prompt_column": [c for c in prompts if c in names], "response_column": response}
-                if system is not None and system in names:
+                system = next((c for c in _SYSTEM_COLUMNS if c in names), None)
+                if system is not None:
                     found["system_column"] = system
                 logger.warning("sft: no prompt/response columns; reading the %s layout: %s", name, found)
                 return found

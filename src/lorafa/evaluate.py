@@ -208,6 +208,16 @@ def _adapter_labels(folder: Path) -> list[str] | None:
     return next((names for names in map(read_labels, places) if names is not None), None)
 
 
+def _run_of_adapter(folder: Path) -> Path | None:
+    """The run folder of RUN/adapter or RUN/checkpoints/checkpoint-N/adapter, else None."""
+    if folder.name != "adapter" or not (folder / CONFIG_NAME).is_file():
+        return None
+    if is_run_dir(folder.parent):
+        return folder.parent
+    run = folder.parent.parent.parent
+    return run if folder.parent.parent.name == "checkpoints" and is_run_dir(run) else None
+
+
 def is_run_dir(path: Path) -> bool:
     """A `lorafa train` output folder (config.yaml next to adapter/)."""
     return (path / "config.yaml").is_file() and (path / "adapter").is_dir()
@@ -238,7 +248,8 @@ def load_trained(
     """Rebuild a trained model for inference from a run folder or an adapter folder.
 
     Args:
-        source: A `lorafa train` output_dir (config.yaml + adapter/), or an adapter folder (ours or PEFT's).
+        source: A `lorafa train` output_dir (config.yaml + adapter/), its adapter/ or a checkpoint's
+            (checkpoints/checkpoint-N/adapter; read with the run's config), or any adapter folder (ours or PEFT's).
         model: Base model for an adapter folder; default its `base_model_name_or_path`.
         task: Task for an adapter folder; default from its PEFT task_type (CAUSAL_LM → sft).
         num_labels: Classes of a classification adapter; default read from the head's weights.
@@ -251,8 +262,10 @@ def load_trained(
         FileNotFoundError: no run or adapter at `source`. ValueError: what is needed cannot be determined.
     """
     folder = Path(source)
-    if model is None and task is None and folder.name == "adapter" and is_run_dir(folder.parent):
-        folder = folder.parent  # a run's own adapter: the run knows its task, classes and data columns
+    adapter = folder / "adapter"
+    run = _run_of_adapter(folder) if model is None and task is None else None
+    if run is not None:  # a run's adapter, or a checkpoint's: the run knows its task, classes and data columns
+        folder, adapter = run, folder
     if is_run_dir(folder):
         cfg = load_config(folder / "config.yaml", overrides)
         tokenizer = load_tokenizer(cfg.model)
@@ -270,7 +283,7 @@ def load_trained(
                     cfg.model_dtype,
                     tokenizer.pad_token_id,
                 )
-            load_adapter(net, folder / "adapter", is_trainable=False)
+            load_adapter(net, adapter, is_trainable=False)
         return net.eval(), tokenizer, cfg
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(
@@ -288,7 +301,9 @@ def load_trained(
     if task == "classification" and num_labels is None:
         num_labels = _num_labels_from_adapter(folder, lora_cfg.modules_to_save or ["classifier", "score"])
         if num_labels is None:
-            raise ValueError(f"{folder}: cannot find the classification head's size; pass --num-labels")
+            raise ValueError(
+                f"{folder}: cannot find the classification head's size in the adapter (in Python pass num_labels=)"
+            )
     names = _adapter_labels(folder) if task == "classification" else None
     id2label = dict(enumerate(names)) if names and len(names) == num_labels else None
     tokenizer = load_tokenizer(base)
@@ -412,15 +427,22 @@ def generate(
         system: A system message before the user turn (as in a conversation's rows).
 
     Raises:
-        ValueError: a negative or non-finite temperature, or max_new_tokens < 1.
+        ValueError: a negative or non-finite temperature, max_new_tokens < 1, or a system message for a seq2seq or
+            raw-text model.
     """
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    plain = getattr(model.config, "is_encoder_decoder", False) or raw_text
+    if system is not None and plain:
+        raise ValueError(
+            "--system: a system message is part of a chat prompt (sft); a seq2seq or clm model continues the "
+            "prompt as plain text"
+        )
     model.eval()
     device = next(model.parameters()).device
-    if getattr(model.config, "is_encoder_decoder", False) or raw_text:
+    if plain:
         enc = tokenizer(prompt, return_tensors="pt")
     else:
         messages = [{"role": "system", "content": system}] if system is not None else []

@@ -242,7 +242,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         stats = accelerator.reduce(stats, reduction="sum")
         step_loss, tokens = float(stats[0]) / world, int(stats[1])
         if not math.isfinite(step_loss):
-            raise TrainingDiverged(_diverged_message(step_loss, state, out))
+            raise TrainingDiverged(_diverged_message(step_loss, state, out, cfg.mixed_precision == "fp16"))
         grad_norm = None
         if cfg.max_grad_norm:
             norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # None under DeepSpeed (it clips)
@@ -583,7 +583,7 @@ def _clear_outputs(out: Path) -> None:
             path.unlink()
 
 
-def _diverged_message(loss: float, state: TrainState, out: Path) -> str:
+def _diverged_message(loss: float, state: TrainState, out: Path, fp16: bool) -> str:
     from lorafa.checkpoint import list_checkpoints
 
     found = list_checkpoints(out)
@@ -594,8 +594,8 @@ def _diverged_message(loss: float, state: TrainState, out: Path) -> str:
     )
     return (
         f"the training loss became {loss} at step {state.step + 1} (epoch {state.epoch}); stopped before the "
-        f"optimizer step, so no weights were updated with it. {where}. Try a lower lr, max_grad_norm, or "
-        "mixed_precision=bf16 instead of fp16."
+        f"optimizer step, so no weights were updated with it. {where}. Try a lower lr or max_grad_norm"
+        + (", or mixed_precision=bf16 instead of fp16." if fp16 else ".")
     )
 
 
@@ -698,6 +698,8 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     Returns:
         trainable_params, total_params, train_samples, eval_samples, steps (optimizer steps), data (a summary).
     """
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("mixed_precision: fp16 does nothing on CPU (it would train in fp32); use bf16 or no")
     tokenizer = load_tokenizer(cfg.model)
     data = build_datasets(cfg.data, tokenizer, cfg.task)
     model = load_model(

@@ -396,6 +396,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return None
         if cli and str in args and not value.strip().startswith("["):
             return str(value)  # e.g. target_modules=all-linear stays a string, [q,v] becomes a list
+        if cli:  # "[q,v]": a list type first (a str alternative would take the brackets literally)
+            args = tuple(sorted(args, key=lambda a: typing.get_origin(a) is not list))
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, key)
