@@ -239,6 +239,17 @@ def test_heads_and_transforms_it_does_not_model_are_refused():
     model.config.logits_scaling = 4.0
     with pytest.raises(ValueError, match="logits_scaling"):
         chunked_causal_lm_loss(model, batch)
+    # Losses that are not the shifted cross-entropy of one decoder: a router's auxiliary loss, BART's unshifted
+    # decoder-only labels, an encoder-decoder's target labels.
+    sizes = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    mixtral = tf.MixtralForCausalLM(tf.MixtralConfig(**sizes, num_local_experts=2, output_router_logits=True))
+    with pytest.raises(ValueError, match="router auxiliary loss"):
+        chunked_causal_lm_loss(mixtral, batch)
+    bart = dict(vocab_size=97, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96)  # fmt: skip
+    for model in (tf.BartForCausalLM(tf.BartConfig(**bart)), tf.BartForConditionalGeneration(tf.BartConfig(**bart))):
+        with pytest.raises(ValueError, match="no decoder-only causal LM with shifted labels"):
+            chunked_causal_lm_loss(model, batch)
 
 
 def test_mismatch_check_finds_a_transform_it_does_not_know(monkeypatch):

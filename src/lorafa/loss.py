@@ -271,7 +271,8 @@ def chunked_loss_mismatch(model: nn.Module, batch: Mapping[str, Any]) -> str | N
     if not torch.isclose(ours.float(), theirs.float(), rtol=tol, atol=tol):
         return (
             f"on a training batch the chunked loss is {float(ours):.6g} but {type(model).__name__}'s own loss is "
-            f"{float(theirs):.6g}: its head or logits transform is one lorafa.loss does not model"
+            f"{float(theirs):.6g}: its head, logits transform, label shift or an extra loss term is one "
+            "lorafa.loss does not model"
         )
     return None
 
@@ -302,11 +303,24 @@ def chunked_causal_lm_loss(
         The fp32 scalar loss.
 
     Raises:
-        ValueError: If ``batch`` has no ``labels``, the model has no separate body, its output head is not an
+        ValueError: If ``batch`` has no ``labels``, the model is an encoder-decoder (or BART's unshifted
+            ``BartForCausalLM``) or adds a router auxiliary loss, has no separate body, its output head is not an
             ``nn.Linear`` child of the model, or its config sets a logits transform not known here.
     """
     if "labels" not in batch:
         raise ValueError(f"batch needs 'labels' for the loss; got keys {sorted(batch)}")
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) or type(model).__name__ == "BartForCausalLM":
+        # Their loss is over the decoder's (or unshifted) labels, not the shifted inputs of one body.
+        raise ValueError(
+            f"{type(model).__name__} is no decoder-only causal LM with shifted labels; its loss is not chunked"
+        )
+    if getattr(config, "output_router_logits", False):
+        # Mixture-of-experts models then add the router's auxiliary loss, which the chunked loss does not.
+        raise ValueError(
+            f"{type(model).__name__} adds a router auxiliary loss (output_router_logits=True); the chunked loss "
+            "computes only the language-modelling part"
+        )
     body = model.base_model if hasattr(model, "base_model") else None
     if not isinstance(body, nn.Module) or body is model:
         raise ValueError(
@@ -315,7 +329,8 @@ def chunked_causal_lm_loss(
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if not isinstance(head, nn.Linear):
-        raise ValueError(f"the chunked loss needs an nn.Linear output head, got {type(head).__name__}")
+        adapted = " (an adapted output head is not supported: leave it out of target_modules)" if head else ""
+        raise ValueError(f"the chunked loss needs an nn.Linear output head, got {type(head).__name__}{adapted}")
     if not any(child is head for child in model.children()):
         # e.g. BERT/RoBERTa-style LM heads: dense → activation → norm → decoder, of which the decoder is the
         # output embedding; applying it alone to the body's output would skip the rest.

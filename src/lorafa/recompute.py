@@ -22,6 +22,7 @@ adapter injection (which wraps the Linear children) and activation checkpointing
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
@@ -115,6 +116,11 @@ def _rng_state(device: torch.device) -> torch.Tensor:
     if device.type in ("cpu", "meta"):
         return torch.get_rng_state()
     return cast(torch.Tensor, torch.get_device_module(device.type).get_rng_state(device))
+
+
+@functools.cache
+def _cpu_rng_state_bytes() -> int:
+    return int(torch.get_rng_state().numel())
 
 
 class _RegeneratedDropout(torch.autograd.Function):
@@ -263,7 +269,10 @@ class RegeneratedDropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and 0.0 < self.p < 1.0 and _needs_graph(x):
+        # On CPU the kept generator state (5,056 bytes) outweighs the mask of a tiny input: drop out plainly then
+        # (the same draw from the same stream, so the same mask).
+        small = x.device.type == "cpu" and x.numel() * x.element_size() <= _cpu_rng_state_bytes()
+        if self.training and 0.0 < self.p < 1.0 and _needs_graph(x) and not small:
             return cast(torch.Tensor, _RegeneratedDropout.apply(x, self.p))
         return F.dropout(x, self.p, self.training, self.inplace)
 
@@ -324,7 +333,17 @@ def _as_leaf(module: nn.Module, dtype: torch.dtype) -> RecomputedLeaf | None:
         )
         for name, p in params.items()
     }
-    feature = tuple(next(iter(params.values())).shape) if params else (8,)
+    # The probe's feature size: a norm's own (a parameter-free norm, e.g. OLMo's, checks its normalized_shape),
+    # else any size an element-wise module takes.
+    shape = getattr(module, "normalized_shape", None)
+    if params:
+        feature = tuple(next(iter(params.values())).shape)
+    elif isinstance(shape, tuple | list) and all(isinstance(n, int) for n in shape):
+        feature = tuple(shape)
+    elif isinstance(shape, int):
+        feature = (shape,)
+    else:
+        feature = (8,)
     x = torch.randn((2, 3, *feature), generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
     try:
         with torch.enable_grad():
