@@ -837,6 +837,15 @@ def test_csv_cells_are_read_as_written(tmp_path, bert_tok, gpt_tok):
     texts = ['she said "hi"', "a\ttab", "two\nlines", "plain", '"quoted"']
     pd.DataFrame({"text": texts, "label": ["pos"] * 5}).to_csv(tmp_path / "w.tsv", sep="\t", index=False)
     assert load_table(str(tmp_path / "w.tsv"), cache_dir=str(tmp_path / "hf-cache"))["text"] == texts
+    # A GLUE-style file with a whole quoted sentence beside a stray quote stays as written (reading it with
+    # quoting would join lines or fail).
+    for name, rows in {
+        "a.tsv": ['"Yes."\t1', '"Well, maybe\t0', "fine movie\t1", "good\t0"],
+        "c.tsv": ['"Yes."\t1', '"Well, maybe\t0', 'he said" twice\t1', "good\t0"],
+    }.items():
+        (tmp_path / name).write_text("text\tlabel\n" + "\n".join(rows) + "\n")
+        table = load_table(str(tmp_path / name), cache_dir=str(tmp_path / "hf-cache"))
+        assert table["text"] == [r.split("\t")[0] for r in rows], name
     # Only an empty cell is missing: NA, None, null and N/A are text.
     (tmp_path / "na.csv").write_text("text,label\nNA,None\nnull,N/A\n,x\n")
     na = load_table(str(tmp_path / "na.csv"), cache_dir=str(tmp_path / "hf-cache"))
@@ -1298,6 +1307,10 @@ def test_sft_reads_the_common_layouts_when_the_default_columns_are_missing(tmp_p
 
 def test_sft_prompt_completion_cells_may_hold_messages(tmp_path):
     # TRL's conversational prompt-completion: prompt and completion are lists of messages.
+    tok = _chat_tok(CHAT_TEMPLATE)
+    both = _jsonl(tmp_path / "both.jsonl", [{"prompt": CHAT[:2], "completion": "good", "system": "really"}])
+    with pytest.raises(ValueError, match="row 0: the row has a system column and a system message"):
+        build_datasets(cfg(tmp_path, both), tok, "sft")
     rows = [{"prompt": CHAT[:4], "completion": CHAT[4:]}, {"prompt": CHAT[:2], "completion": "good"}]
     _same_as_messages(tmp_path, rows, [CHAT, [*CHAT[:2], {"role": "assistant", "content": "good"}]])
     tok = _chat_tok(CHAT_TEMPLATE)

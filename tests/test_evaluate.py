@@ -50,7 +50,7 @@ def test_evaluate_equals_one_example_at_a_time(toys, tmp_path, task):
     assert metrics["eval_samples"] == len(data.eval)
     assert metrics["eval_loss"] == pytest.approx(loss_sum / targets, rel=1e-5)
     if task == "classification":
-        expected = classification_metrics(predictions, labels)
+        expected = classification_metrics(predictions, labels, model.config.num_labels)
     elif task == "regression":
         expected = regression_metrics(predictions, labels)
     else:

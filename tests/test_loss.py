@@ -247,7 +247,11 @@ def test_heads_and_transforms_it_does_not_model_are_refused():
         chunked_causal_lm_loss(mixtral, batch)
     bart = dict(vocab_size=97, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                 decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96)  # fmt: skip
-    for model in (tf.BartForCausalLM(tf.BartConfig(**bart)), tf.BartForConditionalGeneration(tf.BartConfig(**bart))):
+    for model in (
+        tf.BartForCausalLM(tf.BartConfig(**bart)),
+        tf.MBartForCausalLM(tf.MBartConfig(**bart)),
+        tf.BartForConditionalGeneration(tf.BartConfig(**bart)),
+    ):
         with pytest.raises(ValueError, match="no decoder-only causal LM with shifted labels"):
             chunked_causal_lm_loss(model, batch)
 

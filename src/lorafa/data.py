@@ -20,7 +20,6 @@ cache files.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import math
@@ -308,20 +307,31 @@ def _read_csv(path: Path, tsv: bool, field: str, cache_dir: str | None) -> Any:
     """A CSV/TSV file with every column read as strings (pandas would read "007" as 7.0 and "1e3" as 1000.0;
     labels are parsed later, per task) and only empty cells missing ("NA", "null", "None" are text).
 
-    In a TSV a quote is first read as an ordinary character (GLUE's files hold unpaired quotes); if that fails,
-    or some cell then reads as a whole quoted field (quotes around it, inner quotes doubled), as pandas and Excel
-    write TSVs, the file is read again with CSV quoting."""
+    In a TSV a quote is an ordinary character (GLUE's files hold unpaired quotes, and whole sentences in quotes).
+    The file is read with CSV quoting instead when reading it so fails, or when some cell reads as a whole quoted
+    field (quotes around it, inner quotes doubled, as pandas and Excel write TSVs) and the quoted reading gives the
+    same rows (a stray quote would make it join lines)."""
     base: dict[str, Any] = {"keep_default_na": False, "na_values": [""], **({"sep": "\t"} if tsv else {})}
 
     def read(kwargs: dict[str, Any]) -> Any:
         return _read("csv", path, field, cache_dir, {**kwargs, "features": _string_features(path, kwargs)})
 
-    if tsv:
-        with contextlib.suppress(ValueError):  # then read with quoting below, which reports the error
-            ds = read({**base, "quoting": csv.QUOTE_NONE})
-            if not _has_quoted_cells(ds):
-                return ds
-    return read(base)
+    if not tsv:
+        return read(base)
+    try:
+        literal = read({**base, "quoting": csv.QUOTE_NONE})
+    except ValueError:
+        return read(base)  # reports the quoted reading's error if that fails too
+    if not _has_quoted_cells(literal):
+        return literal
+    try:
+        quoted = read(base)
+    except ValueError:
+        return literal
+    if len(quoted) != len(literal):
+        return literal
+    logger.info("%s: %s holds CSV-quoted cells; read with quoting", field, path)
+    return quoted
 
 
 def _has_quoted_cells(ds: Any, rows: int = 1000) -> bool:
@@ -564,14 +574,18 @@ def _pair_row(prompts: list[Any], response: Any, system: Any) -> list[Message]:
     parts skipped), or a list of messages (TRL's conversational prompt-completion); the response a string or a
     list of assistant messages."""
     head = _text(prompts[0], "prompt")
+    rest = [p for p in (_text(v, "prompt") for v in prompts[1:] if v is not None) if p]
     if isinstance(head, list):
+        if rest:
+            raise ValueError("a prompt given as messages cannot be joined with the other prompt columns")
         messages = head
     else:
-        parts = [head, *(p for p in (_text(v, "prompt") for v in prompts[1:] if v is not None) if p)]
-        if any(isinstance(p, list) for p in parts):
+        if any(isinstance(p, list) for p in rest):
             raise ValueError("only the first prompt column may hold a list of messages")
-        messages = [{"role": "user", "content": "\n\n".join(cast(list[str], parts))}]
+        messages = [{"role": "user", "content": "\n\n".join([head, *cast(list[str], rest)])}]
     if system is not None and _text(system, "system"):
+        if any(m["role"] == "system" for m in messages):
+            raise ValueError("the row has a system column and a system message in its prompt")
         messages = [{"role": "system", "content": str(system)}, *messages]
     answer = _text(response, "response")
     if isinstance(answer, list):
@@ -886,11 +900,12 @@ def _check_room(cfg: DataConfig, tokenizer: Any, task: str) -> None:
     if task not in ("classification", "regression", "seq2seq"):
         return
     pair = task != "seq2seq" and cfg.text_pair_column is not None
-    needed = tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
+    special = tokenizer.num_special_tokens_to_add(pair=pair)
+    needed = special + (2 if pair else 1)  # at least one token of each text
     if cfg.max_length < needed:
         raise ValueError(
             f"max_length: {cfg.max_length} tokens leave no room for the text: the tokenizer adds "
-            f"{needed - (2 if pair else 1)} special tokens{' to a pair' if pair else ''}; use at least {needed}"
+            f"{special} special tokens{' to a pair' if pair else ''}; use at least {needed}"
         )
 
 

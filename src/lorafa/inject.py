@@ -289,11 +289,19 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put `new` under every name `old` has (a module registered twice, `self.b = self.a`, is called through both
-    names; replacing one name only would let calls through the other bypass the adapter)."""
-    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
-    for name in names:
+def _module_names(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) → every name it has in `model` (a module registered twice, `self.b = self.a`, has two)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            names.setdefault(id(module), []).append(name)
+    return names
+
+
+def _replace_module(model: nn.Module, names: dict[int, list[str]], old: nn.Module, new: nn.Module) -> None:
+    """Put `new` under every name `old` has (from `_module_names`, taken once per call: calls through an alias
+    would otherwise bypass the adapter)."""
+    for name in names.get(id(old), []):
         _set_submodule(model, name, new)
 
 
@@ -329,6 +337,7 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
     _warn_frozen_head(model, saved)
     _warn_fast_path(model, names)
     owners = _weight_owners(model)
+    module_names = _module_names(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -354,7 +363,7 @@ def add_lorafa(model: nn.Module, cfg: LoRAFAConfig) -> nn.Module:
         )
         layer.tied_to = tuple(tied)
         layer.train(base.training)  # a new module defaults to training mode; keep the model's mode
-        _replace_module(model, base, layer)
+        _replace_module(model, module_names, base, layer)
     if cfg.share_a:
         _share_a(model)
     _untie_saved(model, saved, owners)
@@ -507,12 +516,13 @@ def remove_lorafa(model: nn.Module, merge: bool = True) -> nn.Module:
     Raises:
         ValueError: `merge` and a layer that cannot merge (`merge_lorafa`); the model is left unchanged.
     """
+    module_names = _module_names(model)
     for _, layer in _mergeable_adapters(model) if merge else _require_adapters(model):
         if merge:
             layer.merge()
         else:
             layer.unmerge()
-        _replace_module(model, layer, layer.base_layer)
+        _replace_module(model, module_names, layer, layer.base_layer)
     for attr in ("lorafa_config", "lorafa_modules_to_save"):
         if hasattr(model, attr):
             delattr(model, attr)

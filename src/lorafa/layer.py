@@ -267,7 +267,10 @@ class LoRAFALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold s·B·A into the base weight. Idempotent."""
+        """Fold s·B·A into the base weight. Idempotent.
+
+        A merged layer's `state_dict()` still holds the unmerged W (and loading one into a merged layer adds s·B·A
+        back), but `state_dict(keep_vars=True)` gives the live, merged parameter: do not load that one back."""
         if self.merged:
             return
         self.check_mergeable()

@@ -277,6 +277,13 @@ def chunked_loss_mismatch(model: nn.Module, batch: Mapping[str, Any]) -> str | N
     return None
 
 
+# Causal LMs built from an encoder-decoder family's decoder (BartForCausalLM, MBart..., TrOCR...): their loss is
+# the cross-entropy of unshifted labels.
+_UNSHIFTED = frozenset(
+    {"bart", "mbart", "marian", "pegasus", "pegasus_x", "blenderbot", "blenderbot-small", "plbart", "trocr"}
+)
+
+
 def chunked_causal_lm_loss(
     model: nn.Module,
     batch: Mapping[str, Any],
@@ -303,14 +310,14 @@ def chunked_causal_lm_loss(
         The fp32 scalar loss.
 
     Raises:
-        ValueError: If ``batch`` has no ``labels``, the model is an encoder-decoder (or BART's unshifted
-            ``BartForCausalLM``) or adds a router auxiliary loss, has no separate body, its output head is not an
+        ValueError: If ``batch`` has no ``labels``, the model is an encoder-decoder (or the unshifted
+            ``ForCausalLM`` decoder of one: BART, mBART, Marian, ...) or adds a router auxiliary loss, has no separate body, its output head is not an
             ``nn.Linear`` child of the model, or its config sets a logits transform not known here.
     """
     if "labels" not in batch:
         raise ValueError(f"batch needs 'labels' for the loss; got keys {sorted(batch)}")
     config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False) or type(model).__name__ == "BartForCausalLM":
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "model_type", None) in _UNSHIFTED:
         # Their loss is over the decoder's (or unshifted) labels, not the shifted inputs of one body.
         raise ValueError(
             f"{type(model).__name__} is no decoder-only causal LM with shifted labels; its loss is not chunked"

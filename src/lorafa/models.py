@@ -297,6 +297,13 @@ class LossModel(nn.Module):
         return self.model(**batch, **extra).loss
 
 
+def is_rotary(config: Any) -> bool:
+    """Whether a config (object or config.json dict) uses rotary positions, which run past max_position_embeddings
+    (unlike learned or fixed position tables)."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    return any(get(key) is not None for key in ("rope_theta", "rope_scaling", "rope_parameters"))
+
+
 def check_positions(model: nn.Module, datasets: list[Any], task: str) -> None:
     """Raise ValueError if the longest tokenized input (or seq2seq target) exceeds the positions the model has
     (BERT's, GPT-2's and BART's learned position tables; LED's encoder and decoder each their own); warn when it
@@ -313,7 +320,7 @@ def check_positions(model: nn.Module, datasets: list[Any], task: str) -> None:
         ]
     else:
         checks = [("input_ids", limit, "data.block_size" if task == "clm" else "data.max_length")]
-    rotary = any(getattr(config, k, None) is not None for k in ("rope_theta", "rope_scaling", "rope_parameters"))
+    rotary = is_rotary(config)
     for column, positions, field in checks:
         longest = max(
             (max(map(len, ds[column]), default=0) for ds in datasets if ds is not None), default=0

@@ -22,9 +22,9 @@ logger = logging.getLogger(__name__)
 
 # Size fields (any of each group's names) without which a config plans transformers' default model size.
 _SIZE_FIELDS = (
-    ("hidden_size", "d_model", "n_embd", "encoder"),
-    ("num_hidden_layers", "num_layers", "n_layer", "encoder_layers", "encoder"),
-    ("num_attention_heads", "num_heads", "n_head", "encoder_attention_heads", "encoder"),
+    ("hidden_size", "d_model", "n_embd"),
+    ("num_hidden_layers", "num_layers", "n_layer", "encoder_layers"),
+    ("num_attention_heads", "num_heads", "n_head", "encoder_attention_heads"),
     ("vocab_size",),
 )
 
@@ -68,7 +68,7 @@ def load_config(args: PlannerArgs) -> Any:
         if not isinstance(d, dict) or "model_type" not in d:
             raise ValueError(f"--config: {path} is not a transformers config (no 'model_type')")
     model_type = d.pop("model_type")
-    if args.preset is None:
+    if args.preset is None and "encoder" not in d:  # (a composite config's sizes sit in its sub-configs)
         missing = [names[0] for names in _SIZE_FIELDS if not any(n in d for n in names)]
         if missing:
             logger.warning("--config: %s sets no %s; transformers' defaults for %s are used", args.config,

@@ -12,7 +12,7 @@ from torch import nn
 
 from lorafa.inject import resolve_targets
 from lorafa.memory import static_memory
-from lorafa.models import position_limit
+from lorafa.models import is_rotary, position_limit
 from lorafa.planner_args import PlannerArgs, _alpha, parse_dtype, parse_size
 from lorafa.planner_measure import Activations, measure_activations
 from lorafa.planner_models import (
@@ -100,7 +100,8 @@ def run_planner(args: PlannerArgs) -> dict[str, Any]:
     config = load_config(args)
     task = resolve_task(config, args.task)
     limit = position_limit(config)
-    if task != "seq2seq" and limit is not None and args.seq_len > limit:
+    # (Rotary models run past their max_position_embeddings, as training then does; learned tables cannot.)
+    if task != "seq2seq" and limit is not None and args.seq_len > limit and not is_rotary(config):
         raise ValueError(
             f"--seq-len {args.seq_len} exceeds the model's {limit} positions (max_position_embeddings)"
         )

@@ -43,6 +43,7 @@ from lorafa.models import (
     LossModel,
     check_positions,
     check_token_ids,
+    is_rotary,
     load_model,
     load_tokenizer,
     prepare_model,
@@ -85,9 +86,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
         AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)
-    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # Accelerate has no fp16 autocast on CPU and would silently train in fp32.
-        raise ValueError("mixed_precision: fp16 does nothing on CPU (it would train in fp32); use bf16 or no")
+    refuse_cpu_fp16(cfg, accelerator.device.type)
     check_distributed(accelerator, cfg)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
@@ -101,11 +100,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     model = load_model(
         cfg.model, cfg.task, data.num_labels, data.id2label, cfg.model_dtype, tokenizer.pad_token_id
     )
-    check_token_ids(model, [data.train, data.eval], tokenizer)
-    check_positions(model, [data.train, data.eval], cfg.task)
-    if data.eval is None and cfg.eval_every > 0:
-        logger.warning("eval_every=%d: there is no eval data (no eval_file, eval_split 0), so nothing is "
-                       "evaluated", cfg.eval_every)  # fmt: skip
+    check_data_fits(cfg, model, data, tokenizer)
     model = prepare_model(
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
     )
@@ -365,6 +360,22 @@ def check_distributed(accelerator: Any, cfg: TrainConfig) -> None:
             raise ValueError(
                 "grad_accum > 1 is not supported under DeepSpeed (it accumulates itself); set grad_accum=1"
             )
+
+
+def refuse_cpu_fp16(cfg: TrainConfig, device_type: str) -> None:
+    """ValueError for fp16 mixed precision on CPU: Accelerate has no fp16 autocast there and would train in fp32."""
+    if cfg.mixed_precision == "fp16" and device_type == "cpu":
+        raise ValueError("mixed_precision: fp16 does nothing on CPU (it would train in fp32); use bf16 or no")
+
+
+def check_data_fits(cfg: TrainConfig, model: nn.Module, data: PreparedData, tokenizer: Any) -> None:
+    """What train and dry_run check once model and data are loaded: token ids inside the embedding table, inputs
+    within the model's positions (`lorafa.models`); a warning when eval_every has no eval data."""
+    check_token_ids(model, [data.train, data.eval], tokenizer)
+    check_positions(model, [data.train, data.eval], cfg.task)
+    if data.eval is None and cfg.eval_every > 0:
+        logger.warning("eval_every=%d: there is no eval data (no eval_file, eval_split 0), so nothing is "
+                       "evaluated", cfg.eval_every)  # fmt: skip
 
 
 def use_chunked_loss(cfg: TrainConfig) -> bool:
@@ -698,15 +709,13 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     Returns:
         trainable_params, total_params, train_samples, eval_samples, steps (optimizer steps), data (a summary).
     """
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("mixed_precision: fp16 does nothing on CPU (it would train in fp32); use bf16 or no")
+    refuse_cpu_fp16(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(cfg.model)
     data = build_datasets(cfg.data, tokenizer, cfg.task)
     model = load_model(
         cfg.model, cfg.task, data.num_labels, data.id2label, cfg.model_dtype, tokenizer.pad_token_id
     )
-    check_token_ids(model, [data.train, data.eval], tokenizer)
-    check_positions(model, [data.train, data.eval], cfg.task)
+    check_data_fits(cfg, model, data, tokenizer)
     model = prepare_model(
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
     )
@@ -744,7 +753,8 @@ def memory_estimate(cfg: TrainConfig, num_labels: int | None = None) -> str:
     seq = cfg.data.block_size if cfg.task == "clm" else cfg.data.max_length
     config = json.loads((folder / "config.json").read_text())
     positions = config.get("max_position_embeddings") or config.get("n_positions")
-    seq = min(seq, positions) if isinstance(positions, int) else seq  # longer inputs are refused (check_positions)
+    if isinstance(positions, int) and not is_rotary(config):
+        seq = min(seq, positions)  # longer inputs are refused (check_positions); rotary models run them
     tm = cfg.adapter.target_modules
     args = PlannerArgs(
         config=str(folder),
