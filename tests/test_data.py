@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lorafa.data import IGNORE_INDEX, DataConfig, build_datasets, load_table, make_collator, parse_hub_id
+from lorafa.data import IGNORE_INDEX, DataConfig, build_datasets, make_collator
+from lorafa.data_files import load_table, parse_hub_id
 
 WORDS = [
     "user",

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafa.data import one_line
+from lorafa.data_files import one_line
 
 __all__ = ["LinearCrossEntropy", "chunked_causal_lm_loss", "default_chunk_size", "linear_cross_entropy"]
 

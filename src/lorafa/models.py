@@ -18,7 +18,7 @@ from torch import nn
 
 from lorafa.assets import resolve
 from lorafa.config import LoRAFAConfig
-from lorafa.data import one_line, parse_hub_id
+from lorafa.data_files import one_line, parse_hub_id
 from lorafa.heads import NEW_KEYS_ATTR, classification_head_names, new_module_names
 from lorafa.inject import add_lorafa
 

@@ -47,7 +47,7 @@ import json
 import sys
 from typing import Any
 
-from lorafa.data import one_line
+from lorafa.data_files import one_line
 from lorafa.planner_args import (
     ATTENTIONS,
     CHECKPOINTING,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lorafa.config import LoRAFAConfig
-from lorafa.data import one_line
+from lorafa.data_files import one_line
 from lorafa.inject import add_lorafa, classification_head_names, resolve_targets
 from lorafa.models import enable_activation_checkpointing
 from lorafa.planner_args import PRESETS, PlannerArgs, _alpha

@@ -174,7 +174,7 @@ def _scaled(n: int, budget: float) -> int:
 
 def rotten_tomatoes_rows() -> list[dict[str, str]]:
     """Critic snippets of the offline Rotten Tomatoes corpus with a fresh/rotten label (plot summaries dropped)."""
-    from lorafa.data import load_table
+    from lorafa.data_files import load_table
 
     table = load_table("asset:rotten-tomatoes")
     return [
