@@ -2,8 +2,8 @@
 
 `build_datasets(cfg, tokenizer, task)` reads a CSV / TSV / JSON / JSONL / Parquet / text file (optionally
 compressed: .gz, .bz2, .xz), a folder of such files, a `save_to_disk` folder or a Hugging Face Hub dataset
-(`OWNER/NAME:CONFIG@SPLIT`) through `datasets` (`lorafa.data_files`), checks it (missing file or column, empty set, labels that do not
-parse, eval labels unseen in training), holds out a seeded eval split when no eval file is given, and tokenizes it
+(`OWNER/NAME:CONFIG@SPLIT`) through `datasets` (`lorafa.data_files`), checks it (missing file or column, empty
+set, labels that do not parse, eval labels unseen in training), holds out a seeded eval split when no eval file is given, and tokenizes it
 for one task:
 
 - `classification`: one text or a text pair → input_ids, attention_mask (token_type_ids), labels = class id
@@ -676,14 +676,14 @@ def _prepare(ds: Any, cfg: DataConfig, tokenizer: Any, task: str, field: str, ca
     except ValueError as e:  # e.g. a chat template that refuses a conversation
         raise ValueError(f"{field}: {e}") from None
     if task == "sft":
-        # An example whose prompt fills max_length (or a conversation without an assistant turn) has no answer
-        # token to learn from.
+        # An example whose prompt fills max_length has no answer token to learn from (rows without an assistant
+        # turn were dropped by _conversation_table).
         before = len(ds)
         ds = ds.filter(_has_answer, input_columns="labels", desc=f"{field}: checking answers", **_in_memory())
         if len(ds) < before:
             logger.warning(
-                "%s: dropped %d sft examples with no answer token within max_length (the prompt fills it, or "
-                "there is no assistant turn)", field, before - len(ds),
+                "%s: dropped %d sft examples with no answer token within max_length (the prompt fills it)", field,
+                before - len(ds),
             )  # fmt: skip
     if task == "clm":
         ds = _subset(ds, cap, cfg.seed)
@@ -742,13 +742,13 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
         train_labels = _float_labels(train, cfg.label_column, "train_file")
         eval_labels = _float_labels(eval_ds, cfg.label_column, "eval_file") if eval_ds is not None else None
         num_labels = 1
-    if task == "sft" and cfg.use_chat_template and not getattr(tokenizer, "chat_template", None):
-        logger.warning(
-            "sft: the tokenizer has no chat template, so conversations use the plain format (each message's text "
-            "on its own line, answers followed by EOS; roles are not marked); set use_chat_template: false to "
-            "say so, or give the tokenizer a template"
-        )
     if task == "sft":  # every sft table becomes conversations (a pair is a one-turn one)
+        if cfg.use_chat_template and not getattr(tokenizer, "chat_template", None):
+            logger.warning(
+                "sft: the tokenizer has no chat template, so conversations use the plain format (each message's "
+                "text on its own line, answers followed by EOS; roles are not marked); set use_chat_template: false "
+                "to say so, or give the tokenizer a template"
+            )
         train = _conversation_table(train, columns, "train_file")
         eval_ds = _conversation_table(eval_ds, eval_columns, "eval_file") if eval_ds is not None else None
     else:

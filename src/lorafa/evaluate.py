@@ -202,9 +202,8 @@ def write_labels(run_dir: Path, label_names: list[str]) -> None:
 def _adapter_labels(folder: Path) -> list[str] | None:
     """Class names of a classification adapter: its own labels.json (lorafa train writes one into adapter/),
     else its run folder's (an adapter inside a run, or a checkpoint's run/checkpoints/checkpoint-N/adapter)."""
-    places = [folder, folder.parent]
-    if folder.parent.parent.name == "checkpoints":
-        places.append(folder.parent.parent.parent)
+    run = _run_of_adapter(folder)
+    places = [folder, folder.parent, *([run] if run is not None else [])]
     return next((names for names in map(read_labels, places) if names is not None), None)
 
 

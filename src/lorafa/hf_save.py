@@ -99,7 +99,7 @@ class AdapterSavePretrained:
         kwargs.update(kwargs.pop("kwargs", {}))
         main = kwargs.get("is_main_process", True)
         # Imported here: lorafa.adapter imports lorafa.inject, which imports this module.
-        from lorafa.adapter import CONFIG_NAME, LORAFA_NAME, WEIGHTS_NAME, save_adapter
+        from lorafa.adapter import LORAFA_NAME, save_adapter
 
         if kwargs.get("push_to_hub"):
             raise ValueError(
@@ -109,11 +109,10 @@ class AdapterSavePretrained:
         layers = _adapted_layers(model)
         if not layers:  # after remove_lorafa: a plain model, without an earlier save's adapter files beside it
             result = plain_save(model, save_directory, **kwargs)
-            if main and (Path(save_directory) / LORAFA_NAME).is_file():
-                for name in (LORAFA_NAME, CONFIG_NAME, WEIGHTS_NAME):
-                    (Path(save_directory) / name).unlink(missing_ok=True)
-            if main and (Path(save_directory) / ADAPTER_SUBFOLDER / LORAFA_NAME).is_file():
-                shutil.rmtree(Path(save_directory) / ADAPTER_SUBFOLDER)
+            if main:
+                _remove_adapter_files(Path(save_directory))
+                if (Path(save_directory) / ADAPTER_SUBFOLDER / LORAFA_NAME).is_file():
+                    shutil.rmtree(Path(save_directory) / ADAPTER_SUBFOLDER)
             return result
         state = kwargs.pop("state_dict", None)
         if state is None:
@@ -132,9 +131,7 @@ class AdapterSavePretrained:
         if main and _has_own_load_adapter(model):
             sub = Path(save_directory) / ADAPTER_SUBFOLDER
             save_adapter(model, sub)
-            if (Path(save_directory) / LORAFA_NAME).is_file():  # an earlier save's files, which would fail to load
-                for name in (LORAFA_NAME, CONFIG_NAME, WEIGHTS_NAME):
-                    (Path(save_directory) / name).unlink(missing_ok=True)
+            _remove_adapter_files(Path(save_directory))  # an earlier save's files, which would fail to load
             logger.warning(
                 "%s overrides transformers' load_adapter (for its own adapters), so from_pretrained could not read "
                 "PEFT files in %s: the LoRA-FA adapter is in %s; load it with lorafa.load_adapter(model, %r) or "
@@ -151,6 +148,15 @@ class AdapterSavePretrained:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return result
+
+
+def _remove_adapter_files(folder: Path) -> None:
+    """Delete the PEFT adapter files an earlier save wrote into `folder` (recognised by lorafa's own file)."""
+    from lorafa.adapter import CONFIG_NAME, LORAFA_NAME, WEIGHTS_NAME
+
+    if (folder / LORAFA_NAME).is_file():
+        for name in (LORAFA_NAME, CONFIG_NAME, WEIGHTS_NAME):
+            (folder / name).unlink(missing_ok=True)
 
 
 def _has_own_load_adapter(model: nn.Module) -> bool:

@@ -52,12 +52,13 @@ def _base_layer_under_plain_names(module: nn.Module, state_dict: dict[str, Any],
     layer = cast("LoRAFALinear", module)
     weight = f"{prefix}base_layer.weight"
     if layer.merged and weight in state_dict:
-        # State dicts hold the unmerged W (`_unmerged_base_weight`); a merged layer holds W + s·B·A.
+        # State dicts hold the unmerged W (`_unmerged_base_weight`); a merged layer holds W + s·B·A, with the
+        # loaded A and B.
+        own_a, own_b = layer.lora_A.weight, layer.lora_B.weight
+        a = state_dict.get(f"{prefix}lora_A.weight", own_a).to(own_a.device, own_a.dtype)
+        b = state_dict.get(f"{prefix}lora_B.weight", own_b).to(own_b.device, own_b.dtype)
         w = state_dict[weight]
-        a = state_dict.get(f"{prefix}lora_A.weight", layer.lora_A.weight).to(w.device, layer.lora_A.weight.dtype)
-        b = state_dict.get(f"{prefix}lora_B.weight", layer.lora_B.weight).to(w.device, layer.lora_B.weight.dtype)
-        delta = ((b @ a) * layer.scaling).to(w.dtype)
-        state_dict[weight] = w + (delta.t() if layer.fan_in_fan_out else delta)
+        state_dict[weight] = w + layer.weight_delta(a, b).to(w.device)
 
 
 def _unmerged_base_weight(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
@@ -244,10 +245,13 @@ class LoRAFALinear(nn.Module):
             self._proj_key = key
         return self._proj
 
-    def delta_weight(self) -> Tensor:
-        """s·B·A as (d_out, d_in), in the base weight's dtype."""
-        delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-        return delta.to(_weight(self.base_layer).dtype)
+    def weight_delta(self, a: Tensor | None = None, b: Tensor | None = None) -> Tensor:
+        """s·B·A laid out like the base weight (transposed for GPT-2's Conv1D), in its dtype: what merging adds.
+        A and B default to the layer's own."""
+        a = self.lora_A.weight if a is None else a
+        b = self.lora_B.weight if b is None else b
+        delta = ((b @ a) * self.scaling).to(_weight(self.base_layer).dtype)
+        return delta.t() if self.fan_in_fan_out else delta
 
     def check_mergeable(self) -> None:
         """Raise ValueError if folding s·B·A into the base weight would not give this layer's output alone."""
@@ -274,26 +278,21 @@ class LoRAFALinear(nn.Module):
         if self.merged:
             return
         self.check_mergeable()
-        delta = self.delta_weight()
-        _weight(self.base_layer).add_(delta.t() if self.fan_in_fan_out else delta)
+        _weight(self.base_layer).add_(self.weight_delta())
         self.merged = True
 
     @torch.no_grad()
     def unmerged_weight(self) -> Tensor:
         """The base layer's weight without s·B·A, as stored (a new tensor when merged)."""
         w = _weight(self.base_layer).detach()
-        if not self.merged:
-            return w
-        delta = self.delta_weight()
-        return w - (delta.t() if self.fan_in_fan_out else delta)
+        return w - self.weight_delta() if self.merged else w
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract s·B·A from the base weight again (exact up to floating-point rounding). Idempotent."""
         if not self.merged:
             return
-        delta = self.delta_weight()
-        _weight(self.base_layer).sub_(delta.t() if self.fan_in_fan_out else delta)
+        _weight(self.base_layer).sub_(self.weight_delta())
         self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:

@@ -311,8 +311,9 @@ def chunked_causal_lm_loss(
 
     Raises:
         ValueError: If ``batch`` has no ``labels``, the model is an encoder-decoder (or the unshifted
-            ``ForCausalLM`` decoder of one: BART, mBART, Marian, ...) or adds a router auxiliary loss, has no separate body, its output head is not an
-            ``nn.Linear`` child of the model, or its config sets a logits transform not known here.
+            ``ForCausalLM`` decoder of one: BART, mBART, Marian, ...) or adds a router auxiliary loss, has no
+            separate body, its output head is not an ``nn.Linear`` child of the model, or its config sets a logits
+            transform not known here.
     """
     if "labels" not in batch:
         raise ValueError(f"batch needs 'labels' for the loss; got keys {sorted(batch)}")

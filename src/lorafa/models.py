@@ -298,10 +298,9 @@ class LossModel(nn.Module):
 
 
 def is_rotary(config: Any) -> bool:
-    """Whether a config (object or config.json dict) uses rotary positions, which run past max_position_embeddings
-    (unlike learned or fixed position tables)."""
-    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-    return any(get(key) is not None for key in ("rope_theta", "rope_scaling", "rope_parameters"))
+    """Whether a transformers config uses rotary positions, which run past max_position_embeddings (unlike learned
+    or fixed position tables)."""
+    return any(getattr(config, key, None) is not None for key in ("rope_theta", "rope_scaling", "rope_parameters"))
 
 
 def check_positions(model: nn.Module, datasets: list[Any], task: str) -> None:

@@ -35,6 +35,7 @@ from lorafa.checkpoint import (
     save_checkpoint,
 )
 from lorafa.data import PreparedData, build_datasets, example_lengths, make_collator
+from lorafa.data_files import one_line
 from lorafa.evaluate import base_model_path, count_targets, evaluate, rows, write_labels
 from lorafa.gradient_init import gradient_init_budget, init_a_from_gradients
 from lorafa.inject import trainable_parameters
@@ -46,6 +47,7 @@ from lorafa.models import (
     is_rotary,
     load_model,
     load_tokenizer,
+    position_limit,
     prepare_model,
 )
 from lorafa.train_config import TOKEN_TASKS, TrainConfig, config_from_dict
@@ -750,10 +752,15 @@ def memory_estimate(cfg: TrainConfig, num_labels: int | None = None) -> str:
     folder = Path(resolve(cfg.model))
     if not (folder / "config.json").is_file():
         return f"unavailable (the planner needs a local model folder, not {cfg.model!r})"
+    from transformers import AutoConfig
+
     seq = cfg.data.block_size if cfg.task == "clm" else cfg.data.max_length
-    config = json.loads((folder / "config.json").read_text())
-    positions = config.get("max_position_embeddings") or config.get("n_positions")
-    if isinstance(positions, int) and not is_rotary(config):
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, OSError) as e:
+        return f"unavailable ({one_line(e)})"
+    positions = position_limit(config)
+    if positions is not None and not is_rotary(config):
         seq = min(seq, positions)  # longer inputs are refused (check_positions); rotary models run them
     tm = cfg.adapter.target_modules
     args = PlannerArgs(
@@ -775,7 +782,7 @@ def memory_estimate(cfg: TrainConfig, num_labels: int | None = None) -> str:
         cheap_recompute=cfg.cheap_recompute,
         # BART-style decoders read their inputs' values to build masks, which the meta device cannot; eager
         # attention avoids that path (T5 runs either way).
-        attention="eager" if cfg.task == "seq2seq" and config.get("model_type") != "t5" else "sdpa-flash",
+        attention="eager" if cfg.task == "seq2seq" and config.model_type != "t5" else "sdpa-flash",
     )
     try:
         entry = run_planner(args)["methods"][0]
