@@ -22,7 +22,8 @@ R = 4
 def _adapted_linears(model_name: str) -> list[nn.Linear]:
     """The linear layers lorafa adapts by default in `model_name` (all block linears), from a fresh model."""
     from lorafa.config import LoRAFAConfig
-    from lorafa.inject import classification_head_names, resolve_targets
+    from lorafa.heads import classification_head_names
+    from lorafa.targets import resolve_targets
 
     model = bench.MODELS[model_name].build(torch.float32)
     heads = classification_head_names(model)

@@ -29,7 +29,6 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 import lorafa
 import lorafa.planner
-from lorafa.inject import resolve_targets
 from lorafa.loss import chunked_causal_lm_loss
 from lorafa.memory import SavedTensorTracker
 from lorafa.models import enable_activation_checkpointing
@@ -45,6 +44,7 @@ from lorafa.planner import (
     run_planner,
 )
 from lorafa.recompute import enable_cheap_recompute
+from lorafa.targets import resolve_targets
 
 B, T, TT = 2, 16, 8  # batch, sequence length, T5 target length
 R = 4

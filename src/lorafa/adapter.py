@@ -26,15 +26,9 @@ from torch import nn
 
 from lorafa.config import LoRAFAConfig
 from lorafa.heads import outermost_modules
-from lorafa.inject import (
-    _is_linear,
-    _name_matches,
-    _within,
-    add_lorafa,
-    lorafa_layers,
-    remove_lorafa,
-    share_groups,
-)
+from lorafa.inject import add_lorafa, remove_lorafa, share_groups
+from lorafa.layer import lorafa_layers
+from lorafa.targets import is_linear, name_matches, within
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -108,7 +102,7 @@ def _compact_targets(model: nn.Module, adapted: list[str], saved: list[str]) -> 
     selected = {
         n
         for n, m in model.named_modules()
-        if n and _name_matches(n, suffixes) and (_is_linear(m) or n in adapted) and not _within(n, saved)
+        if n and name_matches(n, suffixes) and (is_linear(m) or n in adapted) and not within(n, saved)
     }
     return suffixes if selected == set(adapted) else sorted(adapted)
 
@@ -352,7 +346,7 @@ def _load_into(
                 # "classifier" also saves DistilBERT's pre_classifier. Select what PEFT saved.
                 present = outermost_modules(model, set().union(*(_peft_hits(names, k) for k in keys)))
             else:
-                present = [k for k in keys if any(_name_matches(n, [k]) for n in names)]
+                present = [k for k in keys if any(name_matches(n, [k]) for n in names)]
             cfg = LoRAFAConfig(**{**cfg.to_dict(), "modules_to_save": present or None})
         add_lorafa(model, cfg)
     layers = dict(lorafa_layers(model))

@@ -105,7 +105,7 @@ _METHOD_NOTES = """\
   tokens/s = batch × sequence length ÷ step time. The floor has no optimizer step (nothing trains).
 - **Ratios** (÷ PEFT LoRA): this method's value divided by PEFT LoRA's at the same LoRA dropout, measured in the
   same run (for full fine-tuning and the floor, PEFT LoRA at the first dropout value).
-- **Methods.** Targets are all linear layers of the transformer blocks (`lorafa.inject.DEFAULT_TARGETS`); the
+- **Methods.** Targets are all linear layers of the transformer blocks (`lorafa.targets.DEFAULT_TARGETS`); the
   PEFT baselines get exactly the same module names. Classification heads are trained (`modules_to_save`).
   Optimizer AdamW (PEFT LoRA + create_lorafa_optimizer: PEFT's `LoraFAOptimizer`, which freezes lora_A and
   projects B's gradient). Checkpointing is Hugging Face's per-layer activation checkpointing, non-reentrant.

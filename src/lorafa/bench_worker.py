@@ -62,7 +62,7 @@ def _make_batch(task: str, model: nn.Module, job: Job, device: torch.device) -> 
 def _adapted_names(model: nn.Module, r: int, heads: list[str]) -> list[str]:
     """Full names of the modules lorafa adapts by default (all block linears), to give PEFT the same targets."""
     from lorafa.config import LoRAFAConfig
-    from lorafa.inject import resolve_targets
+    from lorafa.targets import resolve_targets
 
     return resolve_targets(model, LoRAFAConfig(r=r, modules_to_save=heads or None))
 
@@ -71,7 +71,7 @@ def _prepare(
     model: nn.Module, task: str, job: Job, notes: list[str]
 ) -> tuple[nn.Module, torch.optim.Optimizer | None, LossFn]:
     """Make `model` trainable by `job.method`; return (model to run, optimizer or None, loss function)."""
-    from lorafa.inject import classification_head_names
+    from lorafa.heads import classification_head_names
 
     method, p = job.method, job.dropout or 0.0
     heads = classification_head_names(model)  # e.g. ["classifier"]: trained and saved along with adapters

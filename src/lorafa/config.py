@@ -24,7 +24,7 @@ class LoRAFAConfig:
     """Module names/suffixes (list), a regex matched against full module names (str), "all-linear" (every linear
     layer but the output embedding and the task head, `lorafa.heads`, and, with a warning, MoE routers and layers
     with one output or fewer than r), or None for the architecture's default (see
-    `lorafa.inject.DEFAULT_TARGETS`)."""
+    `lorafa.targets.DEFAULT_TARGETS`)."""
     method: str = "lora-fa"
     """"lora-fa" (A frozen, only B trained; keeps r numbers per token) or "lora" (A and B trained)."""
     use_rslora: bool = False

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorafa.inject import lorafa_layers
-from lorafa.layer import DATA_INITS, LoRAFALinear
+from lorafa.layer import DATA_INITS, LoRAFALinear, lorafa_layers
 
 __all__ = ["init_a_from_gradients"]
 

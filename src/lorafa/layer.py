@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import weakref
 import zlib
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
@@ -350,3 +351,10 @@ class LoRAFALinear(nn.Module):
             f"lora_dropout={self.lora_dropout}, projection={self.projection}, merged={self.merged}"
             + (f", share_group={self.share_group!r}" if self.share_group else "")
         )
+
+
+def lorafa_layers(model: nn.Module) -> Iterator[tuple[str, LoRAFALinear]]:
+    """Yield (module name, layer) for every LoRAFALinear in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRAFALinear):
+            yield name, module

@@ -14,9 +14,11 @@ from torch import nn
 
 from lorafa.config import LoRAFAConfig
 from lorafa.data_files import one_line
-from lorafa.inject import add_lorafa, classification_head_names, resolve_targets
+from lorafa.heads import classification_head_names
+from lorafa.inject import add_lorafa
 from lorafa.models import enable_activation_checkpointing
 from lorafa.planner_args import PRESETS, PlannerArgs, _alpha
+from lorafa.targets import resolve_targets
 
 logger = logging.getLogger(__name__)
 

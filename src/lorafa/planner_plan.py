@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorafa.inject import resolve_targets
 from lorafa.memory import static_memory
 from lorafa.models import is_rotary, position_limit
 from lorafa.planner_args import PlannerArgs, _alpha, parse_dtype, parse_size
@@ -25,6 +24,7 @@ from lorafa.planner_models import (
     resolve_task,
 )
 from lorafa.recompute import enable_cheap_recompute
+from lorafa.targets import resolve_targets
 
 __all__ = ["largest_fitting", "run_planner"]
 

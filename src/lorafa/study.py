@@ -416,7 +416,7 @@ def half_layer_targets(model: str) -> str:
     from transformers import AutoConfig
 
     from lorafa.assets import resolve
-    from lorafa.inject import DEFAULT_TARGETS
+    from lorafa.targets import DEFAULT_TARGETS
 
     config = AutoConfig.from_pretrained(resolve(model))
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None)
