@@ -14,9 +14,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorafa.data import IGNORE_INDEX, DataConfig, build_datasets, make_collator
 from lorafa.data_files import load_table, parse_hub_id
+from lorafa.sft import _in_span
 
 WORDS = [
     "user",
@@ -533,6 +536,23 @@ def test_sample_caps_are_seeded_subsets(tmp_path, bert_tok):
 
 
 # ------------------------------------------------------------------------------------------------------ sft etc.
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 60), min_size=0, max_size=12, unique=True),
+    st.lists(st.tuples(st.integers(0, 64), st.integers(0, 4)), max_size=30),
+)
+def test_token_in_span_matches_checking_every_span(edges: list[int], tokens: list[tuple[int, int]]) -> None:
+    """The bisect lookup labels a token exactly as testing it against every span: overlap for a token with
+    characters, strictly inside for a zero-width one (spans sorted and disjoint, as chat_spans makes them)."""
+    cuts = sorted(edges)
+    spans = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2)]
+    for s, width in tokens:
+        e = s + width
+        every = any((s < end and e > start) if e > s else start < s < end for start, end in spans)
+        assert _in_span(spans, s, e) == every, (spans, s, e)
+
 
 
 def _sft_file(tmp_path: Path) -> Path:

@@ -14,6 +14,7 @@ for other roles and `content` + EOS for the assistant, after the tokenizer's BOS
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from typing import Any
@@ -271,9 +272,7 @@ def _tokenize_rendered(
         ids = list(ids)
         if fast:
             lab = [
-                tok
-                if any((s < end and e > start) if e > s else start < s < end for start, end in spans)
-                else IGNORE_INDEX
+                tok if _in_span(spans, s, e) else IGNORE_INDEX
                 for tok, (s, e) in zip(ids, enc["offset_mapping"][k], strict=True)
             ]
         else:
@@ -284,6 +283,16 @@ def _tokenize_rendered(
         input_ids.append(ids)
         labels.append(lab)
     return _examples(input_ids, labels, max_length)
+
+
+def _in_span(spans: list[tuple[int, int]], s: int, e: int) -> bool:
+    """Whether the token at characters [s, e) overlaps one of `spans` (sorted, disjoint), or, when zero-width, lies
+    strictly inside one. The first span ending after s is the only candidate: O(log spans) per token."""
+    j = bisect.bisect_right(spans, s, key=lambda span: span[1])
+    if j == len(spans):
+        return False
+    start, end = spans[j]
+    return start < e if e > s else start < s < end
 
 
 def _token_edge(tokenizer: Any, text: str, k: int, ids: list[int]) -> int:
