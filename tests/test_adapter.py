@@ -269,6 +269,14 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         ({"lora_bias": True}, "lora_bias=True is not supported"),
         ({"init_lora_weights": "pissa"}, "rewrites the base weights"),
         ({"init_lora_weights": "olora"}, "rewrites the base weights"),
+        ({"init_lora_weights": "lora_ga"}, "rewrites the base weights"),
+        ({"alora_invocation_tokens": [9, 10]}, "aLoRA"),
+        ({"kasa_config": {}}, "KaSA"),  # an empty config turns KaSA on with its defaults
+        ({"use_bdlora": {"lora_a_is_blockdiagonal": True}}, "BD-LoRA"),
+        ({"arrow_config": {"top_k": 2}}, "Arrow"),
+        ({"monteclora_config": {}}, "MonteCLoRA"),
+        ({"velora_config": {}}, "VeLoRA"),
+        ({"use_qalora": True}, "use_qalora=True is not supported"),
     ],
 )
 def test_peft_features_lorafa_does_not_compute_are_refused(tmp_path, extra, message):
@@ -282,13 +290,10 @@ def test_peft_features_lorafa_does_not_compute_are_refused(tmp_path, extra, mess
     assert not list(lorafa.lorafa_layers(target))
 
 
-def test_peft_exclude_modules_are_honoured(tmp_path):
-    cfg = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj"],
-        exclude_modules=["model.layers.0.self_attn.q_proj"],
-    )
+@pytest.mark.parametrize("exclude", [["model.layers.0.self_attn.q_proj"], r".*layers\.0\.self_attn\.q_proj"])
+def test_peft_exclude_modules_are_honoured(tmp_path, exclude):
+    """A list names modules (or suffixes); a string is a regex over full names, as PEFT reads it."""
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], exclude_modules=exclude)
     peft_model = get_peft_model(tiny("llama"), cfg)
     _randomise_trainables(peft_model, seed=1)
     with torch.no_grad():

@@ -223,6 +223,12 @@ def test_target_module_forms():
     )
     names = [n for n, _ in lorafa.lorafa_layers(model)]
     assert len(names) == 12 and "lm_head" not in names and not any(n.endswith("o_proj") for n in names)
+    # A string is a regex over full names (PEFT's reading); one that leaves nothing out is most likely a mistake.
+    model = lorafa.add_lorafa(tiny("llama"), lorafa.LoRAFAConfig(r=2, exclude_modules=r".*layers\.0\..*_proj"))
+    kept = [n for n, _ in lorafa.lorafa_layers(model)]
+    assert len(kept) == 7 and all(n.startswith("model.layers.1.") for n in kept)
+    with pytest.warns(UserWarning, match=r"exclude_modules \['o_proj'\] matched no module"):
+        lorafa.add_lorafa(tiny("llama"), lorafa.LoRAFAConfig(r=2, exclude_modules="o_proj"))
     model = tiny("bert")
     lorafa.add_lorafa(
         model, lorafa.LoRAFAConfig(r=2, target_modules="all-linear", modules_to_save=["classifier"])

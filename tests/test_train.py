@@ -261,7 +261,8 @@ def test_yaml_booleans_in_text_fields_and_flag_types(tmp_path):
     for bad in (
         dict(use_rslora="no"),
         dict(projection="yes"),
-        dict(exclude_modules="query"),
+        dict(exclude_modules="(query"),  # a string is a regex (as in PEFT): this one does not compile
+        dict(exclude_modules=[""]),
         dict(lora_alpha=True),
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):

@@ -45,11 +45,22 @@ _UNSUPPORTED: dict[str, Any] = {
     "target_parameters": None,
     "trainable_token_indices": None,
     "layer_replication": None,
+    "use_qalora": False,
+}
+# PEFT LoRA variants enabled by any value but None (an empty dict turns KaSA on with its defaults): each changes the
+# forward (aLoRA, Arrow, KaSA, BD-LoRA, MonteCLoRA) or stores extra tensors in the adapter file (VeLoRA).
+_UNSUPPORTED_VARIANTS = {
+    "alora_invocation_tokens": "aLoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "use_bdlora": "BD-LoRA",
+    "monteclora_config": "MonteCLoRA",
+    "velora_config": "VeLoRA",
 }
 # PEFT inits that rewrite the base weights when the adapter is loaded (W - s·B0·A0 and the like); lorafa loads
 # into unmodified base weights, so their outputs would differ. PEFT can convert such an adapter to plain LoRA at
 # save time (save_pretrained(..., path_initial_model_for_weight_conversion=...)).
-_BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda")
+_BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -224,6 +235,12 @@ def read_adapter_config(
         value = peft.get(key, neutral)
         if value not in (neutral, None, False, {}, []):
             raise ValueError(f"{folder / CONFIG_NAME}: {key}={value!r} is not supported by lorafa")
+    for key, variant in _UNSUPPORTED_VARIANTS.items():
+        if peft.get(key) is not None and peft.get(key) is not False:
+            raise ValueError(
+                f"{folder / CONFIG_NAME}: {key}={repr(peft[key])[:80]} turns on PEFT's {variant}, a LoRA variant "
+                "lorafa does not implement (its outputs or files differ from plain LoRA's)"
+            )
     init = peft.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise ValueError(
@@ -245,7 +262,7 @@ def read_adapter_config(
             lora_alpha=float(peft["lora_alpha"]),
             lora_dropout=float(peft.get("lora_dropout", 0.0) or 0.0),
             target_modules=peft["target_modules"],
-            exclude_modules=[exclude] if isinstance(exclude, str) else list(exclude),
+            exclude_modules=exclude if isinstance(exclude, str) else list(exclude),  # str: a regex, as in PEFT
             use_rslora=bool(peft.get("use_rslora", False)),
             modules_to_save=peft.get("modules_to_save"),
             init_lora_weights="gaussian" if init == "gaussian" else "kaiming",

@@ -42,8 +42,9 @@ class LoRAFAConfig:
     """Seed for A; each layer uses (init_seed, its module name). None draws from the global RNG."""
     projection: bool = False
     """Apply the LoRA-FA gradient projection g_B ← g_B·(A·Aᵀ)⁻¹/s² (method "lora-fa" only)."""
-    exclude_modules: list[str] = field(default_factory=list)
-    """Module names/suffixes never adapted, even when target_modules matches them."""
+    exclude_modules: list[str] | str = field(default_factory=list)
+    """Module names/suffixes (list) or a regex matched against full module names (str, as PEFT reads it) never
+    adapted, even when target_modules matches them."""
     share_a: bool = False
     """Opt-in (method "lora-fa" only): adapted sibling layers with the same input width (q/k/v, gate/up) share one
     frozen A; layers that then read the same input tensor also share u = A·dropout(x) and its dropout mask, so one
@@ -71,10 +72,14 @@ class LoRAFAConfig:
         for flag in ("use_rslora", "projection"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
-        if not isinstance(self.exclude_modules, list | tuple) or not all(
-            isinstance(m, str) and m for m in self.exclude_modules
-        ):
-            raise ValueError(f"exclude_modules must be a list of module names, got {self.exclude_modules!r}")
+        ex = self.exclude_modules
+        if isinstance(ex, str):
+            try:
+                re.compile(ex)
+            except re.error as e:
+                raise ValueError(f"exclude_modules is not a valid regex: {ex!r} ({e})") from e
+        elif not isinstance(ex, list | tuple) or not all(isinstance(m, str) and m for m in ex):
+            raise ValueError(f"exclude_modules must be a list of module names or a regex, got {ex!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
         if self.init_lora_weights not in INITS:

@@ -76,6 +76,18 @@ def name_matches(name: str, keys: list[str]) -> bool:
     return any(name == k or name.endswith("." + k) for k in keys)
 
 
+def excluded(name: str, exclude: list[str] | str) -> bool:
+    """Whether `exclude_modules` leaves module `name` out: a regex (str) matches the full name, as in PEFT; a
+    list holds names or suffixes."""
+    return re.fullmatch(exclude, name) is not None if isinstance(exclude, str) else name_matches(name, exclude)
+
+
+def _unused_excludes(model: nn.Module, exclude: list[str] | str) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n]
+    keys = [exclude] if isinstance(exclude, str) else list(exclude)
+    return [k for k in keys if not any(excluded(n, k if isinstance(exclude, str) else [k]) for n in names)]
+
+
 def _output_head_names(model: nn.Module) -> set[str]:
     """Linear layers "all-linear" leaves out: the output embedding, layers named like a head, and every layer
     inside the task head (`lorafa.heads.classification_head_names`, e.g. RoBERTa's classifier.dense/out_proj)."""
@@ -129,7 +141,7 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
     names: list[str] = []
     passed: dict[str, list[str]] = {"router": [], "narrow": [], "mha": []}
     for name, module in model.named_modules():
-        if not name or name_matches(name, cfg.exclude_modules):
+        if not name or excluded(name, cfg.exclude_modules):
             continue
         if within(name, saved):
             continue  # a module trained fully (modules_to_save) is not adapted
@@ -168,6 +180,13 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
                 "quantization (e.g. dtype=torch.bfloat16)"
             )
         names.append(name)
+    unused = _unused_excludes(model, cfg.exclude_modules)
+    if unused:
+        warnings.warn(
+            f"exclude_modules {unused} matched no module (a string is a regex over full module names, e.g. "
+            "'.*attention.*'; a list holds names or suffixes)",
+            stacklevel=3,
+        )
     if passed["router"]:
         warnings.warn(
             f"target_modules=all-linear: not adapting {len(passed['router'])} MoE router or gate layers (an output "
