@@ -11,7 +11,11 @@ comes from torch's default CPU generator, which non-reentrant activation checkpo
 recomputed forward draws the same seed and hence the same mask.
 
 `method="lora"` (A trainable) goes through the same Function; it then also keeps x (not the dropout output,
-not the mask) because dA needs it.
+not the mask) because dA needs it, as it does when a user unfreezes the base weight W (dW needs x).
+
+With `weight=None` the Function computes the adapter's term s·B·A·dropout(x) alone, for a base layer that must run
+its own forward (hooks on it, e.g. accelerate's offloading): the caller adds base_layer(x), which keeps nothing
+of x either while W is frozen.
 """
 
 from __future__ import annotations
@@ -86,14 +90,14 @@ def _can_fold(dtype: torch.dtype, no_dropout: bool) -> bool:
     return no_dropout and dtype in (torch.float32, torch.float64)
 
 
-def _fold_backward(g: Tensor, weight: Tensor, no_dropout: bool) -> bool:
+def _fold_backward(g: Tensor, weight: Tensor | None, no_dropout: bool) -> bool:
     """Whether backward computes ∂L/∂x as g·(W + s·B·A) instead of g·W + (s·g·B)·A.
 
     The (d_out, d_in) temporary costs d_out·d_in·r multiply-adds against N·(d_out + d_in)·r for g·B and h·A; fold
     when min(d_out, d_in) ≤ N, where it is both cheaper and no larger than g (N, d_out) or dx (N, d_in), tensors
     backward holds anyway.
     """
-    return _can_fold(g.dtype, no_dropout) and min(weight.shape) <= g.shape[0]
+    return weight is not None and _can_fold(g.dtype, no_dropout) and min(weight.shape) <= g.shape[0]
 
 
 def _draw_seed() -> int:
@@ -106,21 +110,22 @@ class LoRAFALinearFunction(torch.autograd.Function):
 
     Shapes: x (N, d_in), W (d_out, d_in), b (d_out,), A (r, d_in), B (d_out, r), u (N, r), y (N, d_out).
 
-    Forward saves u (and x only when A needs a gradient, i.e. method "lora"); never the mask or m ⊙ x.
-    Backward, with g = ∂L/∂y (N, d_out) and h = s·g·B (N, r):
+    Forward saves u (and x only when A or W needs a gradient: method "lora", or a base weight the user unfroze);
+    never the mask or m ⊙ x. Backward, with g = ∂L/∂y (N, d_out) and h = s·g·B (N, r):
         ∂L/∂x = g·W + (m ⊙ (h·A)) / q            (the mask m regenerated from the forward's seed;
                                                   = g·(W + s·B·A) without dropout, see `_fold_backward`)
         ∂L/∂B = s·gᵀ·u                            (then ·P when a gradient projection P (r, r) is given)
         ∂L/∂A = hᵀ·(m ⊙ x) / q                    (method "lora" only)
+        ∂L/∂W = gᵀ·x                              (only if W requires grad; lorafa freezes it)
         ∂L/∂b = Σ_n g                             (only if b requires grad)
-    W never gets a gradient: the base layer is frozen.
+    With W = None (and no b) y is the adapter's term s·u·Bᵀ alone and ∂L/∂x loses its g·W.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
         x: Tensor,
-        weight: Tensor,
+        weight: Tensor | None,
         bias: Tensor | None,
         lora_A: Tensor,
         lora_B: Tensor,
@@ -130,7 +135,6 @@ class LoRAFALinearFunction(torch.autograd.Function):
         shared: SharedProjection | None = None,
     ) -> Tensor:
         dt = x.dtype
-        w = weight.to(dt)  # no copy when the base weight already has the activation dtype
         a = lora_A.to(dt)  # (r, d_in): small
         bm = lora_B.to(dt)  # (d_out, r): small
         q = keep_probability(dropout_p)
@@ -154,10 +158,14 @@ class LoRAFALinearFunction(torch.autograd.Function):
         # (N, d_out); the bias is added inside the GEMM (as F.linear does), not in a separate pass
         # Folding s·B·A into W here, as backward does, measured slower: the (d_out, d_in) temporary costs a copy of
         # W plus a memory-bound k=r GEMM, more than the one extra pass over y below.
-        y = x @ w.t() if bias is None else torch.addmm(bias.to(dt), x, w.t())
-        y.addmm_(u, bm.t(), alpha=scaling)  # accumulate s·u·Bᵀ in place: no (N, d_out) temporary
+        if weight is None:
+            y = (u @ bm.t()).mul_(scaling)  # the adapter's term alone
+        else:
+            w = weight.to(dt)  # no copy when the base weight already has the activation dtype
+            y = x @ w.t() if bias is None else torch.addmm(bias.to(dt), x, w.t())
+            y.addmm_(u, bm.t(), alpha=scaling)  # accumulate s·u·Bᵀ in place: no (N, d_out) temporary
 
-        save_x = ctx.needs_input_grad[3]
+        save_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
         ctx.save_for_backward(u, x if save_x else None, weight, lora_A, lora_B, projection)
         ctx.seed, ctx.p, ctx.q, ctx.scaling = seed, dropout_p, q, scaling
         ctx.has_bias = bias is not None
@@ -174,7 +182,7 @@ class LoRAFALinearFunction(torch.autograd.Function):
         u, x, weight, lora_A, lora_B, projection = ctx.saved_tensors
         dt = g.dtype
         a, bm = lora_A.to(dt), lora_B.to(dt)
-        need_x, _, need_b, need_a, need_bm = ctx.needs_input_grad[:5]
+        need_x, need_w, need_b, need_a, need_bm = ctx.needs_input_grad[:5]
         mask = None
         if ctx.p > 0 and (need_x or need_a):
             mask = dropout_mask(torch.Size((g.shape[0], a.shape[1])), ctx.seed, ctx.p, g.device, dt)
@@ -190,11 +198,14 @@ class LoRAFALinearFunction(torch.autograd.Function):
             dx = g @ torch.addmm(weight.to(dt), bm, a, alpha=ctx.scaling)  # (N, d_in)
         elif need_x:
             assert h is not None
-            dx = g @ weight.to(dt)  # (N, d_in)
-            if mask is None:
-                dx.addmm_(h, a)  # accumulate in place
+            if weight is None:
+                dx = h @ a if mask is None else (h @ a).mul_(mask)  # (N, d_in): the adapter's path alone
             else:
-                dx.addcmul_(h @ a, mask)  # the adapter path's gradient passes the same mask (one fused pass)
+                dx = g @ weight.to(dt)  # (N, d_in)
+                if mask is None:
+                    dx.addmm_(h, a)  # accumulate in place
+                else:
+                    dx.addcmul_(h @ a, mask)  # the adapter path's gradient passes the same mask (one fused pass)
 
         # dB = s·gᵀ·u; computed in the activation dtype, accumulated into B's dtype.
         dB = None
@@ -210,13 +221,18 @@ class LoRAFALinearFunction(torch.autograd.Function):
             xd = x if mask is None else x * mask  # h already carries 1/q
             dA = (h.t() @ xd).to(lora_A.dtype)  # (r, d_in)
 
+        dW = None
+        if need_w:
+            assert x is not None and weight is not None
+            dW = (g.t() @ x).to(weight.dtype)  # (d_out, d_in); the base layer was unfrozen by the caller
+
         db = g.sum(0) if ctx.has_bias and need_b else None
-        return dx, None, db, dA, dB, None, None, None, None
+        return dx, dW, db, dA, dB, None, None, None, None
 
 
 def lorafa_linear(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
@@ -229,8 +245,9 @@ def lorafa_linear(
 
     Args:
         x: input (..., d_in), in the compute dtype (parameters are cast to it).
-        weight: frozen base weight (d_out, d_in). Pass `w.t()` for a GPT-2 `Conv1D` weight (d_in, d_out).
-        bias: base bias (d_out,) or None.
+        weight: frozen base weight (d_out, d_in). Pass `w.t()` for a GPT-2 `Conv1D` weight (d_in, d_out). None
+            gives the adapter's term s·B·A·dropout(x) alone (the caller adds the base layer's output).
+        bias: base bias (d_out,) or None (None when weight is None).
         lora_A: (r, d_in); frozen for LoRA-FA (no gradient computed unless it requires grad).
         lora_B: (d_out, r).
         scaling: s = lora_alpha / r (or / sqrt(r) for rsLoRA).
@@ -243,7 +260,11 @@ def lorafa_linear(
         y of shape (..., d_out).
     """
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if (
+        torch.amp.is_autocast_available(device_type)
+        and torch.is_autocast_enabled(device_type)
+        and x.dtype != torch.float64  # autocast leaves float64 alone
+    ):
         # Do what autocast would do for a linear layer (compute in its dtype), then run with autocast off so that
         # the Function's dtypes are explicit. Casting x costs the same copy autocast itself would make.
         x = x.to(torch.get_autocast_dtype(device_type))

@@ -7,6 +7,7 @@ an explicit, idempotent call; `.train()`/`.eval()` never touch weights.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 import zlib
@@ -37,6 +38,26 @@ def _weight(module: nn.Module) -> Tensor:
 
 def _bias(module: nn.Module) -> Tensor | None:
     return cast("Tensor | None", getattr(module, "bias", None))
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` runs more than its forward: torch forward (pre-)hooks, or accelerate's hook (which
+    loads offloaded weights before the forward and offloads them after)."""
+    return bool(module._forward_pre_hooks or module._forward_hooks) or hasattr(module, "_hf_hook")
+
+
+@contextlib.contextmanager
+def _onloaded(*modules: nn.Module) -> Iterator[None]:
+    """Hold the weights of modules that accelerate offloads (`cpu_offload`, device_map with "cpu"/"disk") on their
+    execution device while the adapter reads them directly (it never calls lora_A/lora_B, where the hook sits)."""
+    hooks: list[tuple[nn.Module, Any]] = [(m, m._hf_hook) for m in modules if hasattr(m, "_hf_hook")]
+    for m, hook in hooks:
+        hook.pre_forward(m)
+    try:
+        yield
+    finally:
+        for m, hook in hooks:
+            hook.post_forward(m, torch.tensor([]))
 
 
 def _base_layer_under_plain_names(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
@@ -175,7 +196,13 @@ class LoRAFALinear(nn.Module):
         self.merged = False
 
         weight = _weight(base_layer)
-        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else None}
+        device: Any = weight.device
+        if device.type == "meta":
+            # accelerate offloads the weight (device_map with "cpu"/"disk", cpu_offload) and loads it for each
+            # forward: the adapter, small, lives on the device where that forward runs. Without such a hook the
+            # model is a shape-only one (the memory planner's) and so is the adapter.
+            device = getattr(getattr(base_layer, "_hf_hook", None), "execution_device", None) or device
+        factory = {"device": device, "dtype": weight.dtype if weight.is_floating_point() else None}
         # Adapters are kept in fp32 when the base is fp16/bf16: mixed precision needs fp32 master weights.
         if factory["dtype"] in (torch.float16, torch.bfloat16):
             factory["dtype"] = torch.float32
@@ -262,6 +289,12 @@ class LoRAFALinear(nn.Module):
                 f"{list(self.tied_to)} (tied weights), which merging would change too; use the model unmerged "
                 "(it trains, saves and loads as usual) or leave this layer out of target_modules"
             )
+        if _weight(self.base_layer).device.type == "meta":
+            raise ValueError(
+                f"cannot merge the adapter of {self.layer_name or 'this layer'!r}: its base weight is offloaded "
+                "(meta device; accelerate loads it for each forward), so there is no weight to add s·B·A to; load "
+                "the model without offloading to merge"
+            )
         if parametrize.is_parametrized(self.base_layer, "weight"):
             # The weight is recomputed from its parametrization's originals on every access: an addition is lost.
             raise ValueError(
@@ -306,6 +339,8 @@ class LoRAFALinear(nn.Module):
                 "an adapter"
             )
         p = self.lora_dropout if self.training else 0.0
+        if _hooked(self.base_layer) or hasattr(self.lora_A, "_hf_hook") or hasattr(self.lora_B, "_hf_hook"):
+            return self._forward_through_base(x, p)
         proj = self.projection_matrix() if self.projection and self.lora_B.weight.requires_grad else None
         return lorafa_linear(
             x,
@@ -318,6 +353,23 @@ class LoRAFALinear(nn.Module):
             proj,
             self._shared_slot(x, p),
         )
+
+    def _forward_through_base(self, x: Tensor, p: float) -> Tensor:
+        """y = base_layer(x) + s·B·A·dropout(x), for a base layer with hooks (a user's, or accelerate's, which
+        loads an offloaded weight): calling it runs them, as PEFT does. The frozen base layer keeps nothing of x
+        for backward and the adapter's term keeps only u, so the saving is the same; the two products are not
+        fused, so it is a little slower."""
+        y = self.base_layer(x)
+        with _onloaded(self.lora_A, self.lora_B):
+            a, b = self.lora_A.weight, self.lora_B.weight
+            if (a.is_meta or b.is_meta) and not x.is_meta:
+                raise RuntimeError(
+                    f"the adapter of {self.layer_name or 'this layer'!r} is on the meta device (offloaded without "
+                    "weights to load back); add adapters after the model is dispatched, or keep them on a device"
+                )
+            proj = self.projection_matrix() if self.projection and b.requires_grad else None
+            delta = lorafa_linear(x, None, None, a, b, self.scaling, p, proj, self._shared_slot(x, p))
+        return y + delta.to(y.device)
 
     def _shared_slot(self, x: Tensor, p: float) -> SharedProjection | None:
         """The u slot of this layer's share group for input x, kept as long as x lives (`_slots_of`).

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lorafa.layer import LoRAFALinear
+
 CATEGORIES = ("attention", "mlp", "norm", "adapter", "embedding", "head", "loss", "other")
 
 # Type-name fragments of transformers modules, searched from the innermost module outwards. "SelfOutput" is
@@ -95,7 +97,12 @@ class SavedTensorTracker:
             tensors = [*self.model.parameters(), *self.model.buffers()]
             self._excluded = {_storage_key(t) for t in tensors}
             self._names = {id(m): name for name, m in self.model.named_modules()}
+            # An adapted layer never calls its base layer or lora_A/lora_B (one fused Function), and a hook on them
+            # would send it down its slower hooked path (`LoRAFALinear._forward_through_base`): skip them.
+            inner = {id(c) for m in self.model.modules() if isinstance(m, LoRAFALinear) for c in m.children()}
             for m in self.model.modules():
+                if id(m) in inner:
+                    continue
                 self._handles.append(m.register_forward_pre_hook(self._pre_hook))
                 self._handles.append(m.register_forward_hook(self._post_hook, always_call=True))
         else:
