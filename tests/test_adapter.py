@@ -199,6 +199,11 @@ def test_strict_loading_errors(tmp_path):
     other = lorafa.add_lorafa(tiny("llama"), lorafa.LoRAFAConfig(r=4, lora_alpha=2))
     with pytest.raises(ValueError, match="lora_alpha: file 8 vs model 2"):
         lorafa.load_adapter(other, good)
+    # nor is a method asked for that the model's adapters do not have (it was ignored)
+    same = lorafa.add_lorafa(tiny("llama"), lorafa.read_adapter_config(good)[0])
+    with pytest.raises(ValueError, match=r"method='lora'.*already \['lora-fa'\]"):
+        lorafa.load_adapter(same, good, method="lora")
+    lorafa.load_adapter(same, good, method="lora-fa")
     extra = variant(
         "extra",
         lambda s: s.__setitem__("base_model.model.model.layers.0.mlp.up_proj.lora_C.weight", torch.zeros(1)),

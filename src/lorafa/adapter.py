@@ -318,6 +318,13 @@ def load_adapter(
     have = getattr(model, "lorafa_config", None)
     if not injected and isinstance(have, LoRAFAConfig):
         _check_same_computation(have, cfg, folder)
+    if not injected and method is not None:
+        methods = {layer.method for _, layer in lorafa_layers(model)}
+        if methods != {method}:
+            raise ValueError(
+                f"load_adapter(method={method!r}): the model's adapters are already {sorted(methods)} (the method is "
+                "chosen when adapters are added); load into a model without adapters to choose it"
+            )
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         _load_into(model, folder, cfg, meta, state, injected, is_trainable)

@@ -131,8 +131,8 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
     if peft is not None:
         raise ValueError(
             f"module {peft!r} already has a PEFT adapter ({type(model.get_submodule(peft)).__module__}); "
-            "transformers adds one when it loads a folder holding adapter_config.json: load the base model and "
-            "then lorafa.load_adapter(model, folder)"
+            "(from get_peft_model, or from transformers, which adds one when it loads a folder holding "
+            "adapter_config.json); add lorafa's adapters to the base model, or lorafa.load_adapter(base, folder)"
         )
     heads = _output_head_names(model)
     saved = resolve_modules_to_save(model, cfg.modules_to_save or [])
