@@ -43,14 +43,14 @@ def _bias(module: nn.Module) -> Tensor | None:
 def _hooked(module: nn.Module) -> bool:
     """Whether calling `module` runs more than its forward: torch forward (pre-)hooks, or accelerate's hook (which
     loads offloaded weights before the forward and offloads them after)."""
-    return bool(module._forward_pre_hooks or module._forward_hooks) or hasattr(module, "_hf_hook")
+    return bool(module._forward_pre_hooks or module._forward_hooks) or "_hf_hook" in module.__dict__
 
 
 @contextlib.contextmanager
 def _onloaded(*modules: nn.Module) -> Iterator[None]:
     """Hold the weights of modules that accelerate offloads (`cpu_offload`, device_map with "cpu"/"disk") on their
     execution device while the adapter reads them directly (it never calls lora_A/lora_B, where the hook sits)."""
-    hooks: list[tuple[nn.Module, Any]] = [(m, m._hf_hook) for m in modules if hasattr(m, "_hf_hook")]
+    hooks: list[tuple[nn.Module, Any]] = [(m, m.__dict__["_hf_hook"]) for m in modules if "_hf_hook" in m.__dict__]
     for m, hook in hooks:
         hook.pre_forward(m)
     try:
@@ -341,7 +341,7 @@ class LoRAFALinear(nn.Module):
                 "an adapter"
             )
         p = self.lora_dropout if self.training else 0.0
-        if _hooked(self.base_layer) or hasattr(self.lora_A, "_hf_hook") or hasattr(self.lora_B, "_hf_hook"):
+        if _hooked(self.base_layer) or "_hf_hook" in self.lora_A.__dict__ or "_hf_hook" in self.lora_B.__dict__:
             return self._forward_through_base(x, p)
         proj = self.projection_matrix() if self.projection and self.lora_B.weight.requires_grad else None
         return lorafa_linear(
