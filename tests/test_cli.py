@@ -369,6 +369,38 @@ def test_a_new_run_replaces_every_output_of_a_finished_one(toys, tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["task"] == "regression"
 
 
+def test_interrupts_os_errors_and_corrupt_weights_end_with_one_line(toys, tmp_path, monkeypatch, capsys):
+    import lorafa.train
+
+    out = _trained_run(toys, tmp_path, "classification", "checkpoint_every=2", "max_steps=4")
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lorafa.train, "train", interrupted)
+    assert main(run_args(toys, "classification", out)) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; resume={out / 'checkpoints' / 'checkpoint-4'} continues it" in err
+    assert "Traceback" not in err
+
+    def unwritable(cfg):
+        raise PermissionError(13, "Permission denied", "/sys/x")
+
+    monkeypatch.setattr(lorafa.train, "train", unwritable)
+    assert main(run_args(toys, "classification", out)) == 2
+    assert "error: [Errno 13] Permission denied: '/sys/x'" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(toys / "bert", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    args = run_args(toys, "classification", tmp_path / "run2")
+    args[1] = f"model={broken}"
+    assert main(args) == 2
+    assert "its weights file cannot be read" in capsys.readouterr().err
+
+
 def test_weights_are_saved_before_the_final_evaluation(toys, tmp_path, monkeypatch):
     import lorafa.train
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import lorafa.train as train_module
 from lorafa import metrics
 from lorafa.cli import main
-from lorafa.train import epoch_batches, make_scheduler, train
+from lorafa.train import dry_run, epoch_batches, make_scheduler, train
 from lorafa.train_config import DEFAULT_RUN, TrainConfig, default_config, load_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -278,12 +278,58 @@ def test_resume_follows_this_runs_lr_and_leaves_a_finished_run_alone(toys, tmp_p
     train(_config(toys, out, "max_steps=4", *common))
     checkpoint = out / "checkpoints" / "checkpoint-4"
     train(_config(toys, more, "max_steps=6", "lr=0.005", f"resume={checkpoint}", *common))
-    lrs = [r["lr"] for r in map(json.loads, (more / "train_log.jsonl").read_text().splitlines()) if "lr" in r]
-    assert lrs == [0.005, 0.005]  # steps 5 and 6 at the new lr, not the checkpoint's 0.01
+    records = [r for r in map(json.loads, (more / "train_log.jsonl").read_text().splitlines()) if "lr" in r]
+    # steps 1-4 come from the source run's log; 5 and 6 ran at the new lr, not the checkpoint's 0.01
+    assert [(r["step"], r["lr"]) for r in records if r["step"] > 4] == [(5, 0.005), (6, 0.005)]
     before = (out / "metrics.json").read_text()
     log = (out / "train_log.jsonl").read_text()
     train(_config(toys, out, "max_steps=4", f"resume={out}", *common))  # nothing left to train
     assert (out / "metrics.json").read_text() == before and (out / "train_log.jsonl").read_text() == log
+
+
+def test_output_dir_rules_protect_what_a_run_did_not_write(toys, tmp_path, monkeypatch):
+    """Refused before any work: a file, an unfinished run with checkpoints (rerunning without resume deleted them),
+    a folder that is not a run but holds names a run writes. Other folders are written into, keeping their files;
+    a resume into another folder starts its log from the source run's, up to the checkpoint."""
+    common = ["max_steps=4", "checkpoint_every=2", "logging_every=1", "eval_before=false"]
+    run = tmp_path / "run"
+    train(_config(toys, run, *common))
+    (run / "metrics.json").unlink()  # as a run interrupted after its last checkpoint leaves it
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match=r"holds an unfinished run with checkpoints.*checkpoint-4.*resume="):
+        train(_config(toys, run, *common))
+    with pytest.raises(ValueError, match="holds an unfinished run"):
+        dry_run(_config(toys, run, *common))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+    mine = tmp_path / "mine"
+    (mine / "checkpoints" / "x").mkdir(parents=True)
+    (mine / "checkpoints" / "x" / "w.bin").write_text("important")
+    (mine / "config.yaml").write_text("mine")
+    with pytest.raises(ValueError, match=r"not a lorafa run folder but holds \['checkpoints', 'config.yaml'\]"):
+        train(_config(toys, mine, *common))
+    assert (mine / "checkpoints" / "x" / "w.bin").read_text() == "important"
+    assert (mine / "config.yaml").read_text() == "mine"
+
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ValueError, match="output_dir: .*afile"):
+            train(_config(toys, out, *common))
+
+    notes = tmp_path / "project"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    train(_config(toys, Path("~/project"), "max_steps=2", "eval_before=false"))  # "~" is the home folder
+    assert (notes / "notes.txt").read_text() == "keep" and (notes / "metrics.json").is_file()
+
+    other = tmp_path / "other"  # a finished run of its own, replaced by the resumed one
+    train(_config(toys, other, "max_steps=2", "logging_every=1", "eval_before=false"))
+    train(_config(toys, other, "max_steps=6", "logging_every=1", "eval_before=false", f"resume={run}"))
+    records = [json.loads(line) for line in (other / "train_log.jsonl").read_text().splitlines()]
+    source = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["step"] <= 4] == [r for r in source if r["step"] <= 4]
+    assert [r["step"] for r in records if "lr" in r] == [1, 2, 3, 4, 5, 6]  # none of its own earlier run
 
 
 def test_resume_refuses_another_batch_size_seed_and_writes_a_repeatable_config(toys, tmp_path):

@@ -141,7 +141,7 @@ def find_checkpoint(path: str | Path) -> Path:
     Raises:
         FileNotFoundError: `path` does not exist or holds no checkpoint.
     """
-    p = Path(path)
+    p = Path(path).expanduser()
     if (p / STATE_NAME).is_file():
         return p
     if not p.exists():

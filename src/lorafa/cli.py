@@ -15,11 +15,13 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 EXIT_ERROR = 2
 EXIT_DIVERGED = 1
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by Ctrl-C (128 + SIGINT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,9 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"lorafa {args.command}: stopped: {e}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, a folder that cannot be written, ...
         print(f"lorafa {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"lorafa {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """'; resume=CHECKPOINT continues it' for an interrupted `lorafa train` that saved checkpoints."""
+    out = getattr(args, "output_dir_used", None)
+    if args.command != "train" or out is None:
+        return ""
+    from lorafa.checkpoint import list_checkpoints
+
+    found = list_checkpoints(Path(out))
+    return f"; resume={found[-1]} continues it" if found else " (no checkpoint was written: checkpoint_every=0)"
 
 
 def _tune_malloc() -> None:
@@ -146,6 +162,9 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_config(None, overrides)  # a run described entirely on the command line
     else:
         cfg = default_config(overrides)  # tweaks of the offline example, e.g. `lorafa train method=lora`
+    # "~" in a YAML file or a quoted override reaches lorafa unexpanded: messages show the folder written to.
+    cfg = replace(cfg, output_dir=os.path.expanduser(cfg.output_dir))
+    args.output_dir_used = cfg.output_dir  # for the resume hint after Ctrl-C
 
     if args.dry_run:
         from lorafa.train import dry_run

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from lorafa.assets import resolve
@@ -81,6 +82,8 @@ def from_pretrained(loader: Any, model: str, **kwargs: Any) -> Any:
     # transformers' "not a local folder and not on the Hub", offline and "no weights" errors are OSErrors
     except OSError as e:
         raise FileNotFoundError(f"model {model!r}: {one_line(e)}") from e
+    except SafetensorError as e:  # a truncated or corrupt weights file
+        raise ValueError(f"model {model!r}: its weights file cannot be read ({one_line(e)})") from e
 
 
 @contextmanager

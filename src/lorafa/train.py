@@ -28,6 +28,7 @@ from lorafa.adapter import save_adapter
 from lorafa.checkpoint import (
     TrainState,
     find_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     load_rng_state,
     prune_checkpoints,
@@ -91,8 +92,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     refuse_cpu_fp16(cfg, accelerator.device.type)
     check_distributed(accelerator, cfg)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).expanduser()
     checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
+    check_output_dir(out, checkpoint)  # before any work: a folder this run may not write ends it now
+    check_tensorboard(cfg)
     set_seed(cfg.seed)
 
     # ---- data, model, optimizer, schedule
@@ -164,6 +167,15 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         check_resumable(cfg, checkpoint, world)
         state = load_checkpoint(checkpoint, model, cfg.method == "full", optimizer, scheduler)
         _follow_this_schedule(optimizer, scheduler, cfg.lr)
+        source = run_of_checkpoint(checkpoint)
+        if main and source != out.resolve():
+            # Resumed into another folder: its earlier outputs go (checked above), and the log starts with the
+            # source run's records up to the checkpoint, so that the new folder holds one run's history.
+            out.mkdir(parents=True, exist_ok=True)
+            _clear_outputs(out)
+            log.reset()
+            if source is not None and (source / "train_log.jsonl").is_file():
+                shutil.copyfile(source / "train_log.jsonl", out / "train_log.jsonl")
         log.truncate_after(state.step)
     else:
         if main:
@@ -580,10 +592,56 @@ def save_trained(model: nn.Module, cfg: TrainConfig, folder: Path, tokenizer: An
 RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.json", "loss.png", "labels.json", "config.yaml")
 
 
-def _clear_outputs(out: Path) -> None:
-    if not ((out / "metrics.json").exists() or (out / "train_log.jsonl").exists()):
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # not a run folder: touch nothing else
+def is_run_folder(out: Path) -> bool:
+    """Whether `out` holds a lorafa run's outputs (a started run writes train_log.jsonl first)."""
+    return (out / "train_log.jsonl").is_file() or (out / "metrics.json").is_file()
+
+
+def run_of_checkpoint(checkpoint: Path) -> Path | None:
+    """The run folder of `RUN/checkpoints/checkpoint-N`, resolved; None for a checkpoint kept elsewhere."""
+    return checkpoint.resolve().parent.parent if checkpoint.resolve().parent.name == "checkpoints" else None
+
+
+def check_output_dir(out: Path, checkpoint: Path | None) -> None:
+    """Raise ValueError when a run (resumed from `checkpoint`, or new) may not write its outputs to `out`.
+
+    Allowed: a new or empty folder, a folder of other files that holds none of the names a run writes, the run
+    being resumed, and a finished run or one without checkpoints (replaced, with a warning). Refused: a file, a
+    folder that cannot be written, an unfinished run with checkpoints (rerunning a command without `resume` would
+    delete them), and a folder that is not a run but holds names a run writes (adapter/, config.yaml, ...).
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir: {out} is a file, not a folder")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir: cannot create or write {out} ({existing} is not a writable folder)")
+    if not out.is_dir() or (checkpoint is not None and run_of_checkpoint(checkpoint) == out.resolve()):
         return
+    if is_run_folder(out):
+        saved = list_checkpoints(out) if not (out / "metrics.json").is_file() else []
+        if saved:
+            raise ValueError(
+                f"output_dir: {out} holds an unfinished run with checkpoints (the last: {saved[-1].name}); "
+                f"resume={out} continues it, or delete the folder (or choose another output_dir) to start over"
+            )
+        return
+    clash = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if clash:
+        raise ValueError(
+            f"output_dir: {out} is not a lorafa run folder but holds {clash}, which a run writes; choose a new or "
+            "empty folder"
+        )
+
+
+def check_tensorboard(cfg: TrainConfig) -> None:
+    if cfg.tensorboard and not _has_module("tensorboard"):
+        raise ValueError("tensorboard: true needs the tensorboard package (pip install tensorboard)")
+
+
+def _clear_outputs(out: Path) -> None:
+    """Remove an earlier run's outputs from `out` (`check_output_dir` allowed it: a run folder, or none of them)."""
     if (out / "metrics.json").exists():
         logger.warning(
             "output_dir %s holds a finished run; replacing it (resume=%s would continue it)", out, out
@@ -597,7 +655,6 @@ def _clear_outputs(out: Path) -> None:
 
 
 def _diverged_message(loss: float, state: TrainState, out: Path, fp16: bool) -> str:
-    from lorafa.checkpoint import list_checkpoints
 
     found = list_checkpoints(out)
     where = (
@@ -712,6 +769,11 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
         trainable_params, total_params, train_samples, eval_samples, steps (optimizer steps), data (a summary).
     """
     refuse_cpu_fp16(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+    checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
+    check_output_dir(Path(cfg.output_dir).expanduser(), checkpoint)
+    check_tensorboard(cfg)
+    if checkpoint is not None:
+        check_resumable(cfg, checkpoint)
     tokenizer = load_tokenizer(cfg.model)
     data = build_datasets(cfg.data, tokenizer, cfg.task)
     model = load_model(
@@ -749,7 +811,7 @@ def memory_estimate(cfg: TrainConfig, num_labels: int | None = None) -> str:
         return "unavailable (lorafa.planner is not installed)"
     from lorafa.assets import resolve
 
-    folder = Path(resolve(cfg.model))
+    folder = Path(resolve(cfg.model)).expanduser()
     if not (folder / "config.json").is_file():
         return f"unavailable (the planner needs a local model folder, not {cfg.model!r})"
     from transformers import AutoConfig
