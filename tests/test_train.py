@@ -401,8 +401,20 @@ def test_resume_refuses_another_batch_size_seed_and_writes_a_repeatable_config(t
     ):
         with pytest.raises(ValueError, match=rf"resume: .*checkpoint-2 was trained with a different {field}"):
             train(_config(toys, tmp_path / "other", "max_steps=4", "batch_size=4", change, f"resume={checkpoint}"))
+    # Only the fields that differ are named, not the whole section.
+    with pytest.raises(ValueError, match=r"different data.max_length \(32, now 12\)$"):
+        train(_config(toys, tmp_path / "other", "max_steps=4", "batch_size=4", "data.max_length=12", f"resume={checkpoint}"))
+    # A checkpoint past this run's last step is refused, not "resumed" into a run of zero steps.
+    with pytest.raises(ValueError, match=r"checkpoint-2 is at step 2, past this run's 1 steps"):
+        train(_config(toys, tmp_path / "other", "max_steps=1", "batch_size=4", f"resume={checkpoint}"))
     resumed = tmp_path / "resumed"
-    train(_config(toys, resumed, "max_steps=4", "batch_size=4", "grad_accum=2", f"resume={checkpoint}"))
+    # The held-out cap and the cache folder leave the training data alone: they may change.
+    train(
+        _config(
+            toys, resumed, "max_steps=4", "batch_size=4", "grad_accum=2", f"resume={checkpoint}",
+            "data.max_eval_samples=3", f"data.cache_dir={tmp_path / 'cache'}",
+        )
+    )  # fmt: skip
     # Its config.yaml repeats the run: it does not resume again.
     assert load_config(resumed / "config.yaml").resume is None
 
@@ -590,6 +602,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toys, tmp_path, capsy
     assert main([*args, "batch_size=4", "max_steps=8", "checkpoint_every=2", "max_grad_norm=null"]) == 1
     err = capsys.readouterr().err
     assert "loss became inf at step 4" in err and "checkpoint-2" in err
+    assert "with it. The last good checkpoint is" in err  # a sentence starts with a capital
     assert (out / "checkpoints" / "checkpoint-2" / "adapter").is_dir()
     assert not (out / "checkpoints" / "checkpoint-4").exists()
     assert not (out / "metrics.json").exists()
