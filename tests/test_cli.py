@@ -338,8 +338,9 @@ def test_merge_never_replaces_the_source_or_another_folder(toys, tmp_path, capsy
     (notes / "keep.txt").write_text("x")
     assert main(["merge", str(out), str(notes)]) == 2
     assert "is not empty" in capsys.readouterr().err and (notes / "keep.txt").is_file()
-    assert main(["merge", str(out), str(notes), "--overwrite"]) == 0
-    assert (notes / "config.json").is_file() and not (notes / "keep.txt").exists()
+    # --overwrite replaces a saved model only, never a folder of other files.
+    assert main(["merge", str(out), str(notes), "--overwrite"]) == 2
+    assert "holds files but no saved model" in capsys.readouterr().err and (notes / "keep.txt").is_file()
     assert sorted(p.name for p in out.iterdir()) == before
 
 
@@ -534,3 +535,110 @@ def test_generate_prompts_as_training_formatted_a_conversation_with_a_system_mes
     first_learned = next(i for i, x in enumerate(trained["labels"][0]) if x != -100)
     evaluate_module.generate(model, tok, "cat dog", system="sun moon", use_chat_template=False, max_new_tokens=2)
     assert seen[1][0].tolist() == trained["input_ids"][0][:first_learned]
+
+
+def test_model_and_task_flags_may_not_contradict_a_run(toys, tmp_path, capsys):
+    run, sft = _trained_run(toys, tmp_path), _trained_run(toys, tmp_path, "sft")
+    capsys.readouterr()
+    merged = tmp_path / "merged"
+    assert main(["merge", str(run), str(merged), "--task", "sft"]) == 2
+    assert f"--task sft: {run} was trained with task classification" in capsys.readouterr().err
+    assert not merged.exists()
+    assert main(["eval", str(run), "--model", str(toys / "llama")]) == 2
+    assert f"--model {toys / 'llama'}: {run} was trained on {toys / 'bert'}" in capsys.readouterr().err
+    assert main(["eval", str(run / "adapter"), "--task", "regression"]) == 2
+    assert "--task regression" in capsys.readouterr().err
+    # Repeating what the run says is fine.
+    assert main(["eval", str(run), "--model", str(toys / "bert"), "--task", "classification"]) == 0
+    # An sft run is not continued as raw text, so its --system is not silently dropped either.
+    assert main(["generate", str(sft), "cat", "--task", "clm", "--system", "s", "--max-new-tokens", "2"]) == 2
+    assert "--task clm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_eval_batch_size_must_be_positive(toys, tmp_path, capsys, size):
+    run = _trained_run(toys, tmp_path)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--batch-size", size]) == 2
+    assert f"--batch-size must be >= 1, got {size}" in capsys.readouterr().err
+
+
+def test_a_config_path_with_an_equals_sign_is_the_config(toys, tmp_path, capsys):
+    folder = tmp_path / "runs" / "lr=1e-3"
+    folder.mkdir(parents=True)
+    config = folder / "config.yaml"
+    config.write_text(yaml.safe_dump({"lr": 1e-3}))
+    args = run_args(toys, "classification", folder / "out")[1:]
+    assert main(["train", str(config), *args, "lr=1e-3", "--dry-run"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out.split("---")[0])["lr"] == 1e-3
+
+
+def test_a_model_folder_without_a_tokenizer_is_named(toys, tmp_path, capsys):
+    run = _trained_run(toys, tmp_path)
+    (tmp_path / "empty").mkdir()
+    for folder, hint in (
+        (run, "it is a lorafa run folder; use it with `lorafa eval/merge/generate"),
+        (run / "adapter", "it is an adapter folder"),
+        (tmp_path / "empty", "(the folder is empty)"),
+    ):
+        capsys.readouterr()
+        args = run_args(toys, "classification", tmp_path / "out", f"model={folder}", "--dry-run")
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"model '{folder}': {folder} holds no tokenizer" in err and hint in err, err
+
+
+def test_a_full_runs_adapter_folder_is_evaluated_as_the_run(toys, tmp_path, capsys):
+    run = _trained_run(toys, tmp_path, "classification", "method=full")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run / "adapter"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == whole
+    assert main(["merge", str(run / "adapter"), str(tmp_path / "merged")]) == 2
+    assert "was trained with method full" in capsys.readouterr().err
+
+
+def test_merge_keeps_out_of_the_run_and_the_base_model(toys, tmp_path, capsys):
+    run = _trained_run(toys, tmp_path)
+    capsys.readouterr()
+    assert main(["merge", str(run / "adapter"), str(run / "merged")]) == 2
+    assert f"is the run folder {run} or lies inside or around it" in capsys.readouterr().err
+    assert not (run / "merged").exists()
+    assert main(["merge", str(run), str(toys / "bert"), "--overwrite"]) == 2
+    assert "is the base model folder" in capsys.readouterr().err
+    assert (toys / "bert" / "config.json").is_file()
+    # --overwrite replaces an earlier merge, and only that.
+    merged = tmp_path / "merged"
+    assert main(["merge", str(run), str(merged)]) == 0
+    assert main(["merge", str(run), str(merged), "--overwrite"]) == 0
+    assert (merged / "config.json").is_file()
+
+
+def test_eval_data_warnings_name_the_file_given(toys, tmp_path, caplog, capsys):
+    run = _trained_run(toys, tmp_path)
+    data = tmp_path / "other.csv"
+    rows = (toys / "data" / "classification.csv").read_text().splitlines()
+    data.write_text("\n".join([*rows[:9], "cat dog,maybe"]) + "\n")
+    caplog.clear()
+    assert main(["eval", str(run), "--data", str(data)]) == 0
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert dropped == [f"eval data {data}: dropped 1 rows whose label is not one of the classes ['neg', 'pos']"]
+
+
+def test_the_summary_counts_one_step_in_the_singular():
+    from types import SimpleNamespace
+
+    from lorafa.cli import summary
+
+    metrics = {
+        "train_runtime_s": 1.0,
+        "steps": 1,
+        "trainable_params": 10,
+        "total_params": 100,
+        "tokens_per_s": 5.0,
+        "peak_memory_bytes": 2**20,
+    }
+    cfg = SimpleNamespace(method="lora-fa", task="sft", output_dir="out")
+    assert "(1 optimizer step)." in summary(cfg, metrics)
+    assert "(2 optimizer steps)." in summary(cfg, {**metrics, "steps": 2})

@@ -272,6 +272,110 @@ def test_yaml_booleans_in_text_fields_and_flag_types(tmp_path):
         load_config(tmp_path / "broken.yaml")
 
 
+def test_yaml_yes_no_stay_words_in_text_fields_and_flags_take_every_spelling(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model: m\ndata: {train_file: t, label_names: [no, yes, on, off]}\nmixed_precision: no\n"
+        "gradient_checkpointing: 1\neval_before: yes\ntensorboard: off\nprogress_bar: False\n"
+        "adapter: {use_rslora: true, projection: on}\n"
+    )
+    cfg = load_config(config)
+    assert cfg.data.label_names == ["no", "yes", "on", "off"] and cfg.mixed_precision == "no"
+    assert cfg.gradient_checkpointing is True and cfg.eval_before is True
+    assert cfg.tensorboard is False and cfg.progress_bar is False
+    assert cfg.adapter.use_rslora is True and cfg.adapter.projection is True
+    assert load_config(
+        None, ["model=m", "data.train_file=t", "data.label_names=[no,yes]"]
+    ).data.label_names == [
+        "no",
+        "yes",
+    ]
+    # The command line and YAML agree: 1/0 for flags, off/false for mixed_precision.
+    for text, cli in (
+        ("gradient_checkpointing: 0", "gradient_checkpointing=0"),
+        ("mixed_precision: off", "mixed_precision=off"),
+    ):
+        config.write_text(f"model: m\ndata: {{train_file: t}}\n{text}\n")
+        assert load_config(config) == load_config(None, ["model=m", "data.train_file=t", cli])
+    assert (
+        load_config(None, ["model=m", "data.train_file=t", "mixed_precision=false"]).mixed_precision == "no"
+    )
+    with pytest.raises(ValueError, match="gradient_checkpointing must be true/false"):
+        load_config(None, ["model=m", "data.train_file=t", "gradient_checkpointing=2"])
+
+
+@pytest.mark.parametrize("key", ["seed", "data.seed"])
+@pytest.mark.parametrize("value", ["-5", "99999999999", str(2**32)])
+def test_seeds_must_fit_numpy(key, value):
+    with pytest.raises(ValueError, match=rf"^{key} must be an integer in \[0, 2\*\*32\), got {value}"):
+        load_config(None, ["model=m", "data.train_file=t", f"{key}={value}"])
+    assert load_config(None, ["model=m", "data.train_file=t", f"{key}={2**32 - 1}"])
+
+
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("r=4", "did you mean 'adapter.r'?"),
+        ("eval_file=x", "did you mean 'data.eval_file'?"),
+        ("max_length=128", "did you mean 'data.max_length'?"),
+        ("lora_dropout=0.1", "did you mean 'adapter.lora_dropout'?"),
+        ("adapter.lr=1", "did you mean 'lr'?"),
+        ("max_lenght=3", "did you mean 'data.max_length'?"),
+        ("learning_rate=1e-3", "lorafa calls it 'lr'"),
+        ("per_device_train_batch_size=2", "lorafa calls it 'batch_size'"),
+        ("gradient_accumulation_steps=2", "lorafa calls it 'grad_accum'"),
+        ("num_train_epochs=2", "lorafa calls it 'epochs'"),
+        ("save_steps=10", "lorafa calls it 'checkpoint_every'"),
+        ("eval_steps=10", "lorafa calls it 'eval_every'"),
+        ("bf16=true", "lorafa calls it 'mixed_precision: bf16'"),
+    ],
+)
+def test_unknown_keys_are_looked_up_in_every_section(override, hint):
+    with pytest.raises(ValueError, match="unknown config key") as e:
+        load_config(None, ["model=m", "data.train_file=t", override])
+    assert hint in str(e.value)
+
+
+def test_yaml_mistakes_are_named(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: m\ndata: {train_file: t}\ndata.max_length: 3\n")
+    with pytest.raises(ValueError, match="'data.max_length' \\(in a YAML file, nest it: `data:`"):
+        load_config(config)
+    config.write_text("model: m\ndata: {train_file: t}\nlr: 1e-3\nlr: 1e-4\n")
+    with pytest.raises(ValueError, match=r"not valid YAML \(line 4, column 1\): duplicate key 'lr'"):
+        load_config(config)
+    config.write_text("model: m\ndata: {train_file: t}\nresume: false\nadapter: {exclude_modules: null}\n")
+    cfg = load_config(config)
+    assert cfg.resume is None and cfg.adapter.exclude_modules == []
+    cli = load_config(None, ["model=m", "data.train_file=t", "resume=false", "adapter.exclude_modules=null"])
+    assert cli.resume is None and cli.adapter.exclude_modules == []
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"run is a folder, not a YAML file$"):
+        load_config(folder)
+    (folder / "config.yaml").write_text("model: m\n")
+    with pytest.raises(
+        FileNotFoundError, match=r"is a folder, not a YAML file \(did you mean .*config.yaml\?\)"
+    ):
+        load_config(folder)
+
+
+def test_a_comma_list_of_names_on_the_command_line_is_a_list():
+    cfg = load_config(
+        None,
+        [
+            "model=m",
+            "data.train_file=t",
+            "data.prompt_column=instruction,input",
+            "adapter.target_modules=query,value",
+            "adapter.exclude_modules=.*attention.(key|value)",
+        ],
+    )
+    assert cfg.data.prompt_column == ["instruction", "input"]
+    assert cfg.adapter.target_modules == ["query", "value"]
+    assert cfg.adapter.exclude_modules == ".*attention.(key|value)"  # a regex stays one string
+
+
 def test_resume_follows_this_runs_lr_and_leaves_a_finished_run_alone(toys, tmp_path):
     common = ["schedule=constant", "logging_every=1", "eval_before=false", "checkpoint_every=2"]
     out, more = tmp_path / "run", tmp_path / "more"
@@ -343,8 +447,20 @@ def test_resume_refuses_another_batch_size_seed_and_writes_a_repeatable_config(t
     ):
         with pytest.raises(ValueError, match=rf"resume: .*checkpoint-2 was trained with a different {field}"):
             train(_config(toys, tmp_path / "other", "max_steps=4", "batch_size=4", change, f"resume={checkpoint}"))
+    # Only the fields that differ are named, not the whole section.
+    with pytest.raises(ValueError, match=r"different data.max_length \(32, now 12\)$"):
+        train(_config(toys, tmp_path / "other", "max_steps=4", "batch_size=4", "data.max_length=12", f"resume={checkpoint}"))
+    # A checkpoint past this run's last step is refused, not "resumed" into a run of zero steps.
+    with pytest.raises(ValueError, match=r"checkpoint-2 is at step 2, past this run's 1 steps"):
+        train(_config(toys, tmp_path / "other", "max_steps=1", "batch_size=4", f"resume={checkpoint}"))
     resumed = tmp_path / "resumed"
-    train(_config(toys, resumed, "max_steps=4", "batch_size=4", "grad_accum=2", f"resume={checkpoint}"))
+    # The held-out cap and the cache folder leave the training data alone: they may change.
+    train(
+        _config(
+            toys, resumed, "max_steps=4", "batch_size=4", "grad_accum=2", f"resume={checkpoint}",
+            "data.max_eval_samples=3", f"data.cache_dir={tmp_path / 'cache'}",
+        )
+    )  # fmt: skip
     # Its config.yaml repeats the run: it does not resume again.
     assert load_config(resumed / "config.yaml").resume is None
 
@@ -532,6 +648,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toys, tmp_path, capsy
     assert main([*args, "batch_size=4", "max_steps=8", "checkpoint_every=2", "max_grad_norm=null"]) == 1
     err = capsys.readouterr().err
     assert "loss became inf at step 4" in err and "checkpoint-2" in err
+    assert "with it. The last good checkpoint is" in err  # a sentence starts with a capital
     assert (out / "checkpoints" / "checkpoint-2" / "adapter").is_dir()
     assert not (out / "checkpoints" / "checkpoint-4").exists()
     assert not (out / "metrics.json").exists()

@@ -152,8 +152,9 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from lorafa.train_config import default_config, load_config
 
-    configs = [a for a in args.items if "=" not in a]
-    overrides = [a for a in args.items if "=" in a]
+    # An existing file is the config even when its path holds "=" (runs/lr=1e-3/config.yaml).
+    configs = [a for a in args.items if "=" not in a or Path(a).is_file()]
+    overrides = [a for a in args.items if a not in configs]
     if len(configs) > 1:
         raise ValueError(f"expected at most one CONFIG.yaml before the key=value overrides, got {configs}")
     if configs:
@@ -213,7 +214,10 @@ def _bytes(n: float) -> str:
 
 def summary(cfg: Any, metrics: dict[str, float]) -> str:
     """The end-of-training report: before → after for each metric, time, speed, memory, trainable parameters."""
-    lines = [f"\nDone in {metrics['train_runtime_s']:.0f} s ({int(metrics['steps'])} optimizer steps)."]
+    steps = int(metrics["steps"])
+    lines = [
+        f"\nDone in {metrics['train_runtime_s']:.0f} s ({steps} optimizer step{'' if steps == 1 else 's'})."
+    ]
     names = {
         "eval_accuracy": ("accuracy", True),
         "eval_f1": ("macro-F1", True),
@@ -273,6 +277,8 @@ def _on_gpu() -> bool:
 def _eval(args: argparse.Namespace) -> int:
     from lorafa.evaluate import evaluate_run
 
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     metrics = evaluate_run(
         args.source,
         args.overrides,

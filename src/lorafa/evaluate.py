@@ -10,10 +10,11 @@ generations on a sample).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, cast
 
@@ -208,8 +209,11 @@ def _adapter_labels(folder: Path) -> list[str] | None:
 
 
 def _run_of_adapter(folder: Path) -> Path | None:
-    """The run folder of RUN/adapter or RUN/checkpoints/checkpoint-N/adapter, else None."""
-    if folder.name != "adapter" or not (folder / CONFIG_NAME).is_file():
+    """The run folder of RUN/adapter (an adapter, or a method-full run's model folder) or
+    RUN/checkpoints/checkpoint-N/adapter, else None."""
+    if folder.name != "adapter" or not (
+        (folder / CONFIG_NAME).is_file() or (folder / "config.json").is_file()
+    ):
         return None
     if is_run_dir(folder.parent):
         return folder.parent
@@ -262,11 +266,14 @@ def load_trained(
     """
     folder = Path(source)
     adapter = folder / "adapter"
-    run = _run_of_adapter(folder) if model is None and task is None else None
-    if run is not None:  # a run's adapter, or a checkpoint's: the run knows its task, classes and data columns
+    # A run's adapter, or a checkpoint's: the run knows its task, classes and data columns. With another base model
+    # (--model) RUN/adapter is read as a bare adapter folder.
+    run = _run_of_adapter(folder) if model is None else None
+    if run is not None:
         folder, adapter = run, folder
     if is_run_dir(folder):
         cfg = load_config(folder / "config.yaml", overrides)
+        _check_run_flags(folder, cfg, model, task)
         tokenizer = load_tokenizer(cfg.model)
         names = read_labels(folder)
         id2label = dict(enumerate(names)) if names else None
@@ -312,6 +319,24 @@ def load_trained(
     return net.eval(), tokenizer, None
 
 
+def _check_run_flags(run: Path, cfg: TrainConfig, model: str | None, task: str | None) -> None:
+    """--model and --task are for bare adapter folders: for a run they may only repeat what its config says."""
+    if task is not None and task != cfg.task:
+        raise ValueError(
+            f"--task {task}: {run} was trained with task {cfg.task} (its config.yaml); --task is for adapter "
+            "folders, leave it out"
+        )
+    if model is not None and base_model_path(model) != base_model_path(cfg.model):
+        hint = (
+            ""
+            if cfg.method == "full"
+            else f" (to put its adapter on another base model: {run / 'adapter'} --model M)"
+        )
+        raise ValueError(
+            f"--model {model}: {run} was trained on {cfg.model} (its config.yaml); leave --model out{hint}"
+        )
+
+
 def evaluate_run(
     source: str | Path,
     overrides: list[str] | None = None,
@@ -328,6 +353,10 @@ def evaluate_run(
     Raises:
         ValueError: no evaluation data (set data.eval_file or pass eval_file).
     """
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     net, tokenizer, cfg = load_trained(source, model=model, task=task, overrides=overrides)
     if cfg is None:
         if eval_file is None:
@@ -353,7 +382,8 @@ def evaluate_run(
         if names and names != [f"LABEL_{i}" for i in range(len(names))]:
             data_cfg.label_names, known_names = names, True
     try:
-        data = build_datasets(data_cfg, tokenizer, cfg.task)
+        with _warnings_name(f"eval data {eval_file}") if eval_file is not None else nullcontext():
+            data = build_datasets(data_cfg, tokenizer, cfg.task)
     except (ValueError, FileNotFoundError) as e:
         if eval_file is None:
             raise
@@ -383,11 +413,35 @@ def evaluate_run(
         data.eval,
         cfg.task,
         make_collator(cfg.task, tokenizer),
-        batch_size or cfg.eval_batch_size or 2 * cfg.batch_size,
+        batch_size if batch_size is not None else cfg.eval_batch_size or 2 * cfg.batch_size,
         tokenizer=tokenizer,
         exact_match_samples=cfg.exact_match_samples,
         autocast=(lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else None,
     )
+
+
+@contextmanager
+def _warnings_name(what: str) -> Iterator[None]:
+    """Inside, lorafa.data's warnings about `train_file`/`eval_file` name `what` instead, once: with --data both
+    fields point at that one file, so each warning would come twice under a field the user never set."""
+    seen: set[str] = set()
+
+    def rename(record: logging.LogRecord) -> bool:
+        named = isinstance(record.args, tuple) and record.args[:1] in (("train_file",), ("eval_file",))
+        if named and str(record.msg).startswith("%s:"):
+            assert isinstance(record.args, tuple)
+            record.args = (what, *record.args[1:])
+        text = record.getMessage()
+        new = text not in seen
+        seen.add(text)
+        return new
+
+    data_logger = logging.getLogger("lorafa.data")
+    data_logger.addFilter(rename)
+    try:
+        yield
+    finally:
+        data_logger.removeFilter(rename)
 
 
 def _task_of(model: nn.Module) -> str:
@@ -479,26 +533,47 @@ def merge(
         output_dir: Where `save_pretrained` writes the merged model and tokenizer (written atomically).
         model: Base model of an adapter folder (default: the one it records).
         task: Task of an adapter folder (default: from its PEFT task_type).
-        overwrite: replace `output_dir` if it exists and is not empty (never the source or a folder around it).
+        overwrite: replace `output_dir` if it holds a saved model (config.json and weights), as an earlier merge
+            leaves; never the source, its run folder, the base model folder or a folder inside or around them.
 
     Returns:
         The output folder.
 
     Raises:
         ValueError: the run was trained with method full (its adapter/ already is a plain model); `output_dir` is
-            the source, inside it or around it; `output_dir` holds files and `overwrite` is False.
+            the source, its run folder or the base model folder, inside or around one of them; `output_dir` holds
+            files and `overwrite` is False or they are not a saved model.
     """
     src, out = Path(source), Path(output_dir)
-    a, b = src.resolve(), out.resolve()
-    if a == b or a in b.parents or b in a.parents:
+    run = src if is_run_dir(src) else _run_of_adapter(src) if model is None else None
+    cfg = load_config(run / "config.yaml") if run is not None else None
+    base = model or (cfg.model if cfg is not None else None)
+    if base is None and (src / CONFIG_NAME).is_file():
+        base = read_adapter_config(src)[1].get("base_model_name_or_path")
+    kept = [(src, str(source)), *([(run, f"the run folder {run}")] if run is not None else [])]
+    if base:
+        kept.append((Path(base_model_path(base)), f"the base model folder {base}"))
+    b = out.resolve()
+    for folder, what in kept:
+        a = folder.resolve()
+        if folder.exists() and (a == b or a in b.parents or b in a.parents):
+            raise ValueError(
+                f"output_dir {out} is {what} or lies inside or around it; merge into another folder"
+            )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ValueError(
+                f"output_dir {out} exists and is not empty; choose a new folder or pass --overwrite"
+            )
+        if not _holds_a_saved_model(out):
+            raise ValueError(
+                f"output_dir {out} holds files but no saved model (config.json and weights): --overwrite only "
+                "replaces an earlier merge or another save_pretrained folder; choose a new folder"
+            )
+    if cfg is not None and cfg.method == "full":
+        assert run is not None
         raise ValueError(
-            f"output_dir {out} is {source} or lies inside or around it; merge into another folder"
-        )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"output_dir {out} exists and is not empty; choose a new folder or pass --overwrite")
-    if is_run_dir(src) and load_config(src / "config.yaml").method == "full":
-        raise ValueError(
-            f"{src} was trained with method full: {src / 'adapter'} already is a plain model folder"
+            f"{run} was trained with method full: {run / 'adapter'} already is a plain model folder"
         )
     net, tokenizer, _ = load_trained(src, model=model, task=task)
     remove_lorafa(net, merge=True)
@@ -509,6 +584,17 @@ def merge(
 
     atomic_write_dir(out, write)
     return out
+
+
+def _holds_a_saved_model(folder: Path) -> bool:
+    """A save_pretrained model folder: config.json and weights (what merge may replace with --overwrite)."""
+    weights = (
+        "model.safetensors",
+        "pytorch_model.bin",
+        "model.safetensors.index.json",
+        "pytorch_model.bin.index.json",
+    )
+    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in weights)
 
 
 def base_model_path(model: str) -> str:

@@ -105,12 +105,36 @@ def load_tokenizer(model: str) -> Any:
     (padding is masked: its id only has to exist)."""
     from transformers import AutoTokenizer
 
-    tokenizer = from_pretrained(AutoTokenizer, model)
+    try:
+        tokenizer = from_pretrained(AutoTokenizer, model)
+    except (
+        ValueError
+    ) as e:  # transformers' "Couldn't instantiate the backend tokenizer" for a folder without one
+        folder = Path(model_path(model)).expanduser()
+        if not folder.is_dir():
+            raise
+        raise ValueError(f"model {model!r}: {folder} holds no tokenizer{_not_a_base_model(folder)}") from e
     if tokenizer.pad_token is None:
         borrowed = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
         if borrowed is not None:
             tokenizer.pad_token = borrowed
     return tokenizer
+
+
+def _not_a_base_model(folder: Path) -> str:
+    """Why a folder given as `model` is not a model: a lorafa run or adapter folder (what to do instead), or empty."""
+    if (folder / "config.yaml").is_file() and (folder / "adapter").is_dir():
+        what = "a lorafa run folder"
+    elif (folder / "adapter_config.json").is_file():
+        what = "an adapter folder"
+    elif not any(folder.iterdir()):
+        return " (the folder is empty)"
+    else:
+        return ""
+    return (
+        f": it is {what}; use it with `lorafa eval/merge/generate {folder}`, or set model= to the base model it was "
+        "trained on"
+    )
 
 
 def load_model(

@@ -164,7 +164,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     log = TrainLog(out / "train_log.jsonl", main, tensorboard=cfg.tensorboard)
     state = TrainState()
     if checkpoint is not None:
-        check_resumable(cfg, checkpoint, world)
+        check_resumable(cfg, checkpoint, world, total_steps)
         state = load_checkpoint(checkpoint, model, cfg.method == "full", optimizer, scheduler)
         _follow_this_schedule(optimizer, scheduler, cfg.lr)
         source = run_of_checkpoint(checkpoint)
@@ -550,23 +550,42 @@ def target_counts(batches: list[dict[str, torch.Tensor]], task: str) -> list[int
     ]
 
 
-def check_resumable(cfg: TrainConfig, checkpoint: Path, processes: int = 1) -> None:
+# data fields that leave the training examples and their order alone: a resumed run may change them.
+_RESUMABLE_DATA_CHANGES = ("max_eval_samples", "cache_dir")
+
+
+def check_resumable(
+    cfg: TrainConfig, checkpoint: Path, processes: int = 1, total_steps: int | None = None
+) -> None:
     """Refuse to resume a checkpoint of another model, task, method, adapter or data, or with another batch_size,
     group_by_length, seed or number of processes (the data position is counted in per-process batches of a
-    seeded order, so those would repeat or skip examples); the rest (lr, schedule, steps, grad_accum, ...) may change.
+    seeded order, so those would repeat or skip examples); the rest (lr, schedule, steps, grad_accum,
+    data.max_eval_samples, data.cache_dir, ...) may change. A checkpoint past this run's `total_steps` is refused.
 
     Local paths compare as absolute paths (`runs/x/` and `./runs/x` are one folder)."""
-    _, raw = read_state(checkpoint)
+    state, raw = read_state(checkpoint)
     saved = raw.get("config") or {}
     if saved:
         with contextlib.suppress(ValueError):  # an older or foreign config is compared as it is
             saved = config_from_dict(saved).with_absolute_paths().to_dict()
     now = cfg.with_absolute_paths().to_dict()
     for key in ("model", "task", "method", "adapter", "data", "batch_size", "group_by_length", "seed"):
-        if key in saved and saved[key] != now[key]:
-            raise ValueError(
-                f"resume: {checkpoint} was trained with a different {key} ({saved[key]!r}, now {now[key]!r})"
-            )
+        if key not in saved:
+            continue
+        old, new = saved[key], now[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            ignored = _RESUMABLE_DATA_CHANGES if key == "data" else ()
+            changed = [k for k in sorted(set(old) | set(new)) if k not in ignored and old.get(k) != new.get(k)]
+            if changed:
+                what = ", ".join(f"{key}.{k} ({old.get(k)!r}, now {new.get(k)!r})" for k in changed)
+                raise ValueError(f"resume: {checkpoint} was trained with a different {what}")
+        elif old != new:
+            raise ValueError(f"resume: {checkpoint} was trained with a different {key} ({old!r}, now {new!r})")
+    if total_steps is not None and state.step > total_steps:
+        raise ValueError(
+            f"resume: {checkpoint} is at step {state.step}, past this run's {total_steps} steps (max_steps, or "
+            f"epochs × steps per epoch); set max_steps above {state.step} to train on, or resume an earlier checkpoint"
+        )
     if raw.get("processes", processes) != processes:
         raise ValueError(
             f"resume: {checkpoint} was trained by {raw['processes']} processes, now {processes}: its data "
@@ -662,6 +681,7 @@ def _diverged_message(loss: float, state: TrainState, out: Path, fp16: bool) -> 
         if found
         else "no checkpoint was written (set checkpoint_every to keep resumable checkpoints)"
     )
+    where = where[0].upper() + where[1:]  # it starts a sentence
     return (
         f"the training loss became {loss} at step {state.step + 1} (epoch {state.epoch}); stopped before the "
         f"optimizer step, so no weights were updated with it. {where}. Try a lower lr or max_grad_norm"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,7 +124,7 @@ class TrainConfig:
             raise ValueError("model must be a Hugging Face id, a local folder or asset:NAME; it is not set")
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ValueError(f"output_dir must be a folder path, got {self.output_dir!r}")
-        _check_int("seed", self.seed, minimum=None)
+        _check_seed("seed", self.seed)
         if not isinstance(self.adapter, LoRAFAConfig):
             raise ValueError(f"adapter must be a LoRAFAConfig, got {type(self.adapter).__name__}")
         if self.method != "full" and self.adapter.method != self.method:
@@ -134,6 +135,7 @@ class TrainConfig:
         if not isinstance(self.data, DataConfig):
             raise ValueError(f"data must be a DataConfig, got {type(self.data).__name__}")
         _section("data", self.data.validate)
+        _check_seed("data.seed", self.data.seed)  # numpy and datasets take seeds in [0, 2**32)
         _check_choice("model_dtype", self.model_dtype, MODEL_DTYPES)
         if self.method == "full" and self.model_dtype == "float16":
             raise ValueError(
@@ -220,6 +222,12 @@ def _check_int(name: str, value: Any, minimum: int | None) -> None:
         raise ValueError(f"{name} must be {need}, got {value!r}")
 
 
+def _check_seed(name: str, value: Any) -> None:
+    """A seed numpy (and datasets' shuffles) accept: an integer in [0, 2**32)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise ValueError(f"{name} must be an integer in [0, 2**32), got {value!r}")
+
+
 def _check_float(name: str, value: Any, positive: bool = False) -> None:
     if (
         isinstance(value, bool)
@@ -273,10 +281,14 @@ def load_config(
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file; FileNotFoundError/ValueError naming the file otherwise."""
     p = Path(path)
+    if p.is_dir():
+        inside = p / "config.yaml"
+        hint = f" (did you mean {inside}?)" if inside.is_file() else ""
+        raise FileNotFoundError(f"config file {p} is a folder, not a YAML file{hint}")
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=YamlLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -287,6 +299,41 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {p} must hold a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans (only true/false, any case) and duplicate keys refused.
+
+    PyYAML follows YAML 1.1, where yes/no/on/off are booleans too: `label_names: [no, yes]` would become
+    [false, true] and `mixed_precision: no` false. Here they stay the words written; bool fields accept them as
+    words (see `_coerce`). A key given twice in one mapping is an error (YAML would keep the last silently).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: construct_mapping reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (set each key once)", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
@@ -332,13 +379,15 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     fields = _fields(cls)
     unknown = [k for k in raw if k not in fields]
     if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), list(fields), n=1)
-        hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown config key {prefix + str(key)!r}{hint}; valid keys here: {sorted(fields)}")
+        key = str(unknown[0])
+        raise ValueError(
+            f"unknown config key {prefix + key!r}{_suggest(key, prefix)}; valid keys here: {sorted(fields)}"
+        )
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         hint = fields[name]
+        if _is_null(value) and _null_is_default(cls, name):
+            continue  # e.g. adapter.exclude_modules=null: the field's default (nothing excluded)
         if dataclasses.is_dataclass(hint):
             if isinstance(value, str):
                 raise ValueError(f"{prefix}{name} is a section; set {prefix}{name}.FIELD=value instead")
@@ -358,6 +407,74 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return obj
 
 
+# Hugging Face TrainingArguments / PEFT / TRL names that users carry over, and what lorafa calls them.
+_OTHER_NAMES = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "train_batch_size": "batch_size",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "save_steps": "checkpoint_every",
+    "save_total_limit": "keep_checkpoints",
+    "eval_steps": "eval_every",
+    "logging_steps": "logging_every",
+    "lr_scheduler_type": "schedule",
+    "resume_from_checkpoint": "resume",
+    "model_name_or_path": "model",
+    "torch_dtype": "model_dtype",
+    "dtype": "model_dtype",
+    "fp16": "mixed_precision: fp16",
+    "bf16": "mixed_precision: bf16",
+    "max_seq_length": "data.max_length",
+    "max_seq_len": "data.max_length",
+    "dataset_text_field": "data.text_column",
+    "lora_r": "adapter.r",
+    "rank": "adapter.r",
+}
+
+
+def _all_keys() -> dict[str, list[str]]:
+    """Every field name → its dotted paths (`r` → [`adapter.r`], `seed` → [`seed`, `data.seed`])."""
+    paths: dict[str, list[str]] = {}
+    for name, hint in _fields(TrainConfig).items():
+        if dataclasses.is_dataclass(hint):
+            for sub in _fields(typing.cast(type, hint)):
+                if sub != "method":  # adapter.method follows the top-level method
+                    paths.setdefault(sub, []).append(f"{name}.{sub}")
+        else:
+            paths.setdefault(name, []).append(name)
+    return paths
+
+
+def _suggest(key: str, prefix: str) -> str:
+    """A " (did you mean ...?)" hint for an unknown key, searched in every section, not only the one it is in."""
+    paths = _all_keys()
+    if "." in key:  # `data.max_length: 3` at the top of a YAML file: sections nest
+        section, _, name = key.partition(".")
+        if f"{section}.{name}" in paths.get(name, []):
+            return f" (in a YAML file, nest it: `{section}:` then `  {name}: ...` on the next line)"
+    if key in paths:
+        return f" (did you mean {' or '.join(repr(p) for p in paths[key])}?)"
+    if key in _OTHER_NAMES:
+        return f" (lorafa calls it {_OTHER_NAMES[key]!r})"
+    close = difflib.get_close_matches(key, list(paths), n=1)
+    if not close:
+        return ""
+    here = [p for p in paths[close[0]] if p == prefix + close[0]]  # the same section first
+    return f" (did you mean {(here or paths[close[0]])[0]!r}?)"
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, _CliValue) and value.strip().lower() in _NONE)
+
+
+def _null_is_default(cls: type, name: str) -> bool:
+    """A field whose default is an empty list (exclude_modules): null means that default."""
+    return next(f for f in dataclasses.fields(cls) if f.name == name).default_factory is list
+
+
 def _check_adapter_method(raw: dict[str, Any], kwargs: dict[str, Any]) -> None:
     """`adapter.method` may repeat the top-level method (config.yaml of older runs) but never contradict it."""
     given = raw["adapter"].get("method") if isinstance(raw["adapter"], dict) else None
@@ -371,6 +488,8 @@ def _check_adapter_method(raw: dict[str, Any], kwargs: dict[str, Any]) -> None:
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 _NONE = {"null", "none", "~", ""}
+_NAME = re.compile(r"[\w.\-/ ]+")
+"""A column or module name; a comma-separated run of them on the command line is a list."""
 
 
 def _describe(hint: Any) -> str:
@@ -390,11 +509,18 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if hint is Any:
         return str(value) if cli else value
+    if key == "resume" and (value is False or (cli and value.strip().lower() == "false")):
+        return None  # `resume: false`: start afresh (not a folder named "false")
+    if key == "resume" and (value is True or (cli and value.strip().lower() == "true")):
+        raise ValueError("resume must be a checkpoint or output folder (or false/null), got true")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if type(None) in args and (value is None or (cli and value.strip().lower() in _NONE)):
             return None
         if cli and str in args and not value.strip().startswith("["):
+            parts = [part.strip() for part in value.split(",")]
+            if list[str] in args and len(parts) > 1 and all(_NAME.fullmatch(part) for part in parts):
+                return parts  # data.prompt_column=instruction,input: two names (a regex would hold no comma)
             return str(value)  # e.g. target_modules=all-linear stays a string, [q,v] becomes a list
         if cli:  # "[q,v]": a list type first (a str alternative would take the brackets literally)
             args = tuple(sorted(args, key=lambda a: typing.get_origin(a) is not list))
@@ -408,6 +534,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)  # YAML's 1 as the command line's "1"
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise bad
@@ -444,6 +572,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return "true" if value else "false"
         if cli and value.strip().lower() in _NONE:
             raise ValueError(f"{key} must be {_describe(hint)}; it cannot be null")
+        if key == "mixed_precision" and isinstance(value, str) and value.strip().lower() in ("off", "false"):
+            return "no"  # as in YAML files and Accelerate's own flag
         if isinstance(value, str):
             return str(value)
         if isinstance(value, int | float):
@@ -452,8 +582,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is list:
         if cli:
             text = value.strip()
-            parsed = yaml.safe_load(text) if text.startswith("[") else [s.strip() for s in text.split(",")]
-            value = parsed
+            try:
+                value = (
+                    yaml.load(text, Loader=YamlLoader)
+                    if text.startswith("[")
+                    else [s.strip() for s in text.split(",")]
+                )
+            except yaml.YAMLError:
+                raise bad from None
         if not isinstance(value, list | tuple):
             raise bad
         (item,) = typing.get_args(hint)
