@@ -22,7 +22,7 @@ import lorafa.train as train_module
 from lorafa import metrics
 from lorafa.cli import main
 from lorafa.train import dry_run, epoch_batches, make_scheduler, train
-from lorafa.train_config import DEFAULT_RUN, TrainConfig, default_config, load_config
+from lorafa.train_config import DEFAULT_RUN, TrainConfig, config_from_dict, default_config, load_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -85,6 +85,12 @@ def test_overrides_are_coerced_to_the_field_types():
     listed = load_config(None, ["model=m", "data.train_file=t", "data.prompt_column=[instruction,input]"])
     assert listed.data.prompt_column == ["instruction", "input"]
     assert load_config(None, ["model=m", "data.train_file=t", "data.prompt_column=q"]).data.prompt_column == "q"
+    # In the module fields a plain name or dotted suffix is a name (a regex "o_proj" would match nothing).
+    for given, read in (("o_proj", ["o_proj"]), ("self_attn.o_proj", ["self_attn.o_proj"]), (".*o_proj", ".*o_proj")):
+        adapter = load_config(None, ["model=m", "data.train_file=t", f"adapter.exclude_modules={given}"]).adapter
+        assert adapter.exclude_modules == read
+        raw = {"model": "m", "data": {"train_file": "t"}, "adapter": {"target_modules": given}}
+        assert config_from_dict(raw).adapter.target_modules == read
 
 
 def test_yaml_values_are_coerced_and_round_trip(tmp_path):

@@ -544,7 +544,7 @@ def merge(
             the source, its run folder or the base model folder, inside or around one of them; `output_dir` holds
             files and `overwrite` is False or they are not a saved model.
     """
-    src, out = Path(source), Path(output_dir)
+    src, out = Path(source).expanduser(), Path(output_dir).expanduser()
     run = src if is_run_dir(src) else _run_of_adapter(src) if model is None else None
     cfg = load_config(run / "config.yaml") if run is not None else None
     base = model or (cfg.model if cfg is not None else None)

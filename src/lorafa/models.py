@@ -107,9 +107,7 @@ def load_tokenizer(model: str) -> Any:
 
     try:
         tokenizer = from_pretrained(AutoTokenizer, model)
-    except (
-        ValueError
-    ) as e:  # transformers' "Couldn't instantiate the backend tokenizer" for a folder without one
+    except ValueError as e:  # transformers' "Couldn't instantiate the backend tokenizer": a folder without one
         folder = Path(model_path(model)).expanduser()
         if not folder.is_dir():
             raise
