@@ -364,6 +364,46 @@ def test_folder_without_the_split_a_field_means(tmp_path):
     assert len(load_table(str(folder), "eval_file", cache_dir=str(tmp_path / "hf-cache"))) == len(SENTIMENT)
 
 
+# Cells that pandas' defaults would change: a TSV's stray quote joins lines, "00501" and "1e3" become numbers,
+# "NA" and "null" become missing.
+TRICKY_TSV = 'text\tlabel\n"Yes."\t1\n"Well, maybe\t0\nfine movie\t1\n00501\t0\n1e3\t1\nNA\t0\nnull\t1\n'
+
+
+@pytest.mark.parametrize("name", ["train.tsv", "train.csv", "train.txt"])
+def test_a_folder_reads_each_file_as_the_file_alone_is_read(tmp_path, name):
+    text = TRICKY_TSV if name.endswith(".tsv") else TRICKY_TSV.replace("\t", ",").replace('"Well,', "Well")
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / name).write_text(text)
+    (folder / f"test{Path(name).suffix}").write_text(text)
+    cache = str(tmp_path / "hf-cache")
+    alone = load_table(str(folder / name), cache_dir=cache)
+    for field, table in [("train_file", load_table(str(folder), cache_dir=cache)),
+                         ("eval_file", load_table(str(folder), "eval_file", cache_dir=cache))]:  # fmt: skip
+        assert table.to_list() == alone.to_list(), field
+
+
+def test_a_folder_says_which_files_make_each_split(tmp_path, caplog):
+    cache = str(tmp_path / "hf-cache")
+    folder = write_folder(tmp_path / "d", {"train.csv": SENTIMENT.iloc[:2], "holdout.csv": SENTIMENT.iloc[2:]})
+    (folder / "train.csv.bak").write_text((folder / "train.csv").read_text() + "bad plot,neg\n")
+    with caplog.at_level("INFO", logger="lorafa.data_files"):
+        table = load_table(str(folder), cache_dir=cache)
+    assert table["text"] == list(SENTIMENT.text[:2])  # the backup is no data file
+    assert re.search(r"split 'train' of .* is \['train.csv'\]", caplog.text)
+    assert re.search(r"left out \['train.csv.bak'\]", caplog.text)
+    assert re.search(r"\['holdout.csv'\] belong to no split", caplog.text)
+    # Files that all fall into one split are read as one, with a warning naming them.
+    caplog.clear()
+    folder = write_folder(tmp_path / "e", {"train.csv": SENTIMENT.iloc[:2], "old/train.csv": SENTIMENT.iloc[2:]})
+    assert sorted(load_table(str(folder), cache_dir=cache)["text"]) == sorted(SENTIMENT.text)
+    assert re.search(r"split 'train' of .* is made of 2 files", caplog.text)
+    # ... but a split's shards (train-00000-of-00002.parquet, ...) are no surprise.
+    caplog.clear()
+    load_table(str(write_folder(tmp_path / "f", FOLDER_LAYOUTS["parquet-shards"])), cache_dir=cache)
+    assert "made of" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("spec", "parsed"),
     [

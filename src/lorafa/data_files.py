@@ -61,7 +61,8 @@ def load_table(path: str, field: str = "train_file", cache_dir: str | None = Non
     """Read a data file, a folder of them, a `save_to_disk` folder or a Hub dataset into a `datasets.Dataset`.
 
     A local path wins over a Hub dataset of the same name. From a folder of data files (split names inferred
-    from file names by `datasets.load_dataset`, e.g. `train.csv`, `test.csv`, `data/train-*.parquet`) or a
+    from file names as `datasets.load_dataset` infers them, e.g. `train.csv`, `test.csv`, `data/train-*.parquet`;
+    each CSV/TSV/text file read as it is read alone, see `_folder_split`) or a
     Hub dataset without `@SPLIT`, `field` picks the split: train for train_file, the first of validation / eval /
     test for eval_file; a lone split is taken whatever its name.
 
@@ -76,8 +77,6 @@ def load_table(path: str, field: str = "train_file", cache_dir: str | None = Non
             dataset failed (offline, unknown id, config or split); the message gives the reason in one line.
         ValueError: unknown file type, unreadable or empty file or folder, no split that `field` means.
     """
-    import datasets
-
     resolved = Path(resolve(path)).expanduser()
     if not resolved.exists():
         hub = parse_hub_id(path)
@@ -85,25 +84,40 @@ def load_table(path: str, field: str = "train_file", cache_dir: str | None = Non
             raise FileNotFoundError(f"{field}: no such file or folder: {resolved}")
         ds = _load_hub(path, hub, field, cache_dir)
     elif resolved.is_dir():
-        loaded = _load_folder(resolved, field, cache_dir)
-        ds = _pick_split(loaded, field, resolved) if isinstance(loaded, datasets.DatasetDict) else loaded
+        ds = _load_folder(resolved.resolve(), field, cache_dir)
     else:
-        name = resolved.name.lower()
-        stem = next((name[: -len(c)] for c in _COMPRESSIONS if name.endswith(c)), name)
-        reader = _READERS.get(Path(stem).suffix)
-        if reader is None:
-            supported = ", ".join(list(_READERS) + [f"(+{c})" for c in _COMPRESSIONS])
-            raise ValueError(f"{field}: cannot read {resolved}: supported file types are {supported}")
-        if resolved.stat().st_size == 0:
-            raise ValueError(f"{field}: {resolved} is empty")
-        if reader == "csv":
-            ds = _read_csv(resolved, Path(stem).suffix == ".tsv", field, cache_dir)
-        else:
-            kwargs: dict[str, Any] = {"keep_linebreaks": True} if reader == "text" else {}  # clm: see _tokenize_clm
-            ds = _read(reader, resolved, field, cache_dir, kwargs)
+        ds = _read_file(resolved, field, cache_dir)
     if len(ds) == 0:
         raise ValueError(f"{field}: {resolved} holds no rows")
     return ds
+
+
+def _file_type(path: Path) -> str:
+    """A data file's suffix under any compression suffix: ".csv" for "train.csv.gz"."""
+    name = path.name.lower()
+    return Path(next((name[: -len(c)] for c in _COMPRESSIONS if name.endswith(c)), name)).suffix
+
+
+def _reader_of(path: Path) -> str | None:
+    """The reader of a data file's type (`_READERS`), or None."""
+    return _READERS.get(_file_type(path))
+
+
+def _supported() -> str:
+    return ", ".join(list(_READERS) + [f"(+{c})" for c in _COMPRESSIONS])
+
+
+def _read_file(resolved: Path, field: str, cache_dir: str | None) -> Any:
+    """One data file as a Dataset, read by its type (see `_READERS`)."""
+    reader = _reader_of(resolved)
+    if reader is None:
+        raise ValueError(f"{field}: cannot read {resolved}: supported file types are {_supported()}")
+    if resolved.stat().st_size == 0:
+        raise ValueError(f"{field}: {resolved} is empty")
+    if reader == "csv":
+        return _read_csv(resolved, _file_type(resolved) == ".tsv", field, cache_dir)
+    kwargs: dict[str, Any] = {"keep_linebreaks": True} if reader == "text" else {}  # clm: see _tokenize_clm
+    return _read(reader, resolved, field, cache_dir, kwargs)
 
 
 def _read(reader: str, path: Path, field: str, cache_dir: str | None, kwargs: dict[str, Any]) -> Any:
@@ -179,9 +193,8 @@ def _load_hub(spec: str, hub: tuple[str, str | None, str | None], field: str, ca
             f"({what}) failed: {one_line(e)}"
         ) from e
     if isinstance(loaded, datasets.DatasetDict):
-        return _pick_split(
-            loaded, field, spec, hint=f"; name one as {name}{f':{config}' if config else ''}@SPLIT"
-        )
+        hint = f"; name one as {name}{f':{config}' if config else ''}@SPLIT"
+        return loaded[_pick_split(loaded, field, spec, hint)]
     return loaded
 
 
@@ -198,25 +211,98 @@ def _string_features(path: Path, read_kwargs: dict[str, Any]) -> Any:
 
 
 def _load_folder(resolved: Path, field: str, cache_dir: str | None) -> Any:
-    """A local folder as a Dataset or DatasetDict: a save_to_disk folder, or a folder of data files."""
+    """The split of a local folder that `field` means (see `_pick_split`): of a save_to_disk folder, or of a folder
+    of data files, each split read as `_folder_split` reads it."""
     import datasets
 
+    if _is_saved(resolved):
+        loaded = _load_saved(resolved, field)
+        return loaded[_pick_split(loaded, field, resolved)] if isinstance(loaded, datasets.DatasetDict) else loaded
+    splits = _folder_splits(resolved, field, cache_dir)
+    name = _pick_split(splits, field, resolved)
+    return _folder_split(resolved, name, splits[name], field, cache_dir)
+
+
+def _is_saved(resolved: Path) -> bool:
     # save_to_disk writes dataset_dict.json (a DatasetDict) or state.json (a Dataset); load_from_disk reads
-    # exactly these. Any other folder is data files, whose splits load_dataset infers from their names (it
-    # makes no Hub request for a local folder).
-    saved = ("dataset_dict.json", "state.json")
-    if any((resolved / name).is_file() for name in saved):
-        try:
-            return datasets.load_from_disk(str(resolved))
-        except FileNotFoundError as e:
-            raise ValueError(f"{field}: {resolved} is an incomplete Dataset.save_to_disk folder ({e})") from e
+    # exactly these. Any other folder is data files.
+    return any((resolved / name).is_file() for name in ("dataset_dict.json", "state.json"))
+
+
+def _load_saved(resolved: Path, field: str) -> Any:
+    import datasets
+
     try:
-        return datasets.load_dataset(str(resolved), cache_dir=cache_dir)
-    except Exception as e:  # no data files, mixed formats, parser errors: each its own type
+        return datasets.load_from_disk(str(resolved))
+    except FileNotFoundError as e:
+        raise ValueError(f"{field}: {resolved} is an incomplete Dataset.save_to_disk folder ({e})") from e
+
+
+# Shards of one split, as the Hub names them: "train-00000-of-00002.parquet".
+_SHARD = re.compile(r".*-\d+-of-\d+(\.\w+)+")
+
+
+def _folder_splits(resolved: Path, field: str, cache_dir: str | None, warn: bool = True) -> dict[str, list[Path]]:
+    """Split name → data files of a folder, as `datasets.load_dataset` infers them from the file names (its
+    packaged builder's `data_files`, so a dataset card's `configs` count too). Files that a single-file path
+    would not read (`train.csv.bak`) are left out; with `warn`, so are the folder's data files in no split
+    (`holdout.csv` beside `train.csv`), each with a warning."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(str(resolved), cache_dir=cache_dir)
+    except Exception as e:  # no data files, mixed formats: each its own type
         raise ValueError(
             f"{field}: {resolved} is neither a Dataset.save_to_disk folder nor a folder of data files "
             f"that datasets.load_dataset reads ({one_line(e)})"
         ) from e
+    found = {str(split): [Path(f) for f in files] for split, files in (builder.config.data_files or {}).items()}
+    splits = {split: [f for f in files if _reader_of(f) is not None] for split, files in found.items()}
+    if not warn:
+        return splits
+    left_out = sorted({f for files in found.values() for f in files if _reader_of(f) is None})
+    if left_out:
+        logger.warning("%s: %s: left out %s, which are not data files (supported types: %s)", field, resolved,
+                       [str(f.relative_to(resolved)) for f in left_out], _supported())  # fmt: skip
+    used = {f for files in found.values() for f in files}
+    orphans = sorted(
+        f
+        for f in resolved.rglob("*")
+        if f.is_file()
+        and _reader_of(f) is not None
+        and f not in used
+        and not any(part.startswith((".", "__")) for part in f.relative_to(resolved).parts)
+    )
+    if orphans:
+        logger.warning(
+            "%s: %s: %s belong to no split (split names come from file names: train, validation/dev/eval, "
+            "test; see datasets' split patterns) and are not read", field, resolved,
+            [str(f.relative_to(resolved)) for f in orphans],
+        )  # fmt: skip
+    return splits
+
+
+def _folder_split(resolved: Path, split: str, files: list[Path], field: str, cache_dir: str | None) -> Any:
+    """One split of a folder of data files as one Dataset. CSV, TSV and text files are each read as a single file
+    is (`_read_file`: every CSV column a string, TSV quoting, line breaks kept) and concatenated; other formats go
+    through `datasets.load_dataset`, which reconciles their column types."""
+    import datasets
+
+    names = [str(f.relative_to(resolved)) for f in files]
+    logger.info("%s: split %r of %s is %s", field, split, resolved, names)
+    if len(files) > 1 and not all(_SHARD.fullmatch(f.name) for f in files):
+        logger.warning(
+            "%s: split %r of %s is made of %d files, read as one: %s", field, split, resolved, len(files), names
+        )
+    if not files:
+        raise ValueError(f"{field}: split {split!r} of {resolved} has no data file of a supported type ({_supported()})")
+    if all(_reader_of(f) in ("csv", "text") for f in files):
+        return datasets.concatenate_datasets([_read_file(f, field, cache_dir) for f in files])
+    try:
+        return datasets.load_dataset(str(resolved), data_files={split: [str(f) for f in files]}, split=split,
+                                     cache_dir=cache_dir)  # fmt: skip
+    except Exception as e:  # parser errors, columns that differ between files: each its own type
+        raise ValueError(f"{field}: could not read split {split!r} of {resolved} ({names}): {one_line(e)}") from e
 
 
 # A train_file folder's own held-out split, used when no eval_file is set (never its test split).
@@ -230,12 +316,15 @@ def folder_validation_split(path: str, cache_dir: str | None = None) -> tuple[st
     resolved = Path(resolve(path)).expanduser()
     if not resolved.is_dir():
         return None
-    loaded = _load_folder(resolved, "train_file", cache_dir)
-    if isinstance(loaded, datasets.DatasetDict):
-        for name in _VALIDATION_SPLITS:
-            if name in loaded:
-                return name, loaded[name]
-    return None
+    resolved = resolved.resolve()
+    if _is_saved(resolved):
+        loaded = _load_saved(resolved, "train_file")
+        found = [n for n in _VALIDATION_SPLITS if isinstance(loaded, datasets.DatasetDict) and n in loaded]
+        return (found[0], loaded[found[0]]) if found else None
+    # load_table has warned about the folder's files already.
+    splits = _folder_splits(resolved, "train_file", cache_dir, warn=False)
+    name = next((n for n in _VALIDATION_SPLITS if n in splits), None)
+    return None if name is None else (name, _folder_split(resolved, name, splits[name], "train_file", cache_dir))
 
 
 def one_line(e: Exception, limit: int = 300, with_type: bool = True) -> str:
@@ -248,14 +337,13 @@ def one_line(e: Exception, limit: int = 300, with_type: bool = True) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _pick_split(dataset_dict: Any, field: str, source: Path | str, hint: str = "") -> Any:
-    """The split of a DatasetDict that `field` means: train for train_file, validation/eval/test for eval_file."""
+def _pick_split(splits: Any, field: str, source: Path | str, hint: str = "") -> str:
+    """The name of the split `field` means among `splits` (a DatasetDict or a dict keyed by split): train for
+    train_file, the first of validation/eval/test for eval_file, a lone split whatever its name."""
     wanted = ("train",) if field == "train_file" else _EVAL_SPLITS
     for split in wanted:
-        if split in dataset_dict:
-            return dataset_dict[split]
-    if len(dataset_dict) == 1:
-        return next(iter(dataset_dict.values()))
-    raise ValueError(
-        f"{field}: {source} has splits {list(dataset_dict)}; expected one of {list(wanted)}{hint}"
-    )
+        if split in splits:
+            return split
+    if len(splits) == 1:
+        return str(next(iter(splits)))
+    raise ValueError(f"{field}: {source} has splits {list(splits)}; expected one of {list(wanted)}{hint}")
