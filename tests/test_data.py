@@ -913,6 +913,13 @@ def test_csv_cells_are_read_as_written(tmp_path, bert_tok, gpt_tok):
     assert na["text"] == ["NA", "null", None] and na["label"] == ["None", "N/A", "x"]
 
 
+def test_a_tsv_whose_first_quoted_cell_comes_late_is_read_with_quoting(tmp_path):
+    # pandas and Excel quote only the cells that need it: here none of the first few thousand.
+    texts = [f"movie {i}" for i in range(3000)] + ['she said "hi"', "two\nlines"]
+    pd.DataFrame({"text": texts, "label": ["pos"] * len(texts)}).to_csv(tmp_path / "w.tsv", sep="\t", index=False)
+    assert load_table(str(tmp_path / "w.tsv"), cache_dir=str(tmp_path / "hf-cache"))["text"] == texts
+
+
 def test_sentence_pairs_are_separated_for_tokenizers_that_do_not_mark_pairs(tmp_path, gpt_tok):
     df = pd.DataFrame({"a": ["good movie"], "b": ["great film"], "y": ["pos"]})
     path = write(df, tmp_path / "p.csv")

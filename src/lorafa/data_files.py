@@ -133,8 +133,8 @@ def _read(reader: str, path: Path, field: str, cache_dir: str | None, kwargs: di
         ) from e
 
 
-# A cell as a CSV writer quotes it: wrapped in quotes, inner quotes doubled.
-_QUOTED_CELL = re.compile(r'"(?:[^"]|"")*"', re.DOTALL)
+# A cell as a CSV writer quotes it: wrapped in quotes, inner quotes doubled (RE2 syntax, for pyarrow).
+_QUOTED_CELL = r'(?s)^"(?:[^"]|"")*"$'
 
 
 def _read_csv(path: Path, tsv: bool, field: str, cache_dir: str | None) -> Any:
@@ -143,8 +143,9 @@ def _read_csv(path: Path, tsv: bool, field: str, cache_dir: str | None) -> Any:
 
     In a TSV a quote is an ordinary character (GLUE's files hold unpaired quotes, and whole sentences in quotes).
     The file is read with CSV quoting instead when reading it so fails, or when some cell reads as a whole quoted
-    field (quotes around it, inner quotes doubled, as pandas and Excel write TSVs) and the quoted reading gives the
-    same rows (a stray quote would make it join lines)."""
+    field (quotes around it, inner quotes doubled, as pandas and Excel write TSVs) and the quoted reading does not
+    join rows at a stray quote: it gives the same number of rows, or no cell of it spans lines and holds a tab (a
+    quoted cell may span lines; one that also holds the separator is most likely rows run together)."""
     base: dict[str, Any] = {"keep_default_na": False, "na_values": [""], **({"sep": "\t"} if tsv else {})}
 
     def read(kwargs: dict[str, Any]) -> Any:
@@ -162,20 +163,25 @@ def _read_csv(path: Path, tsv: bool, field: str, cache_dir: str | None) -> Any:
         quoted = read(base)
     except ValueError:
         return literal
-    if len(quoted) != len(literal):
+    if len(quoted) != len(literal) and _any_cell(quoted, r"(?s)\n.*\t|\t.*\n"):
         return literal
     logger.info("%s: %s holds CSV-quoted cells; read with quoting", field, path)
     return quoted
 
 
-def _has_quoted_cells(ds: Any, rows: int = 1000) -> bool:
-    """Whether a cell of the first `rows` rows is a whole CSV-quoted field."""
-    sample = ds.select(range(min(rows, len(ds))))
-    return any(
-        isinstance(v, str) and len(v) >= 2 and _QUOTED_CELL.fullmatch(v) is not None
-        for column in sample.column_names
-        for v in sample[column]
-    )
+def _has_quoted_cells(ds: Any) -> bool:
+    """Whether any cell of any row is a whole CSV-quoted field (pandas and Excel quote only the cells that need it,
+    which may first occur far down the file)."""
+    return _any_cell(ds, _QUOTED_CELL)
+
+
+def _any_cell(ds: Any, pattern: str) -> bool:
+    """Whether any string cell of a freshly read Dataset matches the RE2 `pattern` (a scan of its Arrow columns)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = [c for c in ds.data.table.columns if pa.types.is_string(c.type) or pa.types.is_large_string(c.type)]
+    return any(pc.any(pc.match_substring_regex(c, pattern)).as_py() is True for c in columns)
 
 
 def _load_hub(spec: str, hub: tuple[str, str | None, str | None], field: str, cache_dir: str | None) -> Any:
