@@ -959,6 +959,43 @@ def test_integer_labels_that_tie_keep_one_order():
     assert _sorted_labels({"1", "01", "2"}) == ["01", "1", "2"]
 
 
+@pytest.fixture
+def row_reads(monkeypatch):
+    """Counts reads of single rows through datasets' lazy Column (iterating it, or indexing it by an int)."""
+    from datasets.arrow_dataset import Column
+
+    reads = {"n": 0}
+    get, iterate = Column.__getitem__, Column.__iter__
+
+    def counted_get(self, key):
+        reads["n"] += isinstance(key, int)
+        return get(self, key)
+
+    def counted_iter(self):
+        for value in iterate(self):
+            reads["n"] += 1
+            yield value
+
+    monkeypatch.setattr(Column, "__getitem__", counted_get)
+    monkeypatch.setattr(Column, "__iter__", counted_iter)
+    return reads
+
+
+def test_data_preparation_reads_each_column_at_once(tmp_path, bert_tok, gpt_tok, row_reads):
+    from lorafa.data import example_lengths
+
+    n = 200  # many more rows than columns: one read per row would show
+    big = pd.DataFrame({"text": [f"good movie {i}" for i in range(n)], "label": ["pos", "neg"] * (n // 2)})
+    data = build_datasets(cfg(tmp_path, write(big, tmp_path / "c.csv"), eval_split=0.2), bert_tok, "classification")
+    example_lengths(data.train, "classification")
+    scores = big.assign(label=[i / n for i in range(n)])
+    build_datasets(cfg(tmp_path, write(scores, tmp_path / "r.csv")), bert_tok, "regression")
+    pairs = pd.DataFrame({"prompt": ["good movie"] * n, "response": ["great film"] * n})
+    data = build_datasets(cfg(tmp_path, write(pairs, tmp_path / "p.jsonl"), eval_split=0.2), gpt_tok, "sft")
+    example_lengths(data.train, "seq2seq")
+    assert row_reads["n"] == 0
+
+
 # ----------------------------------------------------------------------------------------------------- errors
 
 
