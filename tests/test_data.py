@@ -1045,6 +1045,49 @@ def test_labels_that_do_not_parse(tmp_path, bert_tok):
         build_datasets(cfg(tmp_path, write(df, tmp_path / "c.jsonl")), bert_tok, "classification")
 
 
+def test_list_labels_are_refused_as_multi_label(tmp_path, bert_tok):
+    import datasets
+
+    # GoEmotions' form: a Sequence(ClassLabel) column; and a JSON Lines list.
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.Sequence(datasets.ClassLabel(names=["joy", "anger"]))}
+    )
+    rows = {"text": ["good", "bad", "fine"], "label": [[0], [1], [0, 1]]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "go.parquet"))
+    jsonl = _jsonl(tmp_path / "l.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": [1]}])
+    for path, row in [(tmp_path / "go.parquet", 0), (jsonl, 1)]:
+        with pytest.raises(ValueError, match=rf"train_file: label_column 'label' holds a list in row {row} .*multi-label"):
+            build_datasets(cfg(tmp_path, path), bert_tok, "classification")
+
+
+@pytest.mark.parametrize("task", ["classification", "seq2seq", "clm"])
+def test_text_cells_holding_lists_or_objects_are_refused(tmp_path, bert_tok, gpt_tok, task):
+    column = {"seq2seq": "source", "classification": "text", "clm": "text"}[task]
+    rows = [{column: "good movie", "target": "a", "label": "pos"}, {column: "bad", "target": "b", "label": "neg"},
+            {column: {"body": "great film"}, "target": "c", "label": "pos"}]  # fmt: skip
+    path = _jsonl(tmp_path / "t.jsonl", rows)
+    role = "source_column" if task == "seq2seq" else "text_column"
+    with pytest.raises(ValueError, match=rf"train_file: column '{column}' \({role}\) holds an object in row 2"):
+        build_datasets(cfg(tmp_path, path), bert_tok if task == "classification" else gpt_tok, task)
+    rows[2][column] = ["great", "film"]
+    with pytest.raises(ValueError, match=rf"column '{column}' \({role}\) holds a list in row 2"):
+        build_datasets(cfg(tmp_path, _jsonl(tmp_path / "l.jsonl", rows)), gpt_tok, task)
+
+
+@pytest.mark.parametrize("orient", ["columns", "index", "nested"])
+def test_json_records_nested_in_one_object_are_refused(tmp_path, orient):
+    path = tmp_path / "train.json"
+    if orient == "nested":
+        path.write_text(json.dumps({"data": SENTIMENT.to_dict(orient="records")}))
+    else:
+        SENTIMENT.to_json(path, orient=orient)
+    with pytest.raises(ValueError, match=r"train_file: .*train.json reads as one row .*orient='records'"):
+        load_table(str(path), cache_dir=str(tmp_path / "hf-cache"))
+    # One conversation is one row of a list of messages: read as it is.
+    (tmp_path / "chat.json").write_text(json.dumps({"messages": CHAT}))
+    assert load_table(str(tmp_path / "chat.json"), cache_dir=str(tmp_path / "hf-cache"))["messages"] == [CHAT]
+
+
 def test_eval_labels_unseen_in_training(tmp_path, bert_tok):
     train = write(SENTIMENT, tmp_path / "t.csv")
     evals = write(pd.DataFrame({"text": ["fine", "good"], "label": ["neutral", "pos"]}), tmp_path / "e.csv")

@@ -367,13 +367,23 @@ def _text(value: Any, what: str) -> str | list[Message]:
     return value if isinstance(value, str) else str(value)
 
 
+def _refuse_nested(values: list[Any], what: str, expected: str) -> None:
+    """ValueError naming the first row whose value is a list or an object, not a single value."""
+    row = next((i for i, v in enumerate(values) if isinstance(v, list | tuple | dict)), None)
+    if row is not None:
+        kind = "an object" if isinstance(values[row], dict) else "a list"
+        raise ValueError(f"{what} holds {kind} in row {row} ({short_repr(values[row])}), not {expected}")
+
+
 def _check_texts(ds: Any, columns: dict[str, str], field: str, label_ids: list[int] | None) -> None:
     """ValueError for missing text values, ignoring rows that label_names drops (label id -1)."""
     for role, column in columns.items():
         if role == "label_column":
             continue  # labels get their own checks
+        values = _column(ds, column)
+        _refuse_nested(values, f"{field}: column {column!r} ({role})", "text")
         empty = [
-            i for i, v in enumerate(_column(ds, column)) if v is None and (label_ids is None or label_ids[i] >= 0)
+            i for i, v in enumerate(values) if v is None and (label_ids is None or label_ids[i] >= 0)
         ]
         if empty:
             raise ValueError(
@@ -400,11 +410,13 @@ def _label_key(value: Any) -> str | None:
 UNLABELED = "\x00unlabeled"
 
 
-def _label_keys(ds: Any, column: str) -> list[str | None]:
+def _label_keys(ds: Any, column: str, field: str) -> list[str | None]:
     """Label keys of every row; integer ClassLabel values become their names (as load_from_disk stores them), and
     a ClassLabel -1 becomes UNLABELED."""
     feature = ds.features[column]
     values = _column(ds, column)
+    what = "one class (multi-label classification, several classes per row, is not supported)"
+    _refuse_nested(values, f"{field}: label_column {column!r}", what)
     names = _class_label_names(ds, column)
     if names is not None:
         values = [
@@ -434,9 +446,9 @@ def _class_ids(
 ) -> tuple[list[str], list[int], list[int] | None]:
     """Label names in id order and each row's label id (-1 for labels outside a given label_names)."""
     column = cfg.label_column
-    keys = {"train_file": _label_keys(train, column)}
+    keys = {"train_file": _label_keys(train, column, "train_file")}
     if eval_ds is not None:
-        keys["eval_file"] = _label_keys(eval_ds, column)
+        keys["eval_file"] = _label_keys(eval_ds, column, "eval_file")
     for field, ks in keys.items():
         missing = [i for i, k in enumerate(ks) if k is None]
         if missing:

@@ -117,7 +117,32 @@ def _read_file(resolved: Path, field: str, cache_dir: str | None) -> Any:
     if reader == "csv":
         return _read_csv(resolved, _file_type(resolved) == ".tsv", field, cache_dir)
     kwargs: dict[str, Any] = {"keep_linebreaks": True} if reader == "text" else {}  # clm: see _tokenize_clm
-    return _read(reader, resolved, field, cache_dir, kwargs)
+    ds = _read(reader, resolved, field, cache_dir, kwargs)
+    if reader == "json":
+        _refuse_nested_records(ds, resolved, field)
+    return ds
+
+
+def _refuse_nested_records(ds: Any, path: Path, field: str) -> None:
+    """ValueError for a JSON file read as one row of objects or lists of objects: its records nested under a key
+    ({"data": [...]}) or written by pandas' `to_json` default orient="columns" ({"text": {"0": ...}}). A list of
+    messages (one conversation) is no such case."""
+    if len(ds) != 1:
+        return
+    row = ds[0]
+
+    def records(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(m, dict) for m in v)
+
+    def messages(v: Any) -> bool:
+        return records(v) and all("role" in m or "from" in m for m in v)
+
+    if all(isinstance(v, dict) or records(v) for v in row.values()) and not any(map(messages, row.values())):
+        raise ValueError(
+            f"{field}: {path} reads as one row whose cells {list(row)} hold objects: records nested under a key "
+            "(e.g. {\"data\": [...]}) or a pandas to_json with the default orient='columns'? Write JSON Lines (one "
+            "record per line) or a JSON array of records (df.to_json(path, orient='records'))"
+        )
 
 
 def _read(reader: str, path: Path, field: str, cache_dir: str | None, kwargs: dict[str, Any]) -> Any:
