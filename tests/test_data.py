@@ -533,6 +533,32 @@ def test_missing_paths_never_reach_the_hub(tmp_path, monkeypatch, spec):
         load_table(spec, "eval_file", str(tmp_path / "hf-cache"))
 
 
+def test_a_local_folder_shaped_like_a_hub_owner_never_reaches_the_hub(tmp_path, monkeypatch):
+    import datasets
+
+    def load_dataset(*args, **kwargs):
+        raise AssertionError(f"load_dataset called with {args}")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    write_folder(tmp_path / "data", {"train.csv": SENTIMENT, "dev/valid.csv": SENTIMENT})
+    with pytest.raises(FileNotFoundError, match=r"train_file: no such file or folder: .*data/train; the folder "
+                                                r"data/ holds: dev/, train.csv$"):  # fmt: skip
+        load_table("data/train", "train_file", str(tmp_path / "hf-cache"))
+
+
+def test_a_hub_error_says_how_to_skip_the_network(tmp_path, monkeypatch):
+    import datasets
+
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"ConnectionError: Couldn't reach the Hub .*HF_HUB_OFFLINE=1"):
+        load_table("glue/sst2", "train_file", str(tmp_path / "hf-cache"))
+
+
 def test_seeded_split_is_reproducible(tmp_path, bert_tok):
     n = 40
     df = pd.DataFrame(

@@ -82,6 +82,7 @@ def load_table(path: str, field: str = "train_file", cache_dir: str | None = Non
         hub = parse_hub_id(path)
         if hub is None:
             raise FileNotFoundError(f"{field}: no such file or folder: {resolved}")
+        _refuse_local_typo(hub[0], field)
         ds = _load_hub(path, hub, field, cache_dir)
     elif resolved.is_dir():
         ds = _load_folder(resolved.resolve(), field, cache_dir)
@@ -209,6 +210,20 @@ def _any_cell(ds: Any, pattern: str) -> bool:
     return any(pc.any(pc.match_substring_regex(c, pattern)).as_py() is True for c in columns)
 
 
+def _refuse_local_typo(name: str, field: str) -> None:
+    """FileNotFoundError for an OWNER/NAME whose OWNER is a local folder (`data/train` where `data/` holds no
+    `train`): a mistyped local path, which the Hub would be asked about, with retries, for half a minute."""
+    owner, _, rest = name.partition("/")
+    folder = Path(owner)
+    if rest and folder.is_dir():
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+        shown = ", ".join(held[:20]) + (f", ... ({len(held)} in all)" if len(held) > 20 else "")
+        raise FileNotFoundError(
+            f"{field}: no such file or folder: {folder.resolve() / rest}; the folder {owner}/ holds: "
+            f"{shown or 'nothing'}"
+        )
+
+
 def _load_hub(spec: str, hub: tuple[str, str | None, str | None], field: str, cache_dir: str | None) -> Any:
     """The Dataset of a Hub spec; FileNotFoundError with the reason in one line when it cannot be loaded."""
     import datasets
@@ -221,7 +236,7 @@ def _load_hub(spec: str, hub: tuple[str, str | None, str | None], field: str, ca
         what = ", ".join(f"{k} {v!r}" for k, v in parts.items() if v is not None)
         raise FileNotFoundError(
             f"{field}: no local file or folder named {spec!r}, and loading it as a Hugging Face Hub dataset "
-            f"({what}) failed: {one_line(e)}"
+            f"({what}) failed: {one_line(e)} (without a network, set HF_HUB_OFFLINE=1 to skip the Hub's retries)"
         ) from e
     if isinstance(loaded, datasets.DatasetDict):
         hint = f"; name one as {name}{f':{config}' if config else ''}@SPLIT"
