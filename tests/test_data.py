@@ -1048,6 +1048,19 @@ def test_unreadable_and_empty_inputs(tmp_path, bert_tok):
         load_table(str(tmp_path / "folder"), cache_dir=str(tmp_path / "hf-cache"))
 
 
+@pytest.mark.parametrize("name", ["l.csv", "l.tsv", "l.txt", "l.jsonl", "l.csv.gz"])
+def test_a_file_that_is_not_utf8_is_named_with_the_byte(tmp_path, name):
+    import gzip
+
+    text = {".jsonl": '{"text": "good"}\n{"text": "caf\u00e9"}\n'}.get(Path(name).suffixes[0], "text\ngood\ncaf\u00e9\n")
+    data = text.encode("latin-1")
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    line = text.splitlines().index(next(t for t in text.splitlines() if "\u00e9" in t))
+    column = text.splitlines()[line].index("\u00e9") + 1
+    with pytest.raises(ValueError, match=rf"{name} is not UTF-8: byte 0xe9 at line {line + 1}, column {column}.*UTF-8"):
+        load_table(str(tmp_path / name), cache_dir=str(tmp_path / "hf-cache"))
+
+
 def test_missing_column_lists_existing_columns(tmp_path, bert_tok):
     path = write(SENTIMENT, tmp_path / "t.csv")
     with pytest.raises(ValueError, match=r"'sentence' \(text_column\).*\['text', 'label'\]"):

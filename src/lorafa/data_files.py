@@ -151,12 +151,43 @@ def _read(reader: str, path: Path, field: str, cache_dir: str | None, kwargs: di
     import datasets
 
     try:
-        return getattr(datasets.Dataset, f"from_{reader}")(str(path), cache_dir=cache_dir, **kwargs)
+        ds = getattr(datasets.Dataset, f"from_{reader}")(str(path), cache_dir=cache_dir, **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types; all mean "bad file" here
+        chain = [e]
+        while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+        if any(isinstance(c, UnicodeDecodeError) for c in chain):
+            _refuse_non_utf8(path, field)
         cause = f" ({one_line(e.__cause__)})" if isinstance(e.__cause__, Exception) else ""
         raise ValueError(
             f"{field}: could not read {path} as {reader} (is it empty or malformed?): {one_line(e)}{cause}"
         ) from e
+    if reader == "json":  # pyarrow's JSON reader keeps invalid UTF-8 in its strings, to fail on first use
+        import pyarrow as pa
+
+        try:
+            ds.data.table.validate(full=True)
+        except pa.ArrowInvalid:
+            _refuse_non_utf8(path, field)
+    return ds
+
+
+def _refuse_non_utf8(path: Path, field: str) -> None:
+    """ValueError naming the first byte of `path` (decompressed) that is not UTF-8, by line and column."""
+    import bz2
+    import gzip
+    import lzma
+
+    opener: Any = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
+    with opener(path, "rb") as f:
+        for n, line in enumerate(f, 1):  # a UTF-8 character never holds a line-break byte
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{field}: {path} is not UTF-8: byte {line[e.start]:#04x} at line {n}, column {e.start + 1} "
+                    "(a Latin-1 or Windows-1252 file?); re-save it as UTF-8"
+                ) from None
 
 
 # A cell as a CSV writer quotes it: wrapped in quotes, inner quotes doubled (RE2 syntax, for pyarrow).
