@@ -1061,6 +1061,37 @@ def test_a_file_that_is_not_utf8_is_named_with_the_byte(tmp_path, name):
         load_table(str(tmp_path / name), cache_dir=str(tmp_path / "hf-cache"))
 
 
+def test_small_file_problems(tmp_path, bert_tok, caplog):
+    import datasets
+
+    cache = str(tmp_path / "hf-cache")
+    # A text file's byte-order mark is no character of the text.
+    (tmp_path / "bom.txt").write_bytes("\ufeffgood movie\nbad plot\n".encode("utf-8"))
+    assert load_table(str(tmp_path / "bom.txt"), cache_dir=cache)["text"] == ["good movie\n", "bad plot\n"]
+    # A single Arrow file reads as a folder of them does.
+    saved = datasets.Dataset.from_pandas(SENTIMENT, preserve_index=False)
+    saved.save_to_disk(str(tmp_path / "saved"))
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")
+    assert load_table(str(arrow), cache_dir=cache).to_list() == saved.to_list()
+    # A CSV with a header and no rows says so.
+    (tmp_path / "header.csv").write_text("text,label\n")
+    with pytest.raises(ValueError, match=r"header.csv has a header \(\['text', 'label'\]\) but no rows"):
+        load_table(str(tmp_path / "header.csv"), cache_dir=cache)
+    # A column name written twice is named.
+    (tmp_path / "dup.csv").write_text("text,text,label\ngood,movie,pos\n")
+    assert load_table(str(tmp_path / "dup.csv"), cache_dir=cache).column_names == ["text", "text.1", "label"]
+    assert "dup.csv names columns ['text'] more than once" in caplog.text
+    # Classes that differ only in case are separate classes, with a warning.
+    cased = SENTIMENT.assign(label=["Pos", "neg", "pos", "neg", "pos", "neg"])
+    data = build_datasets(cfg(tmp_path, write(cased, tmp_path / "c.csv")), bert_tok, "classification")
+    assert data.label_names == ["Pos", "neg", "pos"]
+    assert "differ only in case, which are separate classes: [['Pos', 'pos']]" in caplog.text
+    # Evaluating on the training file is allowed, with a warning.
+    path = write(SENTIMENT, tmp_path / "t.csv")
+    build_datasets(cfg(tmp_path, path, eval_file=str(tmp_path / "." / "t.csv")), bert_tok, "classification")
+    assert "eval_file is train_file" in caplog.text
+
+
 def test_missing_column_lists_existing_columns(tmp_path, bert_tok):
     path = write(SENTIMENT, tmp_path / "t.csv")
     with pytest.raises(ValueError, match=r"'sentence' \(text_column\).*\['text', 'label'\]"):

@@ -26,10 +26,12 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 
+from lorafa.assets import resolve
 from lorafa.data_files import folder_validation_split, load_table
 from lorafa.sft import (
     CONVERSATION_COLUMNS,
@@ -62,7 +64,7 @@ class DataConfig:
     """Where the data is and how to read it. `validate()` raises ValueError naming the first invalid field."""
 
     train_file: str = ""
-    """Training data: a .csv/.tsv/.json/.jsonl/.parquet/.txt file (.gz/.bz2/.xz too), a folder of such files (its
+    """Training data: a .csv/.tsv/.json/.jsonl/.parquet/.arrow/.txt file (.gz/.bz2/.xz too), a folder of such files (its
     `train` split), a `save_to_disk` folder, `asset:NAME` (see `lorafa.assets`), or, when no such local path
     exists, a Hub dataset `OWNER/NAME[:CONFIG][@SPLIT]` (default split `train`)."""
     eval_file: str | None = None
@@ -476,6 +478,7 @@ def _class_ids(
             raise ValueError(
                 f"train_file: label_column {column!r} needs at least 2 distinct labels, found {sorted(found)}"
             )
+        _warn_case_variants(names, column)
         n = len(keys["train_file"])
         if any(_is_fraction(k) for k in names) or len(names) > max(20, n // 2):
             logger.warning(
@@ -486,6 +489,20 @@ def _class_ids(
     train_ids = [ids.get(k, -1) for k in keys["train_file"]]  # type: ignore[arg-type]
     eval_ids = [ids.get(k, -1) for k in keys["eval_file"]] if "eval_file" in keys else None  # type: ignore[arg-type]
     return names, train_ids, eval_ids
+
+
+def _warn_case_variants(names: list[str], column: str) -> None:
+    """Warn when classes differ only in case (`Pos`, `pos`): most likely one class written two ways. (Surrounding
+    spaces are stripped by `_label_key` already.)"""
+    by_case: dict[str, list[str]] = {}
+    for name in names:
+        by_case.setdefault(name.casefold(), []).append(name)
+    variants = [group for group in by_case.values() if len(group) > 1]
+    if variants:
+        logger.warning(
+            "train_file: label_column %r has labels that differ only in case, which are separate classes: %s; "
+            "write each class one way, or set label_names", column, variants[:5],
+        )  # fmt: skip
 
 
 def _is_fraction(key: str) -> bool:
@@ -714,6 +731,15 @@ def _prepare(ds: Any, cfg: DataConfig, tokenizer: Any, task: str, field: str, ca
     return ds
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether two data paths name one existing file (a folder serves both fields by its splits)."""
+    try:
+        pa, pb = (Path(resolve(p)).expanduser() for p in (a, b))
+    except FileNotFoundError:  # a missing asset: load_table reports it, naming the field
+        return False
+    return pa.is_file() and pb.is_file() and pa.samefile(pb)
+
+
 def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
     """Read, check, split and tokenize the data of `cfg` for `task`.
 
@@ -734,6 +760,8 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
     cfg.validate()
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    if cfg.eval_file is not None and _same_file(cfg.train_file, cfg.eval_file):
+        logger.warning("eval_file is train_file (%s): the evaluation is on the training rows", cfg.eval_file)
     train = load_table(cfg.train_file, "train_file", cfg.cache_dir)
     eval_ds = load_table(cfg.eval_file, "eval_file", cfg.cache_dir) if cfg.eval_file is not None else None
     if eval_ds is None and cfg.eval_split > 0:

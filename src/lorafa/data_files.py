@@ -1,6 +1,6 @@
 """Reading data files and Hub datasets into `datasets.Dataset`s: the first step of `lorafa.data.build_datasets`.
 
-`load_table(path, field)` reads a CSV / TSV / JSON / JSONL / Parquet / text file (optionally compressed: .gz, .bz2,
+`load_table(path, field)` reads a CSV / TSV / JSON / JSONL / Parquet / Arrow / text file (optionally compressed: .gz, .bz2,
 .xz), a folder of such files (its train split), a `save_to_disk` folder, an `asset:NAME`, or, when no such local
 path exists, a Hub dataset `OWNER/NAME[:CONFIG][@SPLIT]`; errors name the config field and the file.
 `folder_validation_split` finds a folder's validation split; `one_line` shortens library errors for messages.
@@ -27,6 +27,7 @@ _READERS = {
     ".jsonl": "json",
     ".parquet": "parquet",
     ".txt": "text",
+    ".arrow": "arrow",
 }
 _COMPRESSIONS = (".gz", ".bz2", ".xz")
 _EVAL_SPLITS = ("validation", "eval", "test")
@@ -117,8 +118,11 @@ def _read_file(resolved: Path, field: str, cache_dir: str | None) -> Any:
         raise ValueError(f"{field}: {resolved} is empty")
     if reader == "csv":
         return _read_csv(resolved, _file_type(resolved) == ".tsv", field, cache_dir)
-    kwargs: dict[str, Any] = {"keep_linebreaks": True} if reader == "text" else {}  # clm: see _tokenize_clm
-    ds = _read(reader, resolved, field, cache_dir, kwargs)
+    if reader == "arrow":  # an Arrow stream file, as save_to_disk and the datasets cache write them
+        return _read("file", resolved, field, None, {})
+    # clm: line breaks, see _tokenize_clm; utf-8-sig drops a byte-order mark, which would be the first character
+    text = {"keep_linebreaks": True, "encoding": "utf-8-sig"}
+    ds = _read(reader, resolved, field, cache_dir, text if reader == "text" else {})
     if reader == "json":
         _refuse_nested_records(ds, resolved, field)
     return ds
@@ -150,8 +154,9 @@ def _read(reader: str, path: Path, field: str, cache_dir: str | None, kwargs: di
     """`datasets.Dataset.from_<reader>(path)`; a ValueError naming the file and the parser's reason."""
     import datasets
 
+    cache = {} if reader == "file" else {"cache_dir": cache_dir}
     try:
-        ds = getattr(datasets.Dataset, f"from_{reader}")(str(path), cache_dir=cache_dir, **kwargs)
+        ds = getattr(datasets.Dataset, f"from_{reader}")(str(path), **cache, **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types; all mean "bad file" here
         chain = [e]
         while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
@@ -206,7 +211,7 @@ def _read_csv(path: Path, tsv: bool, field: str, cache_dir: str | None) -> Any:
     base: dict[str, Any] = {"keep_default_na": False, "na_values": [""], **({"sep": "\t"} if tsv else {})}
 
     def read(kwargs: dict[str, Any]) -> Any:
-        return _read("csv", path, field, cache_dir, {**kwargs, "features": _string_features(path, kwargs)})
+        return _read("csv", path, field, cache_dir, {**kwargs, "features": _string_features(path, kwargs, field)})
 
     if not tsv:
         return read(base)
@@ -275,16 +280,24 @@ def _load_hub(spec: str, hub: tuple[str, str | None, str | None], field: str, ca
     return loaded
 
 
-def _string_features(path: Path, read_kwargs: dict[str, Any]) -> Any:
-    """datasets Features declaring every column of a CSV/TSV file (its header, read by pandas) a string."""
+def _string_features(path: Path, read_kwargs: dict[str, Any], field: str) -> Any:
+    """datasets Features declaring every column of a CSV/TSV file (its header, read by pandas) a string; a
+    ValueError for a header without rows, a warning for a column name written twice."""
     import datasets
     import pandas as pd
 
     try:
-        header = pd.read_csv(path, nrows=0, **read_kwargs).columns
+        first = pd.read_csv(path, nrows=1, **read_kwargs)
+        raw = pd.read_csv(path, nrows=1, header=None, dtype=str, **read_kwargs).iloc[0].tolist()  # as written
     except Exception:  # an unreadable file: let datasets' reader report it
         return None
-    return datasets.Features({str(c): datasets.Value("string") for c in header})
+    if first.empty:
+        raise ValueError(f"{field}: {path} has a header ({list(map(str, first.columns))}) but no rows")
+    doubled = sorted({str(c) for c in raw if raw.count(c) > 1})
+    if doubled:
+        logger.warning("%s: %s names columns %s more than once; pandas renames the repeats (%s.1, ...)", field,
+                       path, doubled, doubled[0])  # fmt: skip
+    return datasets.Features({str(c): datasets.Value("string") for c in first.columns})
 
 
 def _load_folder(resolved: Path, field: str, cache_dir: str | None) -> Any:
