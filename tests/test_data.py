@@ -364,6 +364,46 @@ def test_folder_without_the_split_a_field_means(tmp_path):
     assert len(load_table(str(folder), "eval_file", cache_dir=str(tmp_path / "hf-cache"))) == len(SENTIMENT)
 
 
+# Cells that pandas' defaults would change: a TSV's stray quote joins lines, "00501" and "1e3" become numbers,
+# "NA" and "null" become missing.
+TRICKY_TSV = 'text\tlabel\n"Yes."\t1\n"Well, maybe\t0\nfine movie\t1\n00501\t0\n1e3\t1\nNA\t0\nnull\t1\n'
+
+
+@pytest.mark.parametrize("name", ["train.tsv", "train.csv", "train.txt"])
+def test_a_folder_reads_each_file_as_the_file_alone_is_read(tmp_path, name):
+    text = TRICKY_TSV if name.endswith(".tsv") else TRICKY_TSV.replace("\t", ",").replace('"Well,', "Well")
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / name).write_text(text)
+    (folder / f"test{Path(name).suffix}").write_text(text)
+    cache = str(tmp_path / "hf-cache")
+    alone = load_table(str(folder / name), cache_dir=cache)
+    for field, table in [("train_file", load_table(str(folder), cache_dir=cache)),
+                         ("eval_file", load_table(str(folder), "eval_file", cache_dir=cache))]:  # fmt: skip
+        assert table.to_list() == alone.to_list(), field
+
+
+def test_a_folder_says_which_files_make_each_split(tmp_path, caplog):
+    cache = str(tmp_path / "hf-cache")
+    folder = write_folder(tmp_path / "d", {"train.csv": SENTIMENT.iloc[:2], "holdout.csv": SENTIMENT.iloc[2:]})
+    (folder / "train.csv.bak").write_text((folder / "train.csv").read_text() + "bad plot,neg\n")
+    with caplog.at_level("INFO", logger="lorafa.data_files"):
+        table = load_table(str(folder), cache_dir=cache)
+    assert table["text"] == list(SENTIMENT.text[:2])  # the backup is no data file
+    assert re.search(r"split 'train' of .* is \['train.csv'\]", caplog.text)
+    assert re.search(r"left out \['train.csv.bak'\]", caplog.text)
+    assert re.search(r"\['holdout.csv'\] belong to no split", caplog.text)
+    # Files that all fall into one split are read as one, with a warning naming them.
+    caplog.clear()
+    folder = write_folder(tmp_path / "e", {"train.csv": SENTIMENT.iloc[:2], "old/train.csv": SENTIMENT.iloc[2:]})
+    assert sorted(load_table(str(folder), cache_dir=cache)["text"]) == sorted(SENTIMENT.text)
+    assert re.search(r"split 'train' of .* is made of 2 files", caplog.text)
+    # ... but a split's shards (train-00000-of-00002.parquet, ...) are no surprise.
+    caplog.clear()
+    load_table(str(write_folder(tmp_path / "f", FOLDER_LAYOUTS["parquet-shards"])), cache_dir=cache)
+    assert "made of" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("spec", "parsed"),
     [
@@ -491,6 +531,32 @@ def test_missing_paths_never_reach_the_hub(tmp_path, monkeypatch, spec):
     spec = str(tmp_path / "missing") if spec == "ABSOLUTE" else spec
     with pytest.raises(FileNotFoundError, match="eval_file: no such file or folder"):
         load_table(spec, "eval_file", str(tmp_path / "hf-cache"))
+
+
+def test_a_local_folder_shaped_like_a_hub_owner_never_reaches_the_hub(tmp_path, monkeypatch):
+    import datasets
+
+    def load_dataset(*args, **kwargs):
+        raise AssertionError(f"load_dataset called with {args}")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    write_folder(tmp_path / "data", {"train.csv": SENTIMENT, "dev/valid.csv": SENTIMENT})
+    with pytest.raises(FileNotFoundError, match=r"train_file: no such file or folder: .*data/train; the folder "
+                                                r"data/ holds: dev/, train.csv$"):  # fmt: skip
+        load_table("data/train", "train_file", str(tmp_path / "hf-cache"))
+
+
+def test_a_hub_error_says_how_to_skip_the_network(tmp_path, monkeypatch):
+    import datasets
+
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"ConnectionError: Couldn't reach the Hub .*HF_HUB_OFFLINE=1"):
+        load_table("glue/sst2", "train_file", str(tmp_path / "hf-cache"))
 
 
 def test_seeded_split_is_reproducible(tmp_path, bert_tok):
@@ -873,6 +939,13 @@ def test_csv_cells_are_read_as_written(tmp_path, bert_tok, gpt_tok):
     assert na["text"] == ["NA", "null", None] and na["label"] == ["None", "N/A", "x"]
 
 
+def test_a_tsv_whose_first_quoted_cell_comes_late_is_read_with_quoting(tmp_path):
+    # pandas and Excel quote only the cells that need it: here none of the first few thousand.
+    texts = [f"movie {i}" for i in range(3000)] + ['she said "hi"', "two\nlines"]
+    pd.DataFrame({"text": texts, "label": ["pos"] * len(texts)}).to_csv(tmp_path / "w.tsv", sep="\t", index=False)
+    assert load_table(str(tmp_path / "w.tsv"), cache_dir=str(tmp_path / "hf-cache"))["text"] == texts
+
+
 def test_sentence_pairs_are_separated_for_tokenizers_that_do_not_mark_pairs(tmp_path, gpt_tok):
     df = pd.DataFrame({"a": ["good movie"], "b": ["great film"], "y": ["pos"]})
     path = write(df, tmp_path / "p.csv")
@@ -912,6 +985,43 @@ def test_integer_labels_that_tie_keep_one_order():
     assert _sorted_labels({"1", "01", "2"}) == ["01", "1", "2"]
 
 
+@pytest.fixture
+def row_reads(monkeypatch):
+    """Counts reads of single rows through datasets' lazy Column (iterating it, or indexing it by an int)."""
+    from datasets.arrow_dataset import Column
+
+    reads = {"n": 0}
+    get, iterate = Column.__getitem__, Column.__iter__
+
+    def counted_get(self, key):
+        reads["n"] += isinstance(key, int)
+        return get(self, key)
+
+    def counted_iter(self):
+        for value in iterate(self):
+            reads["n"] += 1
+            yield value
+
+    monkeypatch.setattr(Column, "__getitem__", counted_get)
+    monkeypatch.setattr(Column, "__iter__", counted_iter)
+    return reads
+
+
+def test_data_preparation_reads_each_column_at_once(tmp_path, bert_tok, gpt_tok, row_reads):
+    from lorafa.data import example_lengths
+
+    n = 200  # many more rows than columns: one read per row would show
+    big = pd.DataFrame({"text": [f"good movie {i}" for i in range(n)], "label": ["pos", "neg"] * (n // 2)})
+    data = build_datasets(cfg(tmp_path, write(big, tmp_path / "c.csv"), eval_split=0.2), bert_tok, "classification")
+    example_lengths(data.train, "classification")
+    scores = big.assign(label=[i / n for i in range(n)])
+    build_datasets(cfg(tmp_path, write(scores, tmp_path / "r.csv")), bert_tok, "regression")
+    pairs = pd.DataFrame({"prompt": ["good movie"] * n, "response": ["great film"] * n})
+    data = build_datasets(cfg(tmp_path, write(pairs, tmp_path / "p.jsonl"), eval_split=0.2), gpt_tok, "sft")
+    example_lengths(data.train, "seq2seq")
+    assert row_reads["n"] == 0
+
+
 # ----------------------------------------------------------------------------------------------------- errors
 
 
@@ -938,6 +1048,50 @@ def test_unreadable_and_empty_inputs(tmp_path, bert_tok):
         load_table(str(tmp_path / "folder"), cache_dir=str(tmp_path / "hf-cache"))
 
 
+@pytest.mark.parametrize("name", ["l.csv", "l.tsv", "l.txt", "l.jsonl", "l.csv.gz"])
+def test_a_file_that_is_not_utf8_is_named_with_the_byte(tmp_path, name):
+    import gzip
+
+    text = {".jsonl": '{"text": "good"}\n{"text": "caf\u00e9"}\n'}.get(Path(name).suffixes[0], "text\ngood\ncaf\u00e9\n")
+    data = text.encode("latin-1")
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    line = text.splitlines().index(next(t for t in text.splitlines() if "\u00e9" in t))
+    column = text.splitlines()[line].index("\u00e9") + 1
+    with pytest.raises(ValueError, match=rf"{name} is not UTF-8: byte 0xe9 at line {line + 1}, column {column}.*UTF-8"):
+        load_table(str(tmp_path / name), cache_dir=str(tmp_path / "hf-cache"))
+
+
+def test_small_file_problems(tmp_path, bert_tok, caplog):
+    import datasets
+
+    cache = str(tmp_path / "hf-cache")
+    # A text file's byte-order mark is no character of the text.
+    (tmp_path / "bom.txt").write_bytes("\ufeffgood movie\nbad plot\n".encode("utf-8"))
+    assert load_table(str(tmp_path / "bom.txt"), cache_dir=cache)["text"] == ["good movie\n", "bad plot\n"]
+    # A single Arrow file reads as a folder of them does.
+    saved = datasets.Dataset.from_pandas(SENTIMENT, preserve_index=False)
+    saved.save_to_disk(str(tmp_path / "saved"))
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")
+    assert load_table(str(arrow), cache_dir=cache).to_list() == saved.to_list()
+    # A CSV with a header and no rows says so.
+    (tmp_path / "header.csv").write_text("text,label\n")
+    with pytest.raises(ValueError, match=r"header.csv has a header \(\['text', 'label'\]\) but no rows"):
+        load_table(str(tmp_path / "header.csv"), cache_dir=cache)
+    # A column name written twice is named.
+    (tmp_path / "dup.csv").write_text("text,text,label\ngood,movie,pos\n")
+    assert load_table(str(tmp_path / "dup.csv"), cache_dir=cache).column_names == ["text", "text.1", "label"]
+    assert "dup.csv names columns ['text'] more than once" in caplog.text
+    # Classes that differ only in case are separate classes, with a warning.
+    cased = SENTIMENT.assign(label=["Pos", "neg", "pos", "neg", "pos", "neg"])
+    data = build_datasets(cfg(tmp_path, write(cased, tmp_path / "c.csv")), bert_tok, "classification")
+    assert data.label_names == ["Pos", "neg", "pos"]
+    assert "differ only in case, which are separate classes: [['Pos', 'pos']]" in caplog.text
+    # Evaluating on the training file is allowed, with a warning.
+    path = write(SENTIMENT, tmp_path / "t.csv")
+    build_datasets(cfg(tmp_path, path, eval_file=str(tmp_path / "." / "t.csv")), bert_tok, "classification")
+    assert "eval_file is train_file" in caplog.text
+
+
 def test_missing_column_lists_existing_columns(tmp_path, bert_tok):
     path = write(SENTIMENT, tmp_path / "t.csv")
     with pytest.raises(ValueError, match=r"'sentence' \(text_column\).*\['text', 'label'\]"):
@@ -959,6 +1113,49 @@ def test_labels_that_do_not_parse(tmp_path, bert_tok):
     df = pd.DataFrame({"text": ["good", "bad", "fine"], "label": ["pos", None, "neg"]})
     with pytest.raises(ValueError, match=r"label_column 'label' is empty.*\[1\]"):
         build_datasets(cfg(tmp_path, write(df, tmp_path / "c.jsonl")), bert_tok, "classification")
+
+
+def test_list_labels_are_refused_as_multi_label(tmp_path, bert_tok):
+    import datasets
+
+    # GoEmotions' form: a Sequence(ClassLabel) column; and a JSON Lines list.
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.Sequence(datasets.ClassLabel(names=["joy", "anger"]))}
+    )
+    rows = {"text": ["good", "bad", "fine"], "label": [[0], [1], [0, 1]]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "go.parquet"))
+    jsonl = _jsonl(tmp_path / "l.jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": [1]}])
+    for path, row in [(tmp_path / "go.parquet", 0), (jsonl, 1)]:
+        with pytest.raises(ValueError, match=rf"train_file: label_column 'label' holds a list in row {row} .*multi-label"):
+            build_datasets(cfg(tmp_path, path), bert_tok, "classification")
+
+
+@pytest.mark.parametrize("task", ["classification", "seq2seq", "clm"])
+def test_text_cells_holding_lists_or_objects_are_refused(tmp_path, bert_tok, gpt_tok, task):
+    column = {"seq2seq": "source", "classification": "text", "clm": "text"}[task]
+    rows = [{column: "good movie", "target": "a", "label": "pos"}, {column: "bad", "target": "b", "label": "neg"},
+            {column: {"body": "great film"}, "target": "c", "label": "pos"}]  # fmt: skip
+    path = _jsonl(tmp_path / "t.jsonl", rows)
+    role = "source_column" if task == "seq2seq" else "text_column"
+    with pytest.raises(ValueError, match=rf"train_file: column '{column}' \({role}\) holds an object in row 2"):
+        build_datasets(cfg(tmp_path, path), bert_tok if task == "classification" else gpt_tok, task)
+    rows[2][column] = ["great", "film"]
+    with pytest.raises(ValueError, match=rf"column '{column}' \({role}\) holds a list in row 2"):
+        build_datasets(cfg(tmp_path, _jsonl(tmp_path / "l.jsonl", rows)), gpt_tok, task)
+
+
+@pytest.mark.parametrize("orient", ["columns", "index", "nested"])
+def test_json_records_nested_in_one_object_are_refused(tmp_path, orient):
+    path = tmp_path / "train.json"
+    if orient == "nested":
+        path.write_text(json.dumps({"data": SENTIMENT.to_dict(orient="records")}))
+    else:
+        SENTIMENT.to_json(path, orient=orient)
+    with pytest.raises(ValueError, match=r"train_file: .*train.json reads as one row .*orient='records'"):
+        load_table(str(path), cache_dir=str(tmp_path / "hf-cache"))
+    # One conversation is one row of a list of messages: read as it is.
+    (tmp_path / "chat.json").write_text(json.dumps({"messages": CHAT}))
+    assert load_table(str(tmp_path / "chat.json"), cache_dir=str(tmp_path / "hf-cache"))["messages"] == [CHAT]
 
 
 def test_eval_labels_unseen_in_training(tmp_path, bert_tok):

@@ -26,10 +26,12 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 
+from lorafa.assets import resolve
 from lorafa.data_files import folder_validation_split, load_table
 from lorafa.sft import (
     CONVERSATION_COLUMNS,
@@ -62,7 +64,7 @@ class DataConfig:
     """Where the data is and how to read it. `validate()` raises ValueError naming the first invalid field."""
 
     train_file: str = ""
-    """Training data: a .csv/.tsv/.json/.jsonl/.parquet/.txt file (.gz/.bz2/.xz too), a folder of such files (its
+    """Training data: a .csv/.tsv/.json/.jsonl/.parquet/.arrow/.txt file (.gz/.bz2/.xz too), a folder of such files (its
     `train` split), a `save_to_disk` folder, `asset:NAME` (see `lorafa.assets`), or, when no such local path
     exists, a Hub dataset `OWNER/NAME[:CONFIG][@SPLIT]` (default split `train`)."""
     eval_file: str | None = None
@@ -277,6 +279,12 @@ def _column_hint(role: str, names: list[str]) -> str:
     return ""
 
 
+def _column(ds: Any, name: str) -> list[Any]:
+    """Every value of one column as a list, read at once: datasets' lazy Column costs tens of microseconds per row
+    when indexed or iterated row by row."""
+    return list(ds[name][:])
+
+
 def _conversation_table(ds: Any, columns: Columns, field: str) -> Any:
     """A dataset of checked conversations ([{"role", "content"}, ...]) in column messages_column, from the
     messages_column or the prompt/response columns of `ds`, with each row's index in `ds` (column row). Rows
@@ -285,10 +293,10 @@ def _conversation_table(ds: Any, columns: Columns, field: str) -> Any:
 
     rows: list[list[Message]] = []
     if "messages_column" not in columns:
-        prompts = [ds[c] for c in columns["prompt_column"]]
-        responses = ds[columns["response_column"]]
+        prompts = [_column(ds, c) for c in columns["prompt_column"]]
+        responses = _column(ds, columns["response_column"])
         system = columns.get("system_column")
-        systems = ds[system] if system is not None else [None] * len(ds)
+        systems = _column(ds, system) if system is not None else [None] * len(ds)
         for i in range(len(ds)):
             try:
                 rows.append(_pair_row([p[i] for p in prompts], responses[i], systems[i]))
@@ -296,7 +304,7 @@ def _conversation_table(ds: Any, columns: Columns, field: str) -> Any:
                 raise ValueError(f"{field}: row {i}: {e} (columns {columns})") from None
     else:
         column = columns["messages_column"]
-        for i, value in enumerate(ds[column]):
+        for i, value in enumerate(_column(ds, column)):
             try:
                 rows.append(conversation(value))
             except ValueError as e:
@@ -361,13 +369,23 @@ def _text(value: Any, what: str) -> str | list[Message]:
     return value if isinstance(value, str) else str(value)
 
 
+def _refuse_nested(values: list[Any], what: str, expected: str) -> None:
+    """ValueError naming the first row whose value is a list or an object, not a single value."""
+    row = next((i for i, v in enumerate(values) if isinstance(v, list | tuple | dict)), None)
+    if row is not None:
+        kind = "an object" if isinstance(values[row], dict) else "a list"
+        raise ValueError(f"{what} holds {kind} in row {row} ({short_repr(values[row])}), not {expected}")
+
+
 def _check_texts(ds: Any, columns: dict[str, str], field: str, label_ids: list[int] | None) -> None:
     """ValueError for missing text values, ignoring rows that label_names drops (label id -1)."""
     for role, column in columns.items():
         if role == "label_column":
             continue  # labels get their own checks
+        values = _column(ds, column)
+        _refuse_nested(values, f"{field}: column {column!r} ({role})", "text")
         empty = [
-            i for i, v in enumerate(ds[column]) if v is None and (label_ids is None or label_ids[i] >= 0)
+            i for i, v in enumerate(values) if v is None and (label_ids is None or label_ids[i] >= 0)
         ]
         if empty:
             raise ValueError(
@@ -394,11 +412,13 @@ def _label_key(value: Any) -> str | None:
 UNLABELED = "\x00unlabeled"
 
 
-def _label_keys(ds: Any, column: str) -> list[str | None]:
+def _label_keys(ds: Any, column: str, field: str) -> list[str | None]:
     """Label keys of every row; integer ClassLabel values become their names (as load_from_disk stores them), and
     a ClassLabel -1 becomes UNLABELED."""
     feature = ds.features[column]
-    values = list(ds[column])
+    values = _column(ds, column)
+    what = "one class (multi-label classification, several classes per row, is not supported)"
+    _refuse_nested(values, f"{field}: label_column {column!r}", what)
     names = _class_label_names(ds, column)
     if names is not None:
         values = [
@@ -428,9 +448,9 @@ def _class_ids(
 ) -> tuple[list[str], list[int], list[int] | None]:
     """Label names in id order and each row's label id (-1 for labels outside a given label_names)."""
     column = cfg.label_column
-    keys = {"train_file": _label_keys(train, column)}
+    keys = {"train_file": _label_keys(train, column, "train_file")}
     if eval_ds is not None:
-        keys["eval_file"] = _label_keys(eval_ds, column)
+        keys["eval_file"] = _label_keys(eval_ds, column, "eval_file")
     for field, ks in keys.items():
         missing = [i for i, k in enumerate(ks) if k is None]
         if missing:
@@ -458,6 +478,7 @@ def _class_ids(
             raise ValueError(
                 f"train_file: label_column {column!r} needs at least 2 distinct labels, found {sorted(found)}"
             )
+        _warn_case_variants(names, column)
         n = len(keys["train_file"])
         if any(_is_fraction(k) for k in names) or len(names) > max(20, n // 2):
             logger.warning(
@@ -468,6 +489,20 @@ def _class_ids(
     train_ids = [ids.get(k, -1) for k in keys["train_file"]]  # type: ignore[arg-type]
     eval_ids = [ids.get(k, -1) for k in keys["eval_file"]] if "eval_file" in keys else None  # type: ignore[arg-type]
     return names, train_ids, eval_ids
+
+
+def _warn_case_variants(names: list[str], column: str) -> None:
+    """Warn when classes differ only in case (`Pos`, `pos`): most likely one class written two ways. (Surrounding
+    spaces are stripped by `_label_key` already.)"""
+    by_case: dict[str, list[str]] = {}
+    for name in names:
+        by_case.setdefault(name.casefold(), []).append(name)
+    variants = [group for group in by_case.values() if len(group) > 1]
+    if variants:
+        logger.warning(
+            "train_file: label_column %r has labels that differ only in case, which are separate classes: %s; "
+            "write each class one way, or set label_names", column, variants[:5],
+        )  # fmt: skip
 
 
 def _is_fraction(key: str) -> bool:
@@ -494,7 +529,7 @@ def _float_labels(ds: Any, column: str, field: str) -> list[float]:
     """Each row's label as a float; ValueError listing rows whose label is not a finite number."""
     values: list[float] = []
     bad: list[tuple[int, Any]] = []
-    for i, v in enumerate(ds[column]):
+    for i, v in enumerate(_column(ds, column)):
         try:
             x = float(v)
         except (TypeError, ValueError):
@@ -696,6 +731,15 @@ def _prepare(ds: Any, cfg: DataConfig, tokenizer: Any, task: str, field: str, ca
     return ds
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether two data paths name one existing file (a folder serves both fields by its splits)."""
+    try:
+        pa, pb = (Path(resolve(p)).expanduser() for p in (a, b))
+    except FileNotFoundError:  # a missing asset: load_table reports it, naming the field
+        return False
+    return pa.is_file() and pb.is_file() and pa.samefile(pb)
+
+
 def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
     """Read, check, split and tokenize the data of `cfg` for `task`.
 
@@ -716,6 +760,8 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
     cfg.validate()
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    if cfg.eval_file is not None and _same_file(cfg.train_file, cfg.eval_file):
+        logger.warning("eval_file is train_file (%s): the evaluation is on the training rows", cfg.eval_file)
     train = load_table(cfg.train_file, "train_file", cfg.cache_dir)
     eval_ds = load_table(cfg.eval_file, "eval_file", cfg.cache_dir) if cfg.eval_file is not None else None
     if eval_ds is None and cfg.eval_split > 0:
@@ -771,7 +817,7 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
         split = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
         train, eval_ds = split["train"], split["test"]
         if label_names is not None:
-            unseen = set(eval_ds["label_column"]) - set(train["label_column"])
+            unseen = set(_column(eval_ds, "label_column")) - set(_column(train, "label_column"))
             if unseen:
                 logger.warning(
                     "eval_split: labels %s of the held-out rows never occur in the rows left to train on",
@@ -824,9 +870,9 @@ class DataCollator:
 def example_lengths(data: Any, task: str) -> list[int]:
     """Tokens per example (the key of group_by_length, and of evaluation's batching): input ids, plus label ids
     for seq2seq (whose targets are padded separately)."""
-    lengths = [len(ids) for ids in data["input_ids"]]
+    lengths = [len(ids) for ids in _column(data, "input_ids")]
     if task == "seq2seq":
-        lengths = [n + len(labels) for n, labels in zip(lengths, data["labels"], strict=True)]
+        lengths = [n + len(labels) for n, labels in zip(lengths, _column(data, "labels"), strict=True)]
     return lengths
 
 

@@ -347,7 +347,7 @@ def check_positions(model: nn.Module, datasets: list[Any], task: str) -> None:
     rotary = is_rotary(config)
     for column, positions, field in checks:
         longest = max(
-            (max(map(len, ds[column]), default=0) for ds in datasets if ds is not None), default=0
+            (max(map(len, ds[column][:]), default=0) for ds in datasets if ds is not None), default=0
         )
         if positions is None or longest <= positions:
             continue
@@ -372,7 +372,7 @@ def check_token_ids(model: nn.Module, datasets: list[Any], tokenizer: Any) -> No
     for ds in datasets:
         if ds is None or "input_ids" not in ds.column_names:
             continue
-        top = max((max(ids) for ids in ds["input_ids"] if len(ids)), default=-1)
+        top = max((max(ids) for ids in ds["input_ids"][:] if len(ids)), default=-1)  # [:]: one read, not one per row
         if top >= rows:
             raise ValueError(
                 f"the data holds token id {top}, but the model's input embedding table has {rows} rows: the tokenizer "
