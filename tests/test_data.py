@@ -1595,3 +1595,16 @@ def test_a_file_read_as_one_column_asks_about_its_separator(tmp_path, bert_tok):
     (tmp_path / "semi.csv").write_text("text;label\ngood movie;pos\nbad plot;neg\n")
     with pytest.raises(ValueError, match="one column named 'text;label': is it separated by something else"):
         build_datasets(cfg(tmp_path, tmp_path / "semi.csv"), bert_tok, "classification")
+
+
+def test_token_lengths_and_max_token_follow_a_split_datasets_rows():
+    """Computed by Arrow over the rows a split (an indices mapping) selects, as Python would over the lists."""
+    import datasets
+
+    from lorafa.data_files import max_token, token_lengths
+
+    rows = [[i % 7] * (i % 5) for i in range(200)]
+    part = datasets.Dataset.from_dict({"ids": rows}).train_test_split(test_size=0.25, seed=1)["test"]
+    assert token_lengths(part, "ids") == [len(r) for r in part["ids"]]
+    assert max_token(part, "ids") == max(max(r, default=-1) for r in part["ids"])
+    assert max_token(datasets.Dataset.from_dict({"ids": [[], []]}), "ids") == -1

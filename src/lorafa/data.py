@@ -32,7 +32,7 @@ from typing import Any, cast
 import torch
 
 from lorafa.assets import resolve
-from lorafa.data_files import folder_validation_split, load_table
+from lorafa.data_files import folder_validation_split, load_table, token_lengths
 from lorafa.sft import (
     CONVERSATION_COLUMNS,
     IGNORE_INDEX,
@@ -870,9 +870,9 @@ class DataCollator:
 def example_lengths(data: Any, task: str) -> list[int]:
     """Tokens per example (the key of group_by_length, and of evaluation's batching): input ids, plus label ids
     for seq2seq (whose targets are padded separately)."""
-    lengths = [len(ids) for ids in _column(data, "input_ids")]
+    lengths = token_lengths(data, "input_ids")
     if task == "seq2seq":
-        lengths = [n + len(labels) for n, labels in zip(lengths, _column(data, "labels"), strict=True)]
+        lengths = [n + m for n, m in zip(lengths, token_lengths(data, "labels"), strict=True)]
     return lengths
 
 

@@ -12,7 +12,7 @@ import csv
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lorafa.assets import resolve
 
@@ -415,6 +415,22 @@ def folder_validation_split(path: str, cache_dir: str | None = None) -> tuple[st
     splits = _folder_splits(resolved, "train_file", cache_dir, warn=False)
     name = next((n for n in _VALIDATION_SPLITS if n in splits), None)
     return None if name is None else (name, _folder_split(resolved, name, splits[name], "train_file", cache_dir))
+
+
+def token_lengths(ds: Any, column: str) -> list[int]:
+    """The length of every row's list in `column` (token ids), computed by Arrow: reading the lists into Python
+    would hold every token as a Python int (gigabytes for a large corpus)."""
+    import pyarrow.compute as pc
+
+    return cast(list[int], pc.list_value_length(ds.with_format("arrow")[column]).to_pylist())
+
+
+def max_token(ds: Any, column: str) -> int:
+    """The largest id in a column of token-id lists (-1 when there is none), computed by Arrow."""
+    import pyarrow.compute as pc
+
+    top = pc.max(pc.list_flatten(ds.with_format("arrow")[column])).as_py()
+    return -1 if top is None else int(top)
 
 
 def one_line(e: Exception, limit: int = 300, with_type: bool = True) -> str:

@@ -19,7 +19,7 @@ from torch import nn
 
 from lorafa.assets import resolve
 from lorafa.config import LoRAFAConfig
-from lorafa.data_files import one_line, parse_hub_id
+from lorafa.data_files import max_token, one_line, parse_hub_id, token_lengths
 from lorafa.heads import NEW_KEYS_ATTR, classification_head_names, new_module_names
 from lorafa.inject import add_lorafa
 
@@ -347,7 +347,7 @@ def check_positions(model: nn.Module, datasets: list[Any], task: str) -> None:
     rotary = is_rotary(config)
     for column, positions, field in checks:
         longest = max(
-            (max(map(len, ds[column][:]), default=0) for ds in datasets if ds is not None), default=0
+            (max(token_lengths(ds, column), default=0) for ds in datasets if ds is not None), default=0
         )
         if positions is None or longest <= positions:
             continue
@@ -372,7 +372,7 @@ def check_token_ids(model: nn.Module, datasets: list[Any], tokenizer: Any) -> No
     for ds in datasets:
         if ds is None or "input_ids" not in ds.column_names:
             continue
-        top = max((max(ids) for ids in ds["input_ids"][:] if len(ids)), default=-1)  # [:]: one read, not one per row
+        top = max_token(ds, "input_ids")
         if top >= rows:
             raise ValueError(
                 f"the data holds token id {top}, but the model's input embedding table has {rows} rows: the tokenizer "
