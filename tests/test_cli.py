@@ -402,6 +402,48 @@ def test_interrupts_os_errors_and_corrupt_weights_end_with_one_line(toys, tmp_pa
     assert "its weights file cannot be read" in capsys.readouterr().err
 
 
+_CUSTOM_CONFIG = """from transformers import LlamaConfig
+
+
+class TinyCustomConfig(LlamaConfig):
+    model_type = "lorafa_tiny_custom"
+"""
+_CUSTOM_MODEL = """from transformers import LlamaForCausalLM
+
+from .configuration_tiny import TinyCustomConfig
+
+
+class TinyCustomForCausalLM(LlamaForCausalLM):
+    config_class = TinyCustomConfig
+"""
+
+
+def test_a_model_with_its_own_code_needs_trust_remote_code(toys, tmp_path, capsys):
+    """A checkpoint whose classes live in its folder (auto_map) trains, evaluates and merges with
+    trust_remote_code, and is refused by transformers, named, without it."""
+    custom = tmp_path / "custom"
+    shutil.copytree(toys / "llama", custom)
+    (custom / "configuration_tiny.py").write_text(_CUSTOM_CONFIG)
+    (custom / "modeling_tiny.py").write_text(_CUSTOM_MODEL)
+    config = json.loads((custom / "config.json").read_text())
+    config["model_type"] = "lorafa_tiny_custom"
+    config["architectures"] = ["TinyCustomForCausalLM"]
+    config["auto_map"] = {
+        "AutoConfig": "configuration_tiny.TinyCustomConfig",
+        "AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM",
+    }
+    (custom / "config.json").write_text(json.dumps(config))
+    args = run_args(toys, "sft", tmp_path / "run")
+    args[1] = f"model={custom}"
+    assert main(args) == 2  # transformers refuses to run the folder's code unasked
+    assert "trust_remote_code" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main([*args, "trust_remote_code=true"]) == 0
+    assert load_trained(out)[0].__class__.__name__ == "TinyCustomForCausalLM"  # the run's config trusts it
+    assert main(["merge", str(out / "adapter"), str(tmp_path / "merged"), "--trust-remote-code"]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
 def test_weights_are_saved_before_the_final_evaluation(toys, tmp_path, monkeypatch):
     import lorafa.train
 

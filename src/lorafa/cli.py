@@ -44,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     if argv is None and args.command == "train" and not args.dry_run:
         _tune_malloc()
+    from lorafa.models import remote_code
     from lorafa.train import TrainingDiverged
 
     try:
-        return int(args.run(args))
+        with remote_code(getattr(args, "trust_remote_code", False)):
+            return int(args.run(args))
     except TrainingDiverged as e:
         print(f"lorafa {args.command}: stopped: {e}", file=sys.stderr)
         return EXIT_DIVERGED
@@ -111,6 +113,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="task of an adapter folder (default: from its task_type)")
     p.add_argument("--batch-size", type=int, help="examples per forward pass")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON only")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own code from its folder/repo (transformers' trust_remote_code; a run's config.yaml "
+        "may set it)",
+    )
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("merge", help="fold a trained adapter into its base model and save a plain HF model")
@@ -119,6 +127,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model of an adapter folder (default: the one it records)")
     p.add_argument("--task", help="task of an adapter folder (default: from its task_type)")
     p.add_argument("--overwrite", action="store_true", help="replace output_dir if it holds files")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own code from its folder/repo (transformers' trust_remote_code; a run's config.yaml "
+        "may set it)",
+    )
     p.set_defaults(run=_merge)
 
     p = sub.add_parser(
@@ -135,6 +149,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model of an adapter folder (default: the one it records)")
     p.add_argument(
         "--task", choices=["sft", "clm", "seq2seq"], help="task of an adapter folder (clm: continue raw text)"
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own code from its folder/repo (transformers' trust_remote_code; a run's config.yaml "
+        "may set it)",
     )
     p.set_defaults(run=_generate)
 

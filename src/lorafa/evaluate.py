@@ -33,7 +33,7 @@ from lorafa.assets import resolve
 from lorafa.data import IGNORE_INDEX, build_datasets, example_lengths, make_collator
 from lorafa.inject import remove_lorafa
 from lorafa.metrics import classification_metrics, regression_metrics
-from lorafa.models import load_model, load_tokenizer, quiet_loading
+from lorafa.models import load_model, load_tokenizer, quiet_loading, remote_code, remote_code_trusted
 from lorafa.sft import plain_prompt_ids
 from lorafa.train_config import TOKEN_TASKS, TrainConfig, load_config
 
@@ -274,23 +274,36 @@ def load_trained(
     if is_run_dir(folder):
         cfg = load_config(folder / "config.yaml", overrides)
         _check_run_flags(folder, cfg, model, task)
-        tokenizer = load_tokenizer(cfg.model)
-        names = read_labels(folder)
-        id2label = dict(enumerate(names)) if names else None
-        if cfg.method == "full":
-            net = load_model(str(folder / "adapter"), cfg.task, len(names) if names else None, id2label)
-        else:
-            with quiet_loading():  # the base's new head is reported missing, but the adapter holds it
-                net = load_model(
-                    cfg.model,
-                    cfg.task,
-                    len(names) if names else None,
-                    id2label,
-                    cfg.model_dtype,
-                    tokenizer.pad_token_id,
-                )
-            load_adapter(net, adapter, is_trainable=False)
-        return net.eval(), tokenizer, cfg
+        with remote_code(cfg.trust_remote_code or remote_code_trusted()):
+            return _load_run(folder, adapter, cfg)
+    return _load_adapter_folder(folder, model, task, num_labels)
+
+
+def _load_run(folder: Path, adapter: Path, cfg: TrainConfig) -> tuple[nn.Module, Any, TrainConfig]:
+    """A run's model with its adapter (or, for method full, its saved model), in eval mode, and its tokenizer."""
+    tokenizer = load_tokenizer(cfg.model)
+    names = read_labels(folder)
+    id2label = dict(enumerate(names)) if names else None
+    if cfg.method == "full":
+        net = load_model(str(folder / "adapter"), cfg.task, len(names) if names else None, id2label)
+    else:
+        with quiet_loading():  # the base's new head is reported missing, but the adapter holds it
+            net = load_model(
+                cfg.model,
+                cfg.task,
+                len(names) if names else None,
+                id2label,
+                cfg.model_dtype,
+                tokenizer.pad_token_id,
+            )
+        load_adapter(net, adapter, is_trainable=False)
+    return net.eval(), tokenizer, cfg
+
+
+def _load_adapter_folder(
+    folder: Path, model: str | None, task: str | None, num_labels: int | None
+) -> tuple[nn.Module, Any, None]:
+    """A bare adapter folder's base model (`model`, or the one it records) with the adapter, and its tokenizer."""
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(
             f"{folder} is neither a lorafa run folder (config.yaml + adapter/) nor an adapter folder ({CONFIG_NAME})"

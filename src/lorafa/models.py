@@ -7,6 +7,7 @@ folder or `asset:NAME` (`lorafa.assets`).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,9 +75,31 @@ def position_limit(config: Any) -> int | None:
     return int(limit)
 
 
+_TRUST_REMOTE_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("trust_remote_code", default=False)
+
+
+@contextmanager
+def remote_code(trusted: bool) -> Iterator[None]:
+    """Inside, `from_pretrained` (tokenizer, config, model) runs a checkpoint's own modeling code when `trusted`
+    (transformers' trust_remote_code: only for checkpoints whose code you have read)."""
+    token = _TRUST_REMOTE_CODE.set(trusted)
+    try:
+        yield
+    finally:
+        _TRUST_REMOTE_CODE.reset(token)
+
+
+def remote_code_trusted() -> bool:
+    """Whether the enclosing `remote_code` trusts checkpoints' own code."""
+    return _TRUST_REMOTE_CODE.get()
+
+
 def from_pretrained(loader: Any, model: str, **kwargs: Any) -> Any:
-    """`loader.from_pretrained(model_path(model), **kwargs)`, with a Hub failure as one line naming the model."""
+    """`loader.from_pretrained(model_path(model), **kwargs)`, with a Hub failure as one line naming the model;
+    `trust_remote_code` as `remote_code` sets it."""
     path = model_path(model)
+    if _TRUST_REMOTE_CODE.get():
+        kwargs.setdefault("trust_remote_code", True)
     try:
         return loader.from_pretrained(path, **kwargs)
     # transformers' "not a local folder and not on the Hub", offline and "no weights" errors are OSErrors

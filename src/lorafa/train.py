@@ -50,6 +50,7 @@ from lorafa.models import (
     load_tokenizer,
     position_limit,
     prepare_model,
+    remote_code,
 )
 from lorafa.train_config import TOKEN_TASKS, TrainConfig, config_from_dict
 
@@ -99,12 +100,13 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     set_seed(cfg.seed)
 
     # ---- data, model, optimizer, schedule
-    tokenizer = load_tokenizer(cfg.model)
-    data = build_datasets(cfg.data, tokenizer, cfg.task)
+    with remote_code(cfg.trust_remote_code):
+        tokenizer = load_tokenizer(cfg.model)
+        data = build_datasets(cfg.data, tokenizer, cfg.task)
+        model = load_model(
+            cfg.model, cfg.task, data.num_labels, data.id2label, cfg.model_dtype, tokenizer.pad_token_id
+        )
     collator = make_collator(cfg.task, tokenizer)
-    model = load_model(
-        cfg.model, cfg.task, data.num_labels, data.id2label, cfg.model_dtype, tokenizer.pad_token_id
-    )
     check_data_fits(cfg, model, data, tokenizer)
     model = prepare_model(
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
@@ -794,11 +796,12 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     check_tensorboard(cfg)
     if checkpoint is not None:
         check_resumable(cfg, checkpoint)
-    tokenizer = load_tokenizer(cfg.model)
-    data = build_datasets(cfg.data, tokenizer, cfg.task)
-    model = load_model(
-        cfg.model, cfg.task, data.num_labels, data.id2label, cfg.model_dtype, tokenizer.pad_token_id
-    )
+    with remote_code(cfg.trust_remote_code):
+        tokenizer = load_tokenizer(cfg.model)
+        data = build_datasets(cfg.data, tokenizer, cfg.task)
+        model = load_model(
+            cfg.model, cfg.task, data.num_labels, data.id2label, cfg.model_dtype, tokenizer.pad_token_id
+        )
     check_data_fits(cfg, model, data, tokenizer)
     model = prepare_model(
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
@@ -838,7 +841,7 @@ def memory_estimate(cfg: TrainConfig, num_labels: int | None = None) -> str:
 
     seq = cfg.data.block_size if cfg.task == "clm" else cfg.data.max_length
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     except (ValueError, OSError) as e:
         return f"unavailable ({one_line(e)})"
     positions = position_limit(config)

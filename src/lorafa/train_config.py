@@ -54,6 +54,9 @@ class TrainConfig:
     # -- model loading
     model_dtype: str = "float32"
     """dtype the model is loaded in: float32 | bfloat16 | float16 (adapters stay float32)."""
+    trust_remote_code: bool = False
+    """Run the checkpoint's own modeling/tokenizer code (transformers' trust_remote_code), for models that
+    transformers does not implement; only for code you have read."""
 
     # -- optimisation
     lr: float = 2e-4
