@@ -383,6 +383,8 @@ def test_interrupts_os_errors_and_corrupt_weights_end_with_one_line(toys, tmp_pa
     err = capsys.readouterr().err
     assert f"interrupted; resume={out / 'checkpoints' / 'checkpoint-4'} continues it" in err
     assert "Traceback" not in err
+    assert main(run_args(toys, "classification", tmp_path / "fresh")) == 130
+    assert "interrupted (no checkpoint was written yet)" in capsys.readouterr().err
 
     def unwritable(cfg):
         raise PermissionError(13, "Permission denied", "/sys/x")
@@ -628,6 +630,14 @@ def test_a_model_folder_without_a_tokenizer_is_named(toys, tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert f"model '{folder}': {folder} holds no tokenizer" in err and hint in err, err
+    # A folder that has tokenizer files which fail to load gets transformers' reason, not "no tokenizer".
+    broken = tmp_path / "broken"
+    shutil.copytree(toys / "bert", broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    (broken / "tokenizer_config.json").write_text('{"tokenizer_class": "NoSuchTokenizerClass"}')
+    assert main(run_args(toys, "classification", tmp_path / "out", f"model={broken}", "--dry-run")) == 2
+    err = capsys.readouterr().err
+    assert f"model '{broken}': its tokenizer cannot be loaded" in err and "holds no tokenizer" not in err, err
 
 
 def test_a_full_runs_adapter_folder_is_evaluated_as_the_run(toys, tmp_path, capsys):
@@ -666,6 +676,14 @@ def test_eval_data_warnings_name_the_file_given(toys, tmp_path, caplog, capsys):
     assert main(["eval", str(run), "--data", str(data)]) == 0
     dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert dropped == [f"eval data {data}: dropped 1 rows whose label is not one of the classes ['neg', 'pos']"]
+    assert "training rows" not in caplog.text  # --data names one file for both fields on purpose
+    # data_files' warnings are renamed too, once: a header naming a column twice
+    doubled = tmp_path / "doubled.csv"
+    doubled.write_text("\n".join(["text,label,label", *[f"{r},x" for r in rows[1:9]]]) + "\n")
+    caplog.clear()
+    main(["eval", str(run), "--data", str(doubled)])
+    named = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
+    assert len(named) == 1 and named[0].startswith(f"eval data {doubled}: "), named
 
 
 def test_the_summary_counts_one_step_in_the_singular():

@@ -1086,10 +1086,12 @@ def test_small_file_problems(tmp_path, bert_tok, caplog):
     data = build_datasets(cfg(tmp_path, write(cased, tmp_path / "c.csv")), bert_tok, "classification")
     assert data.label_names == ["Pos", "neg", "pos"]
     assert "differ only in case, which are separate classes: [['Pos', 'pos']]" in caplog.text
-    # Evaluating on the training file is allowed, with a warning.
+    # One file named twice (lorafa train warns that it evaluates on training rows; eval --data does this on purpose).
+    from lorafa.data import same_data_file
+
     path = write(SENTIMENT, tmp_path / "t.csv")
-    build_datasets(cfg(tmp_path, path, eval_file=str(tmp_path / "." / "t.csv")), bert_tok, "classification")
-    assert "eval_file is train_file" in caplog.text
+    assert same_data_file(str(path), str(tmp_path / "." / "t.csv"))
+    assert not same_data_file(str(path), str(tmp_path / "c.csv"))
 
 
 def test_missing_column_lists_existing_columns(tmp_path, bert_tok):
@@ -1608,3 +1610,19 @@ def test_token_lengths_and_max_token_follow_a_split_datasets_rows():
     assert token_lengths(part, "ids") == [len(r) for r in part["ids"]]
     assert max_token(part, "ids") == max(max(r, default=-1) for r in part["ids"])
     assert max_token(datasets.Dataset.from_dict({"ids": [[], []]}), "ids") == -1
+
+
+def test_a_stray_quote_in_a_one_column_tsv_keeps_its_rows_and_ndjson_folders_load(tmp_path):
+    """A quoted reading that runs rows together from a stray opening quote (no tab to tell) is not taken; a
+    pandas-written multi-line cell is. A folder of .ndjson files (JSON Lines) loads."""
+    import pandas as pd
+
+    (tmp_path / "one.tsv").write_text('text\n"Hello there"\n"Stray opening quote\nsecond row\nthird row\nend "x" here\n')
+    assert len(load_table(str(tmp_path / "one.tsv"))) == 5
+    texts = [f"plain {i}" for i in range(5)] + ['she said "hi"', "two\nlines", "end"]
+    pd.DataFrame({"text": texts}).to_csv(tmp_path / "multi.tsv", sep="\t", index=False)
+    assert load_table(str(tmp_path / "multi.tsv"))["text"][:] == texts
+    folder = tmp_path / "nd"
+    folder.mkdir()
+    (folder / "train.ndjson").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
+    assert load_table(str(folder))["text"][:] == ["a", "b"]

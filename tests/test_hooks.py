@@ -42,6 +42,17 @@ def test_a_hooked_base_layer_runs_its_hooks_and_gives_the_fused_result(p):
     torch.testing.assert_close(seen[0], hooked.base_layer(x.detach()))
 
 
+def test_a_backward_hook_on_the_base_layer_runs():
+    layer = _layer()
+    grads = []
+    layer.base_layer.register_full_backward_hook(lambda m, gin, gout: grads.append(gout[0].detach().clone()))
+    x = torch.randn(3, 12, requires_grad=True)
+    g = torch.randn(3, 10)
+    layer(x).backward(g)
+    assert len(grads) == 1
+    torch.testing.assert_close(grads[0], g)  # the base layer's output gradient is the layer's
+
+
 def test_a_hooked_base_layer_keeps_only_u_for_backward():
     layer = _layer(0.1)
     layer.base_layer.register_forward_pre_hook(lambda m, args: None)

@@ -85,6 +85,8 @@ def test_overrides_are_coerced_to_the_field_types():
     listed = load_config(None, ["model=m", "data.train_file=t", "data.prompt_column=[instruction,input]"])
     assert listed.data.prompt_column == ["instruction", "input"]
     assert load_config(None, ["model=m", "data.train_file=t", "data.prompt_column=q"]).data.prompt_column == "q"
+    assert load_config(None, ["model=m", "data.train_file=t", "adapter.target_modules=All-Linear"]).adapter.target_modules == "all-linear"
+    assert load_config(None, ["model=m", "data.train_file=t", "resume=no"]).resume is None
     # In the module fields a plain name or dotted suffix is a name (a regex "o_proj" would match nothing).
     for given, read in (("o_proj", ["o_proj"]), ("self_attn.o_proj", ["self_attn.o_proj"]), (".*o_proj", ".*o_proj")):
         adapter = load_config(None, ["model=m", "data.train_file=t", f"adapter.exclude_modules={given}"]).adapter
@@ -433,6 +435,14 @@ def test_output_dir_rules_protect_what_a_run_did_not_write(toys, tmp_path, monke
     train(_config(toys, Path("~/project"), "max_steps=2", "eval_before=false"))  # "~" is the home folder
     assert (notes / "notes.txt").read_text() == "keep" and (notes / "metrics.json").is_file()
 
+    # A run that stopped before its first log record (config.yaml and labels.json only) is rerun in place.
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "config.yaml").write_text((run / "config.yaml").read_text())
+    (early / "labels.json").write_text((run / "labels.json").read_text())
+    train(_config(toys, early, "max_steps=2", "eval_before=false"))
+    assert (early / "metrics.json").is_file()
+
     other = tmp_path / "other"  # a finished run of its own, replaced by the resumed one
     train(_config(toys, other, "max_steps=2", "logging_every=1", "eval_before=false"))
     train(_config(toys, other, "max_steps=6", "logging_every=1", "eval_before=false", f"resume={run}"))
@@ -440,6 +450,20 @@ def test_output_dir_rules_protect_what_a_run_did_not_write(toys, tmp_path, monke
     source = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r for r in records if r["step"] <= 4] == [r for r in source if r["step"] <= 4]
     assert [r["step"] for r in records if "lr" in r] == [1, 2, 3, 4, 5, 6]  # none of its own earlier run
+
+
+def test_dry_run_checks_a_resume_but_not_the_launchers_process_count(toys, tmp_path, caplog):
+    run = tmp_path / "run"
+    train(_config(toys, run, "max_steps=4", "checkpoint_every=2", "eval_before=false"))
+    state = run / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "processes": 2}))  # as torchrun on 2 GPUs
+    assert dry_run(_config(toys, run, "max_steps=8", f"resume={run}"))["steps"] == 8
+    with pytest.raises(ValueError, match="past this run's 3 steps"):
+        dry_run(_config(toys, run, "max_steps=3", f"resume={run}"))
+    data = _config(toys, run).data.train_file
+    caplog.clear()
+    dry_run(_config(toys, tmp_path / "x", f"data.eval_file={data}"))
+    assert "data.eval_file is data.train_file" in caplog.text
 
 
 def test_resume_refuses_another_batch_size_seed_and_writes_a_repeatable_config(toys, tmp_path):

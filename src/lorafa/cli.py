@@ -61,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model's own code from its folder/repo (transformers' trust_remote_code; a run's config.yaml "
+        "may set it)",
+    )
+
+
 def _resume_hint(args: argparse.Namespace) -> str:
     """'; resume=CHECKPOINT continues it' for an interrupted `lorafa train` that saved checkpoints."""
     out = getattr(args, "output_dir_used", None)
@@ -69,7 +78,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
     from lorafa.checkpoint import list_checkpoints
 
     found = list_checkpoints(Path(out))
-    return f"; resume={found[-1]} continues it" if found else " (no checkpoint was written: checkpoint_every=0)"
+    return f"; resume={found[-1]} continues it" if found else " (no checkpoint was written yet)"
 
 
 def _tune_malloc() -> None:
@@ -113,12 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="task of an adapter folder (default: from its task_type)")
     p.add_argument("--batch-size", type=int, help="examples per forward pass")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON only")
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the model's own code from its folder/repo (transformers' trust_remote_code; a run's config.yaml "
-        "may set it)",
-    )
+    _add_trust_flag(p)
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("merge", help="fold a trained adapter into its base model and save a plain HF model")
@@ -127,12 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model of an adapter folder (default: the one it records)")
     p.add_argument("--task", help="task of an adapter folder (default: from its task_type)")
     p.add_argument("--overwrite", action="store_true", help="replace output_dir if it holds files")
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the model's own code from its folder/repo (transformers' trust_remote_code; a run's config.yaml "
-        "may set it)",
-    )
+    _add_trust_flag(p)
     p.set_defaults(run=_merge)
 
     p = sub.add_parser(
@@ -150,12 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--task", choices=["sft", "clm", "seq2seq"], help="task of an adapter folder (clm: continue raw text)"
     )
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the model's own code from its folder/repo (transformers' trust_remote_code; a run's config.yaml "
-        "may set it)",
-    )
+    _add_trust_flag(p)
     p.set_defaults(run=_generate)
 
     from lorafa.bench import add_bench_subparser

@@ -377,16 +377,28 @@ def _refuse_nested(values: list[Any], what: str, expected: str) -> None:
         raise ValueError(f"{what} holds {kind} in row {row} ({short_repr(values[row])}), not {expected}")
 
 
+def _scalar(feature: Any) -> bool:
+    """Whether a datasets feature holds one value per row (a string, number, bool or class label)."""
+    import datasets
+
+    return isinstance(feature, datasets.Value | datasets.ClassLabel)
+
+
+def _null_rows(ds: Any, column: str) -> list[int]:
+    """Rows whose value in `column` is missing, found by Arrow (no Python object per row)."""
+    import pyarrow.compute as pc
+
+    return cast(list[int], pc.indices_nonzero(pc.is_null(ds.with_format("arrow")[column])).to_pylist())
+
+
 def _check_texts(ds: Any, columns: dict[str, str], field: str, label_ids: list[int] | None) -> None:
     """ValueError for missing text values, ignoring rows that label_names drops (label id -1)."""
     for role, column in columns.items():
         if role == "label_column":
             continue  # labels get their own checks
-        values = _column(ds, column)
-        _refuse_nested(values, f"{field}: column {column!r} ({role})", "text")
-        empty = [
-            i for i, v in enumerate(values) if v is None and (label_ids is None or label_ids[i] >= 0)
-        ]
+        if not _scalar(ds.features[column]):  # lists or objects (or a Json column holding some): find one
+            _refuse_nested(_column(ds, column), f"{field}: column {column!r} ({role})", "text")
+        empty = [i for i in _null_rows(ds, column) if label_ids is None or label_ids[i] >= 0]
         if empty:
             raise ValueError(
                 f"{field}: column {column!r} ({role}) is empty in {len(empty)} rows, e.g. rows {empty[:5]}"
@@ -731,7 +743,7 @@ def _prepare(ds: Any, cfg: DataConfig, tokenizer: Any, task: str, field: str, ca
     return ds
 
 
-def _same_file(a: str, b: str) -> bool:
+def same_data_file(a: str, b: str) -> bool:
     """Whether two data paths name one existing file (a folder serves both fields by its splits)."""
     try:
         pa, pb = (Path(resolve(p)).expanduser() for p in (a, b))
@@ -760,8 +772,6 @@ def build_datasets(cfg: DataConfig, tokenizer: Any, task: str) -> PreparedData:
     cfg.validate()
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
-    if cfg.eval_file is not None and _same_file(cfg.train_file, cfg.eval_file):
-        logger.warning("eval_file is train_file (%s): the evaluation is on the training rows", cfg.eval_file)
     train = load_table(cfg.train_file, "train_file", cfg.cache_dir)
     eval_ds = load_table(cfg.eval_file, "eval_file", cfg.cache_dir) if cfg.eval_file is not None else None
     if eval_ds is None and cfg.eval_split > 0:

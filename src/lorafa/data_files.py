@@ -25,6 +25,7 @@ _READERS = {
     ".tsv": "csv",
     ".json": "json",
     ".jsonl": "json",
+    ".ndjson": "json",
     ".parquet": "parquet",
     ".txt": "text",
     ".arrow": "arrow",
@@ -179,12 +180,7 @@ def _read(reader: str, path: Path, field: str, cache_dir: str | None, kwargs: di
 
 def _refuse_non_utf8(path: Path, field: str) -> None:
     """ValueError naming the first byte of `path` (decompressed) that is not UTF-8, by line and column."""
-    import bz2
-    import gzip
-    import lzma
-
-    opener: Any = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
-    with opener(path, "rb") as f:
+    with _open_data_file(path) as f:
         for n, line in enumerate(f, 1):  # a UTF-8 character never holds a line-break byte
             try:
                 line.decode("utf-8")
@@ -206,12 +202,16 @@ def _read_csv(path: Path, tsv: bool, field: str, cache_dir: str | None) -> Any:
     In a TSV a quote is an ordinary character (GLUE's files hold unpaired quotes, and whole sentences in quotes).
     The file is read with CSV quoting instead when reading it so fails, or when some cell reads as a whole quoted
     field (quotes around it, inner quotes doubled, as pandas and Excel write TSVs) and the quoted reading does not
-    join rows at a stray quote: it gives the same number of rows, or no cell of it spans lines and holds a tab (a
-    quoted cell may span lines; one that also holds the separator is most likely rows run together)."""
+    join rows at a stray quote: it gives the same number of rows, or each of its cells that spans lines is written
+    in the file as a quoted field (a cell made by running rows together from a stray quote is not)."""
     base: dict[str, Any] = {"keep_default_na": False, "na_values": [""], **({"sep": "\t"} if tsv else {})}
 
+    warned: list[bool] = []  # the file is read twice (literal, quoted): its header's warning once
+
     def read(kwargs: dict[str, Any]) -> Any:
-        return _read("csv", path, field, cache_dir, {**kwargs, "features": _string_features(path, kwargs, field)})
+        features = _string_features(path, kwargs, field, warn=not warned)
+        warned.append(True)
+        return _read("csv", path, field, cache_dir, {**kwargs, "features": features})
 
     if not tsv:
         return read(base)
@@ -225,10 +225,39 @@ def _read_csv(path: Path, tsv: bool, field: str, cache_dir: str | None) -> Any:
         quoted = read(base)
     except ValueError:
         return literal
-    if len(quoted) != len(literal) and _any_cell(quoted, r"(?s)\n.*\t|\t.*\n"):
+    if len(quoted) != len(literal) and not _multiline_cells_quoted_in_file(quoted, path):
         return literal
     logger.info("%s: %s holds CSV-quoted cells; read with quoting", field, path)
     return quoted
+
+
+def _multiline_cells_quoted_in_file(ds: Any, path: Path) -> bool:
+    """Whether every cell of `ds` (a quoted reading of `path`) that spans lines appears in the file as a CSV-quoted
+    field: in quotes, inner quotes doubled."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cells = [
+        v
+        for c in ds.data.table.columns
+        if pa.types.is_string(c.type) or pa.types.is_large_string(c.type)
+        for v in c.filter(pc.fill_null(pc.match_substring(c, "\n"), False)).to_pylist()
+    ]
+    if not cells:
+        return True
+    with _open_data_file(path) as f:
+        text = f.read().decode("utf-8", errors="replace").replace("\r\n", "\n")
+    return all('"' + v.replace("\r\n", "\n").replace('"', '""') + '"' in text for v in cells)
+
+
+def _open_data_file(path: Path) -> Any:
+    """`path` opened for reading bytes, decompressed by its suffix (.gz, .bz2, .xz)."""
+    import bz2
+    import gzip
+    import lzma
+
+    opener: Any = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
+    return opener(path, "rb")
 
 
 def _has_quoted_cells(ds: Any) -> bool:
@@ -280,7 +309,7 @@ def _load_hub(spec: str, hub: tuple[str, str | None, str | None], field: str, ca
     return loaded
 
 
-def _string_features(path: Path, read_kwargs: dict[str, Any], field: str) -> Any:
+def _string_features(path: Path, read_kwargs: dict[str, Any], field: str, warn: bool = True) -> Any:
     """datasets Features declaring every column of a CSV/TSV file (its header, read by pandas) a string; a
     ValueError for a header without rows, a warning for a column name written twice."""
     import datasets
@@ -294,7 +323,7 @@ def _string_features(path: Path, read_kwargs: dict[str, Any], field: str) -> Any
     if first.empty:
         raise ValueError(f"{field}: {path} has a header ({list(map(str, first.columns))}) but no rows")
     doubled = sorted({str(c) for c in raw if raw.count(c) > 1})
-    if doubled:
+    if doubled and warn:
         logger.warning("%s: %s names columns %s more than once; pandas renames the repeats (%s.1, ...)", field,
                        path, doubled, doubled[0])  # fmt: skip
     return datasets.Features({str(c): datasets.Value("string") for c in first.columns})

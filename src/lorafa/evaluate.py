@@ -435,8 +435,9 @@ def evaluate_run(
 
 @contextmanager
 def _warnings_name(what: str) -> Iterator[None]:
-    """Inside, lorafa.data's warnings about `train_file`/`eval_file` name `what` instead, once: with --data both
-    fields point at that one file, so each warning would come twice under a field the user never set."""
+    """Inside, the warnings of lorafa.data and lorafa.data_files about `train_file`/`eval_file` name `what`
+    instead, once: with --data both fields point at that one file, so each warning would come twice under a field
+    the user never set."""
     seen: set[str] = set()
 
     def rename(record: logging.LogRecord) -> bool:
@@ -449,12 +450,14 @@ def _warnings_name(what: str) -> Iterator[None]:
         seen.add(text)
         return new
 
-    data_logger = logging.getLogger("lorafa.data")
-    data_logger.addFilter(rename)
+    loggers = [logging.getLogger(name) for name in ("lorafa.data", "lorafa.data_files")]
+    for data_logger in loggers:
+        data_logger.addFilter(rename)
     try:
         yield
     finally:
-        data_logger.removeFilter(rename)
+        for data_logger in loggers:
+            data_logger.removeFilter(rename)
 
 
 def _task_of(model: nn.Module) -> str:

@@ -41,9 +41,10 @@ def _bias(module: nn.Module) -> Tensor | None:
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` runs more than its forward: torch forward (pre-)hooks, or accelerate's hook (which
-    loads offloaded weights before the forward and offloads them after)."""
-    return bool(module._forward_pre_hooks or module._forward_hooks) or "_hf_hook" in module.__dict__
+    """Whether calling `module` runs more than its forward: torch forward or backward (pre-)hooks, or accelerate's
+    hook (which loads offloaded weights before the forward and offloads them after)."""
+    hooks = (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks)
+    return any(hooks) or "_hf_hook" in module.__dict__
 
 
 @contextlib.contextmanager

@@ -123,6 +123,10 @@ def quiet_loading() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
+# Files a tokenizer is loaded from (fast, sentencepiece, WordPiece, BPE); a folder with none of them has none.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "*.model", "vocab.txt", "vocab.json", "merges.txt")
+
+
 def load_tokenizer(model: str) -> Any:
     """The model's tokenizer; a pad token is borrowed from EOS (LLaMA, GPT-2), else from UNK, when it has none
     (padding is masked: its id only has to exist)."""
@@ -130,10 +134,12 @@ def load_tokenizer(model: str) -> Any:
 
     try:
         tokenizer = from_pretrained(AutoTokenizer, model)
-    except ValueError as e:  # transformers' "Couldn't instantiate the backend tokenizer": a folder without one
+    except ValueError as e:  # transformers' "Couldn't instantiate the backend tokenizer", custom code, ...
         folder = Path(model_path(model)).expanduser()
         if not folder.is_dir():
             raise
+        if any(next(folder.glob(pattern), None) is not None for pattern in _TOKENIZER_FILES):
+            raise ValueError(f"model {model!r}: its tokenizer cannot be loaded: {one_line(e)}") from e
         raise ValueError(f"model {model!r}: {folder} holds no tokenizer{_not_a_base_model(folder)}") from e
     if tokenizer.pad_token is None:
         borrowed = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+import yaml
 from torch import nn
 
 from lorafa.adapter import save_adapter
@@ -35,7 +36,7 @@ from lorafa.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from lorafa.data import PreparedData, build_datasets, example_lengths, make_collator
+from lorafa.data import PreparedData, build_datasets, example_lengths, make_collator, same_data_file
 from lorafa.data_files import one_line
 from lorafa.evaluate import base_model_path, count_targets, evaluate, rows, write_labels
 from lorafa.gradient_init import gradient_init_budget, init_a_from_gradients
@@ -97,6 +98,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
     check_output_dir(out, checkpoint)  # before any work: a folder this run may not write ends it now
     check_tensorboard(cfg)
+    if main and cfg.data.eval_file is not None and same_data_file(cfg.data.train_file, cfg.data.eval_file):
+        logger.warning("data.eval_file is data.train_file (%s): the evaluation is on training rows", cfg.data.eval_file)
     set_seed(cfg.seed)
 
     # ---- data, model, optimizer, schedule
@@ -557,7 +560,7 @@ _RESUMABLE_DATA_CHANGES = ("max_eval_samples", "cache_dir")
 
 
 def check_resumable(
-    cfg: TrainConfig, checkpoint: Path, processes: int = 1, total_steps: int | None = None
+    cfg: TrainConfig, checkpoint: Path, processes: int | None = 1, total_steps: int | None = None
 ) -> None:
     """Refuse to resume a checkpoint of another model, task, method, adapter or data, or with another batch_size,
     group_by_length, seed or number of processes (the data position is counted in per-process batches of a
@@ -588,7 +591,7 @@ def check_resumable(
             f"resume: {checkpoint} is at step {state.step}, past this run's {total_steps} steps (max_steps, or "
             f"epochs × steps per epoch); set max_steps above {state.step} to train on, or resume an earlier checkpoint"
         )
-    if raw.get("processes", processes) != processes:
+    if processes is not None and raw.get("processes", processes) != processes:
         raise ValueError(
             f"resume: {checkpoint} was trained by {raw['processes']} processes, now {processes}: its data "
             "position counts per-process batches"
@@ -614,8 +617,15 @@ RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.json", "loss.png", "labels.jso
 
 
 def is_run_folder(out: Path) -> bool:
-    """Whether `out` holds a lorafa run's outputs (a started run writes train_log.jsonl first)."""
-    return (out / "train_log.jsonl").is_file() or (out / "metrics.json").is_file()
+    """Whether `out` holds a lorafa run's outputs: a started run writes train_log.jsonl first; a run of an older
+    lorafa may have stopped after writing only its config.yaml (a run's: model, task and method at the top)."""
+    if (out / "train_log.jsonl").is_file() or (out / "metrics.json").is_file():
+        return True
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return False
+    return isinstance(saved, dict) and {"model", "task", "method"} <= saved.keys()
 
 
 def run_of_checkpoint(checkpoint: Path) -> Path | None:
@@ -719,8 +729,10 @@ class TrainLog:
             self.writer = SummaryWriter(str(path.parent / "tensorboard"))
 
     def reset(self) -> None:
-        if self.enabled and self.path.exists():
-            self.path.unlink()
+        """Start an empty log: its presence marks the folder as a run's (`is_run_folder`) from the start."""
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after a resumed checkpoint (the resumed run writes them again)."""
@@ -794,8 +806,8 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
     check_output_dir(Path(cfg.output_dir).expanduser(), checkpoint)
     check_tensorboard(cfg)
-    if checkpoint is not None:
-        check_resumable(cfg, checkpoint)
+    if cfg.data.eval_file is not None and same_data_file(cfg.data.train_file, cfg.data.eval_file):
+        logger.warning("data.eval_file is data.train_file (%s): the evaluation is on training rows", cfg.data.eval_file)
     with remote_code(cfg.trust_remote_code):
         tokenizer = load_tokenizer(cfg.model)
         data = build_datasets(cfg.data, tokenizer, cfg.task)
@@ -809,6 +821,8 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     trainable, total = trainable_parameters(model)
     batches = len(epoch_batches(len(data.train), cfg.batch_size, 0, cfg.seed))  # grouping keeps the count
     steps = cfg.max_steps or cfg.epochs * math.ceil(batches / cfg.grad_accum)
+    if checkpoint is not None:  # the process count is the launcher's, which a dry run does not know
+        check_resumable(cfg, checkpoint, processes=None, total_steps=steps)
     report: dict[str, Any] = {
         "trainable_params": trainable,
         "total_params": total,
