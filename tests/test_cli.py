@@ -437,13 +437,20 @@ def test_a_model_with_its_own_code_needs_trust_remote_code(toys, tmp_path, capsy
     (custom / "config.json").write_text(json.dumps(config))
     args = run_args(toys, "sft", tmp_path / "run")
     args[1] = f"model={custom}"
-    assert main(args) == 2  # transformers refuses to run the folder's code unasked
-    assert "trust_remote_code" in capsys.readouterr().err
+    assert main(args) == 2  # refused at once (transformers would ask on the terminal), in one line
+    err = capsys.readouterr().err
+    assert "comes with its own code (auto_map in its config); set trust_remote_code: true" in err, err
     out = tmp_path / "run"
     assert main([*args, "trust_remote_code=true"]) == 0
     assert load_trained(out)[0].__class__.__name__ == "TinyCustomForCausalLM"  # the run's config trusts it
     assert main(["merge", str(out / "adapter"), str(tmp_path / "merged"), "--trust-remote-code"]) == 0
     assert (tmp_path / "merged" / "config.json").is_file()
+    # A checkpoint folder itself is not what eval reads: its adapter is named.
+    assert main([*args, "trust_remote_code=true", "checkpoint_every=2", f"output_dir={tmp_path / 'ck'}"]) == 0
+    capsys.readouterr()
+    checkpoint = tmp_path / "ck" / "checkpoints" / "checkpoint-4"
+    assert main(["eval", str(checkpoint)]) == 2
+    assert f"a checkpoint's adapter is {checkpoint / 'adapter'}" in capsys.readouterr().err
 
 
 def test_weights_are_saved_before_the_final_evaluation(toys, tmp_path, monkeypatch):
@@ -675,7 +682,7 @@ def test_eval_data_warnings_name_the_file_given(toys, tmp_path, caplog, capsys):
     caplog.clear()
     assert main(["eval", str(run), "--data", str(data)]) == 0
     dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
-    assert dropped == [f"eval data {data}: dropped 1 rows whose label is not one of the classes ['neg', 'pos']"]
+    assert dropped == [f"eval data {data}: dropped 1 row whose label is not one of the classes ['neg', 'pos']"]
     assert "training rows" not in caplog.text  # --data names one file for both fields on purpose
     # data_files' warnings are renamed too, once: a header naming a column twice
     doubled = tmp_path / "doubled.csv"
@@ -701,4 +708,7 @@ def test_the_summary_counts_one_step_in_the_singular():
     }
     cfg = SimpleNamespace(method="lora-fa", task="sft", output_dir="out")
     assert "(1 optimizer step)." in summary(cfg, metrics)
+    # A resumed checkpoint already at the last step trains nothing: no "Done in 0 s", no speed of 0.
+    idle = summary(cfg, {**metrics, "tokens_per_s": 0.0, "train_runtime_s": 0.0})
+    assert "Nothing left to train" in idle and "Speed" not in idle and "Peak process memory" in idle
     assert "(2 optimizer steps)." in summary(cfg, {**metrics, "steps": 2})

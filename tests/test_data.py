@@ -1626,3 +1626,10 @@ def test_a_stray_quote_in_a_one_column_tsv_keeps_its_rows_and_ndjson_folders_loa
     folder.mkdir()
     (folder / "train.ndjson").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
     assert load_table(str(folder))["text"][:] == ["a", "b"]
+
+
+def test_a_text_file_read_with_another_column_name_is_told_its_column(tmp_path, bert_tok):
+    (tmp_path / "t.txt").write_text("one line of text\nanother line\n")
+    cfg = DataConfig(train_file=str(tmp_path / "t.txt"), text_column="body", block_size=4)
+    with pytest.raises(ValueError, match=r"column 'body' \(text_column\) not found.*set data.text_column=text"):
+        build_datasets(cfg, bert_tok, "clm")

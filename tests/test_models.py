@@ -229,6 +229,9 @@ def test_target_module_forms():
     assert len(kept) == 7 and all(n.startswith("model.layers.1.") for n in kept)
     with pytest.warns(UserWarning, match=r"exclude_modules \['o_proj'\] matched no module"):
         lorafa.add_lorafa(tiny("llama"), lorafa.LoRAFAConfig(r=2, exclude_modules="o_proj"))
+    both = lorafa.LoRAFAConfig(r=2, target_modules=["q_proj"], exclude_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"matched only modules that exclude_modules=\['q_proj'\] leaves out"):
+        lorafa.add_lorafa(tiny("llama"), both)
     model = tiny("bert")
     lorafa.add_lorafa(
         model, lorafa.LoRAFAConfig(r=2, target_modules="all-linear", modules_to_save=["classifier"])

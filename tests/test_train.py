@@ -483,6 +483,9 @@ def test_resume_refuses_another_batch_size_seed_and_writes_a_repeatable_config(t
     # A checkpoint past this run's last step is refused, not "resumed" into a run of zero steps.
     with pytest.raises(ValueError, match=r"checkpoint-2 is at step 2, past this run's 1 steps"):
         train(_config(toys, tmp_path / "other", "max_steps=1", "batch_size=4", f"resume={checkpoint}"))
+    # Every difference is named at once, not only the first.
+    with pytest.raises(ValueError, match=r"different batch_size \(4, now 8\), seed \(0, now 3\)"):
+        train(_config(toys, tmp_path / "other", "max_steps=4", "batch_size=8", "seed=3", f"resume={checkpoint}"))
     resumed = tmp_path / "resumed"
     # The held-out cap and the cache folder leave the training data alone: they may change.
     train(
@@ -852,3 +855,7 @@ def test_the_dry_run_memory_estimate_plans_the_runs_own_loss(toys, tmp_path):
     assert planned(True) != planned(False)
     # A rotary model runs past max_position_embeddings (64 here): the estimate plans the run's length, not 64.
     assert "at batch 8 × 128 tokens" in estimate("data.max_length=128", "data.block_size=128")
+    # Targets given as a regex, and exclusions, are planned too (both were dropped: the default was planned).
+    fewer = estimate(r"adapter.target_modules=.*self_attn\.(q|v)_proj")
+    assert fewer != estimate() and fewer == estimate("adapter.target_modules=[q_proj,v_proj]")
+    assert estimate("adapter.exclude_modules=[gate_proj,up_proj,down_proj,k_proj,o_proj]") == fewer

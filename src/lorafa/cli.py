@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     if argv is None and args.command == "train" and not args.dry_run:
         _tune_malloc()
+    if argv is None:  # a command line: warnings as one line each, not Python's file:line form
+        warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     from lorafa.models import remote_code
     from lorafa.train import TrainingDiverged
 
@@ -229,8 +232,11 @@ def _bytes(n: float) -> str:
 def summary(cfg: Any, metrics: dict[str, float]) -> str:
     """The end-of-training report: before → after for each metric, time, speed, memory, trainable parameters."""
     steps = int(metrics["steps"])
+    trained = metrics.get("tokens_per_s", 0.0) > 0
     lines = [
         f"\nDone in {metrics['train_runtime_s']:.0f} s ({steps} optimizer step{'' if steps == 1 else 's'})."
+        if trained
+        else f"\nNothing left to train: the checkpoint resumed is at step {steps}, the run's last."
     ]
     names = {
         "eval_accuracy": ("accuracy", True),
@@ -256,6 +262,7 @@ def summary(cfg: Any, metrics: dict[str, float]) -> str:
     memory_kind = (
         "peak GPU memory allocated" if _on_gpu() else "peak process memory (RSS: Python, PyTorch, model)"
     )
+    memory = f"{memory_kind}: {_bytes(metrics['peak_memory_bytes'])}"
     lines += [
         f"Trained {_params(metrics['trainable_params'], metrics['total_params'])} parameters with "
         f"{_METHOD_NAMES.get(cfg.method, cfg.method)}"
@@ -264,7 +271,7 @@ def summary(cfg: Any, metrics: dict[str, float]) -> str:
             if cfg.task in ("classification", "regression") and cfg.method != "full"
             else "."
         ),
-        f"Speed {metrics['tokens_per_s']:.0f} tokens/s; {memory_kind}: {_bytes(metrics['peak_memory_bytes'])}.",
+        f"Speed {metrics['tokens_per_s']:.0f} tokens/s; {memory}." if trained else f"{memory[0].upper()}{memory[1:]}.",
         f"Outputs in {cfg.output_dir}/: adapter/ metrics.json train_log.jsonl loss.png config.yaml"
         + (" labels.json" if cfg.task == "classification" else ""),
         f"Next: lorafa eval {cfg.output_dir}",

@@ -276,7 +276,13 @@ def _column_hint(role: str, names: list[str]) -> str:
             "; set prompt_column / response_column (prompt_column may list several columns), or "
             "messages_column for a column of whole conversations"
         )
+    if names == ["text"]:  # a .txt file, or a one-column table
+        return f"; set data.{role}=text"
     return ""
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
 
 
 def _column(ds: Any, name: str) -> list[Any]:
@@ -316,7 +322,7 @@ def _conversation_table(ds: Any, columns: Columns, field: str) -> Any:
         if not kept:
             raise ValueError(f"{field}: no row has an assistant turn to learn (roles found: {roles})")
         missing = sorted(set(range(len(rows))) - set(kept))
-        logger.warning("%s: dropped %d rows without an assistant turn, e.g. rows %s", field, len(missing),
+        logger.warning("%s: dropped %s without an assistant turn, e.g. rows %s", field, _rows(len(missing)),
                        missing[:5])  # fmt: skip
     return datasets.Dataset.from_dict({"messages_column": [rows[i] for i in kept], "row": kept})
 
@@ -530,7 +536,7 @@ def _drop_unlisted(ds: Any, field: str, names: list[str]) -> Any:
     kept = ds.filter(lambda x: x >= 0, input_columns="label_column", desc=desc, **_in_memory())
     if len(kept) < len(ds):
         logger.warning(
-            "%s: dropped %d rows whose label is not one of the classes %s", field, len(ds) - len(kept), names
+            "%s: dropped %s whose label is not one of the classes %s", field, _rows(len(ds) - len(kept)), names
         )
     if len(kept) == 0:
         raise ValueError(f"{field}: no row has a label in label_names {names}")

@@ -307,6 +307,7 @@ def _load_adapter_folder(
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(
             f"{folder} is neither a lorafa run folder (config.yaml + adapter/) nor an adapter folder ({CONFIG_NAME})"
+            + (f"; a checkpoint's adapter is {folder / 'adapter'}" if (folder / "adapter" / CONFIG_NAME).is_file() else "")
         )
     lora_cfg, peft, _ = read_adapter_config(folder)
     base = model or peft.get("base_model_name_or_path")

@@ -98,13 +98,23 @@ def from_pretrained(loader: Any, model: str, **kwargs: Any) -> Any:
     """`loader.from_pretrained(model_path(model), **kwargs)`, with a Hub failure as one line naming the model;
     `trust_remote_code` as `remote_code` sets it."""
     path = model_path(model)
-    if _TRUST_REMOTE_CODE.get():
-        kwargs.setdefault("trust_remote_code", True)
+    # Always explicit: without it transformers asks on the terminal (and waits) before running a checkpoint's code.
+    kwargs.setdefault("trust_remote_code", _TRUST_REMOTE_CODE.get())
     try:
         return loader.from_pretrained(path, **kwargs)
     # transformers' "not a local folder and not on the Hub", offline and "no weights" errors are OSErrors
     except OSError as e:
-        raise FileNotFoundError(f"model {model!r}: {one_line(e)}") from e
+        offline = (
+            "" if Path(path).expanduser().exists() else " (without a network, set HF_HUB_OFFLINE=1 to skip retries)"
+        )
+        raise FileNotFoundError(f"model {model!r}: {one_line(e)}{offline}") from e
+    except ValueError as e:
+        if "trust_remote_code" not in str(e) or kwargs["trust_remote_code"]:
+            raise
+        raise ValueError(
+            f"model {model!r} comes with its own code (auto_map in its config); set trust_remote_code: true "
+            "(lorafa eval/merge/generate: --trust-remote-code) after reading that code"
+        ) from None
     except SafetensorError as e:  # a truncated or corrupt weights file
         raise ValueError(f"model {model!r}: its weights file cannot be read ({one_line(e)})") from e
 

@@ -170,8 +170,11 @@ class PlannerArgs:
     """Adapter alpha; default 2·r. Does not change memory (--lora-alpha)."""
     lora_dropout: float = 0.05
     """Adapter dropout (--lora-dropout)."""
-    target_modules: list[str] | None = None
-    """Adapted module names/suffixes; default: lorafa's default for the architecture (--targets)."""
+    target_modules: list[str] | str | None = None
+    """Adapted module names/suffixes, a regex or "all-linear"; default: lorafa's default for the architecture
+    (--targets)."""
+    exclude_modules: list[str] | str = field(default_factory=list)
+    """Module names/suffixes or a regex never adapted (as LoRAFAConfig.exclude_modules)."""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     """Methods to plan for, from METHODS (--methods)."""
     checkpointing: str = "both"

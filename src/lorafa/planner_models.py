@@ -140,6 +140,7 @@ def adapter_config(args: PlannerArgs, method: str) -> LoRAFAConfig:
         lora_alpha=_alpha(args),
         lora_dropout=args.lora_dropout,
         target_modules=args.target_modules,
+        exclude_modules=args.exclude_modules,
         method=method,
         modules_to_save=None,
     )

@@ -82,6 +82,15 @@ def excluded(name: str, exclude: list[str] | str) -> bool:
     return re.fullmatch(exclude, name) is not None if isinstance(exclude, str) else name_matches(name, exclude)
 
 
+def _matches_any(model: nn.Module, tm: list[str] | str, names: list[str]) -> bool:
+    """Whether target_modules `tm` names one of `names` (all-linear: any linear layer among them)."""
+    if tm == "all-linear":
+        return any(is_linear(model.get_submodule(n)) for n in names)
+    if isinstance(tm, str):
+        return any(re.fullmatch(tm, n) for n in names)
+    return any(name_matches(n, tm) for n in names)
+
+
 def _unused_excludes(model: nn.Module, exclude: list[str] | str) -> list[str]:
     names = [n for n, _ in model.named_modules() if n]
     keys = [exclude] if isinstance(exclude, str) else list(exclude)
@@ -140,8 +149,12 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
     mha = _mha_projections(model)
     names: list[str] = []
     passed: dict[str, list[str]] = {"router": [], "narrow": [], "mha": []}
+    left_out: list[str] = []  # modules exclude_modules removed
     for name, module in model.named_modules():
-        if not name or excluded(name, cfg.exclude_modules):
+        if not name:
+            continue
+        if excluded(name, cfg.exclude_modules):
+            left_out.append(name)
             continue
         if within(name, saved):
             continue  # a module trained fully (modules_to_save) is not adapted
@@ -213,6 +226,11 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
     if not names:
         if any(True for _ in lorafa_layers(model)):
             raise ValueError("the model already has LoRA-FA adapters: add_lorafa was applied twice")
+        if left_out and _matches_any(model, tm, left_out):
+            raise ValueError(
+                f"target_modules={tm!r} matched only modules that exclude_modules={cfg.exclude_modules!r} leaves "
+                f"out, e.g. {left_out[:3]}"
+            )
         linear = [n for n, m in model.named_modules() if is_linear(m)]
         raise ValueError(
             f"no module matched target_modules={tm!r}; linear modules in this model include: {linear[:8]}"

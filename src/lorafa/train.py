@@ -574,6 +574,7 @@ def check_resumable(
         with contextlib.suppress(ValueError):  # an older or foreign config is compared as it is
             saved = config_from_dict(saved).with_absolute_paths().to_dict()
     now = cfg.with_absolute_paths().to_dict()
+    differ: list[str] = []
     for key in ("model", "task", "method", "adapter", "data", "batch_size", "group_by_length", "seed"):
         if key not in saved:
             continue
@@ -581,11 +582,11 @@ def check_resumable(
         if isinstance(old, dict) and isinstance(new, dict):
             ignored = _RESUMABLE_DATA_CHANGES if key == "data" else ()
             changed = [k for k in sorted(set(old) | set(new)) if k not in ignored and old.get(k) != new.get(k)]
-            if changed:
-                what = ", ".join(f"{key}.{k} ({old.get(k)!r}, now {new.get(k)!r})" for k in changed)
-                raise ValueError(f"resume: {checkpoint} was trained with a different {what}")
+            differ += [f"{key}.{k} ({old.get(k)!r}, now {new.get(k)!r})" for k in changed]
         elif old != new:
-            raise ValueError(f"resume: {checkpoint} was trained with a different {key} ({old!r}, now {new!r})")
+            differ.append(f"{key} ({old!r}, now {new!r})")
+    if differ:
+        raise ValueError(f"resume: {checkpoint} was trained with a different {', '.join(differ)}")
     if total_steps is not None and state.step > total_steps:
         raise ValueError(
             f"resume: {checkpoint} is at step {state.step}, past this run's {total_steps} steps (max_steps, or "
@@ -871,7 +872,8 @@ def memory_estimate(cfg: TrainConfig, num_labels: int | None = None) -> str:
         r=cfg.adapter.r,
         lora_alpha=cfg.adapter.lora_alpha,
         lora_dropout=cfg.adapter.lora_dropout,
-        target_modules=tm if isinstance(tm, list) else None,
+        target_modules=tm,
+        exclude_modules=cfg.adapter.exclude_modules,
         methods=[cfg.method],
         checkpointing="on" if cfg.gradient_checkpointing else "off",
         device="cuda" if torch.cuda.is_available() else "cpu",

@@ -515,7 +515,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if hint is Any:
         return str(value) if cli else value
-    if key == "resume" and (value is False or (isinstance(value, str) and value.strip().lower() in ("false", "no"))):
+    if key == "resume" and (value is False or (isinstance(value, str) and value.strip().lower() in ("false", "no", "off"))):
         return None  # `resume: false`: start afresh (not a folder named "false")
     if key == "resume" and (value is True or (cli and value.strip().lower() == "true")):
         raise ValueError("resume must be a checkpoint or output folder (or false/null), got true")
