@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -115,14 +117,48 @@ def test_only_rank_r_projection_is_saved(dtype, p):
     kept = non_parameter(saved, list(layer.parameters()))
     assert len(kept) == 1
     (u,) = kept
-    assert u.shape == (20, 4) and u.dtype == dtype
+    # fp32 adapters on a bf16 layer keep u in fp32 (still r numbers per token), so B's gradient is fp32 math
+    assert u.shape == (20, 4) and u.dtype == torch.float32
     # dB is s·Σ gᵀ·u for the u actually used in forward.
     g = torch.randn_like(y)
     y.backward(g)
     expected = layer.scaling * (g.reshape(-1, 48).float().t() @ u.float())
-    torch.testing.assert_close(
-        layer.lora_B.weight.grad, expected, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2
-    )
+    torch.testing.assert_close(layer.lora_B.weight.grad, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["lora-fa", "lora"])
+def test_fp32_adapters_on_a_half_precision_layer_train_as_precisely_as_peft(dtype, method):
+    """A 16-bit base with fp32 adapters (model_dtype bfloat16, no autocast): the adapters' gradients come from fp32
+    math on the 16-bit input and output gradient, as PEFT computes them, not rounded to 16 bits on the way."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(256, 192)).to(dtype)
+    ours = LoRAFALinear(copy.deepcopy(base[0]), r=16, lora_alpha=32, method=method)
+    nn.init.normal_(ours.lora_B.weight, std=0.02)
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=["0"]))
+    peft_layer = peft.base_model.model[0]
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        peft_layer.lora_B["default"].weight.copy_(ours.lora_B.weight)
+    x = torch.randn(1024, 256).to(dtype) + (3.0 if dtype == torch.float16 else 0.0)
+    g = torch.randn(1024, 192).to(dtype)
+    ours(x).backward(g)
+    peft(x).backward(g)
+    # float64 reference of the same math on the same 16-bit x and g
+    a, b, s = ours.lora_A.weight.double(), ours.lora_B.weight.double(), ours.scaling
+    xd, gd = x.double(), g.double()
+    ref_b = s * gd.t() @ (xd @ a.t())
+    ref_a = s * (gd @ b).t() @ xd
+    grads = [(ours.lora_B.weight.grad, peft_layer.lora_B["default"].weight.grad, ref_b)]
+    if method == "lora":
+        grads.append((ours.lora_A.weight.grad, peft_layer.lora_A["default"].weight.grad, ref_a))
+    for mine, theirs, ref in grads:
+        assert mine.dtype == torch.float32 and torch.isfinite(mine).all()
+        err = ((mine.double() - ref).norm() / ref.norm()).item()
+        peft_err = ((theirs.double() - ref).norm() / ref.norm()).item()
+        assert err <= 2 * peft_err + 1e-6, (err, peft_err)
 
 
 def test_autocast_keeps_no_fp32_copy_of_x():

@@ -273,6 +273,7 @@ def test_init_is_seeded_and_documented_options_differ():
         ({"lora_alpha": 0}, "lora_alpha"),
         ({"lora_dropout": 1.0}, "lora_dropout"),
         ({"lora_dropout": -0.1}, "lora_dropout"),
+        ({"lora_dropout": 0.999995}, "lora_dropout must be below 1 - 2"),  # a keep probability of 0 at 1/65536
         ({"method": "qlora"}, "method"),
         ({"init_lora_weights": "zeros"}, "init_lora_weights"),
         ({"target_modules": "("}, "target_modules"),

@@ -111,7 +111,8 @@ class LoRAFALinearFunction(torch.autograd.Function):
     Shapes: x (N, d_in), W (d_out, d_in), b (d_out,), A (r, d_in), B (d_out, r), u (N, r), y (N, d_out).
 
     Forward saves u (and x only when A or W needs a gradient: method "lora", or a base weight the user unfroze);
-    never the mask or m ⊙ x. Backward, with g = ∂L/∂y (N, d_out) and h = s·g·B (N, r):
+    never the mask or m ⊙ x. u and the adapters' gradients are computed in `adapter_dtype` (fp32 for fp32 adapters
+    on a 16-bit model without autocast, else the activation dtype); y and ∂L/∂x stay in the activation dtype. Backward, with g = ∂L/∂y (N, d_out) and h = s·g·B (N, r):
         ∂L/∂x = g·W + (m ⊙ (h·A)) / q            (the mask m regenerated from the forward's seed;
                                                   = g·(W + s·B·A) without dropout, see `_fold_backward`)
         ∂L/∂B = s·gᵀ·u                            (then ·P when a gradient projection P (r, r) is given)
@@ -133,9 +134,11 @@ class LoRAFALinearFunction(torch.autograd.Function):
         dropout_p: float,
         projection: Tensor | None,
         shared: SharedProjection | None = None,
+        adapter_dtype: torch.dtype | None = None,
     ) -> Tensor:
         dt = x.dtype
-        a = lora_A.to(dt)  # (r, d_in): small
+        at = adapter_dtype or dt  # u and the adapter's gradients: fp32 for fp32 adapters on a 16-bit model
+        a = lora_A.to(at)  # (r, d_in): small
         bm = lora_B.to(dt)  # (d_out, r): small
         q = keep_probability(dropout_p)
         # Every call draws its seed, also one that reuses a shared u: the number of draws from the CPU generator
@@ -146,28 +149,30 @@ class LoRAFALinearFunction(torch.autograd.Function):
         if shared is not None and shared.u is not None:
             u, seed = shared.u, shared.seed  # the same tensor: saved once for every layer that shares it
         else:
+            xa = x if at == dt else x.to(at)  # a transient copy only for a wider adapter dtype
             if dropout_p > 0:
-                mask = dropout_mask(x.shape, seed, dropout_p, x.device, dt)
-                u = (x * mask) @ a.t()  # (N, r); the masked copy of x is transient
+                mask = dropout_mask(x.shape, seed, dropout_p, x.device, at)
+                u = (xa * mask) @ a.t()  # (N, r); the masked copy of x is transient
                 u.mul_(1.0 / q)
             else:
-                u = x @ a.t()  # (N, r)
+                u = xa @ a.t()  # (N, r)
             if shared is not None:
                 shared.u, shared.seed = u, seed
 
         # (N, d_out); the bias is added inside the GEMM (as F.linear does), not in a separate pass
         # Folding s·B·A into W here, as backward does, measured slower: the (d_out, d_in) temporary costs a copy of
         # W plus a memory-bound k=r GEMM, more than the one extra pass over y below.
+        ud = u if at == dt else u.to(dt)  # the output is in the activation dtype either way
         if weight is None:
-            y = (u @ bm.t()).mul_(scaling)  # the adapter's term alone
+            y = (ud @ bm.t()).mul_(scaling)  # the adapter's term alone
         else:
             w = weight.to(dt)  # no copy when the base weight already has the activation dtype
             y = x @ w.t() if bias is None else torch.addmm(bias.to(dt), x, w.t())
-            y.addmm_(u, bm.t(), alpha=scaling)  # accumulate s·u·Bᵀ in place: no (N, d_out) temporary
+            y.addmm_(ud, bm.t(), alpha=scaling)  # accumulate s·u·Bᵀ in place: no (N, d_out) temporary
 
         save_x = ctx.needs_input_grad[3] or ctx.needs_input_grad[1]
         ctx.save_for_backward(u, x if save_x else None, weight, lora_A, lora_B, projection)
-        ctx.seed, ctx.p, ctx.q, ctx.scaling = seed, dropout_p, q, scaling
+        ctx.seed, ctx.p, ctx.q, ctx.scaling, ctx.at = seed, dropout_p, q, scaling, at
         ctx.has_bias = bias is not None
         return y
 
@@ -180,22 +185,28 @@ class LoRAFALinearFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g: Tensor):
         u, x, weight, lora_A, lora_B, projection = ctx.saved_tensors
-        dt = g.dtype
-        a, bm = lora_A.to(dt), lora_B.to(dt)
+        dt, at = g.dtype, ctx.at
+        wide = at != dt  # fp32 adapters on a 16-bit model: their math in fp32, as PEFT does it
+        ga = g.to(at) if wide else g  # (N, d_out), transient
+        a, bm = lora_A.to(at), lora_B.to(at)
         need_x, need_w, need_b, need_a, need_bm = ctx.needs_input_grad[:5]
         mask = None
         if ctx.p > 0 and (need_x or need_a):
-            mask = dropout_mask(torch.Size((g.shape[0], a.shape[1])), ctx.seed, ctx.p, g.device, dt)
+            mask = dropout_mask(torch.Size((g.shape[0], a.shape[1])), ctx.seed, ctx.p, g.device, at)
 
         # h = s·g·B (N, r), with the dropout scale 1/q folded in.
-        fold = need_x and not need_a and _fold_backward(g, weight, mask is None)
-        h = (g @ bm).mul_(ctx.scaling / ctx.q) if (need_x and not fold) or need_a else None
+        fold = need_x and not need_a and not wide and _fold_backward(g, weight, mask is None)
+        h = (ga @ bm).mul_(ctx.scaling / ctx.q) if (need_x and not fold) or need_a else None
 
         dx = None
         if fold:
             # ∂L/∂x = g·(W + s·B·A) without dropout: one (d_out, d_in) temporary, no larger than dx, replaces the
             # two skinny products g·B and h·A (N·(d_out + d_in)·r vs d_out·d_in·r multiply-adds).
             dx = g @ torch.addmm(weight.to(dt), bm, a, alpha=ctx.scaling)  # (N, d_in)
+        elif need_x and wide:
+            assert h is not None
+            adapter = h @ a if mask is None else (h @ a).mul_(mask)  # (N, d_in) in the adapter dtype
+            dx = adapter.to(dt) if weight is None else (g @ weight.to(dt)).add_(adapter)
         elif need_x:
             assert h is not None
             if weight is None:
@@ -207,18 +218,18 @@ class LoRAFALinearFunction(torch.autograd.Function):
                 else:
                     dx.addcmul_(h @ a, mask)  # the adapter path's gradient passes the same mask (one fused pass)
 
-        # dB = s·gᵀ·u; computed in the activation dtype, accumulated into B's dtype.
+        # dB = s·gᵀ·u in the adapter dtype (the activation dtype under autocast); projected in B's dtype.
         dB = None
         if need_bm:
-            dB = (g.t() @ u).mul_(ctx.scaling)  # (d_out, r)
+            dB = (ga.t() @ u).mul_(ctx.scaling).to(lora_B.dtype)  # (d_out, r)
             if projection is not None:
-                dB = dB @ projection.to(dt)
-            dB = dB.to(lora_B.dtype)
+                dB = dB @ projection.to(lora_B.dtype)  # (r, r): cheap in fp32, where the conditioning matters
 
         dA = None
         if need_a:
             assert h is not None and x is not None
-            xd = x if mask is None else x * mask  # h already carries 1/q
+            xa = x.to(at)
+            xd = xa if mask is None else xa * mask  # h already carries 1/q
             dA = (h.t() @ xd).to(lora_A.dtype)  # (r, d_in)
 
         dW = None
@@ -227,7 +238,7 @@ class LoRAFALinearFunction(torch.autograd.Function):
             dW = (g.t() @ x).to(weight.dtype)  # (d_out, d_in); the base layer was unfrozen by the caller
 
         db = g.sum(0) if ctx.has_bias and need_b else None
-        return dx, dW, db, dA, dB, None, None, None, None
+        return dx, dW, db, dA, dB, None, None, None, None, None
 
 
 def lorafa_linear(
@@ -268,10 +279,15 @@ def lorafa_linear(
         # Do what autocast would do for a linear layer (compute in its dtype), then run with autocast off so that
         # the Function's dtypes are explicit. Casting x costs the same copy autocast itself would make.
         x = x.to(torch.get_autocast_dtype(device_type))
+        adapter_dtype = x.dtype
+    else:
+        # fp32 adapters on a bf16/fp16 model: u and the adapters' gradients in fp32 (u is r numbers per token),
+        # so that B trains as precisely as PEFT trains it; the output stays in the activation dtype.
+        adapter_dtype = torch.promote_types(x.dtype, lora_B.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
     with _autocast_off(device_type):
         y = LoRAFALinearFunction.apply(
-            x2, weight, bias, lora_A, lora_B, scaling, dropout_p, projection, shared
+            x2, weight, bias, lora_A, lora_B, scaling, dropout_p, projection, shared, adapter_dtype
         )
     return y.view(*lead, y.shape[-1])

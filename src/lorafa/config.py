@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lorafa.autograd import keep_probability
 from lorafa.layer import DATA_INITS, INITS, METHODS
 
 
@@ -69,6 +70,11 @@ class LoRAFAConfig:
         p = self.lora_dropout
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if keep_probability(p) <= 0.0:
+            raise ValueError(
+                f"lora_dropout must be below 1 - 2**-17 (masks keep inputs with probability in steps of 2**-16), "
+                f"got {self.lora_dropout!r}"
+            )
         for flag in ("use_rslora", "projection"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")

@@ -8,8 +8,8 @@ the adapter files an earlier save of the adapted model left in the folder) that 
 readers:
 
 - `config.json` and `model.safetensors` as transformers writes them, with every base weight under its plain name
-  (unmerged, whatever the model's merge state; a merged 16-bit weight comes back as (W + Δ) − Δ, which rounding
-  leaves up to one unit in the last place off W) plus the adapter tensors (`…q_proj.lora_A.weight`, ...). Trainer's
+  (unmerged, whatever the model's merge state; a merged 16-bit weight comes back as (W + Δ) − Δ, off W by up to
+  half a unit in the last place of W + Δ) plus the adapter tensors (`…q_proj.lora_A.weight`, ...). Trainer's
   checkpoint resume and best-model reload (`load_state_dict(strict=False)`) restore base and adapter: a
   `LoRAFALinear` reads its base layer's plain names (see `lorafa.layer`).
 - `adapter_config.json`, `adapter_model.safetensors` and `lorafa_config.json`, exactly what `lorafa.save_adapter`

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lorafa.autograd import SharedProjection, lorafa_linear
+from lorafa.autograd import SharedProjection, keep_probability, lorafa_linear
 from lorafa.projection import projection_matrix
 
 METHODS = ("lora-fa", "lora")
@@ -87,8 +87,8 @@ def _base_layer_under_plain_names(module: nn.Module, state_dict: dict[str, Any],
 def _unmerged_base_weight(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     """State-dict post-hook: a merged layer's base weight goes out as W, as the base model had it, so a state dict
     reads the same merged or not and loading it into an unmerged model does not add s·B·A twice (PEFT's keys are
-    unchanged). It is (W + s·B·A) − s·B·A: W itself up to rounding, which in bf16/fp16 leaves elements one unit in
-    the last place off. `state_dict(keep_vars=True)` asks for the live parameters, which hold W + s·B·A: left as
+    unchanged). It is (W + s·B·A) − s·B·A: W itself up to the rounding of W + s·B·A, which in bf16/fp16 leaves
+    elements off by up to half a unit in the last place of the merged value. `state_dict(keep_vars=True)` asks for the live parameters, which hold W + s·B·A: left as
     they are."""
     layer = cast("LoRAFALinear", module)
     key = f"{prefix}base_layer.weight"
@@ -186,6 +186,8 @@ class LoRAFALinear(nn.Module):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not 0.0 <= lora_dropout < 1.0 or keep_probability(lora_dropout) <= 0.0:
+            raise ValueError(f"lora_dropout must be in [0, 1 - 2**-17), got {lora_dropout!r} for module {name!r}")
         d_in, d_out = linear_dims(base_layer)
         if not 0 < r <= min(d_in, d_out):
             raise ValueError(
