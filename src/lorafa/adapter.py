@@ -133,12 +133,23 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
+def readable(folder: Path) -> None:
+    """Give `folder` and its files the permissions the umask allows (mkdtemp makes 0700 and safetensors writes
+    0600, which would keep a saved adapter or model from other users and serving processes)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for item in folder.rglob("*"):
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_dir(path: Path, write: Callable[[Path], object]) -> None:
     """Write a folder under a temporary name next to `path`, then swap it in, so no half-written folder remains."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         write(tmp)
+        readable(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")

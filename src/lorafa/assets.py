@@ -55,7 +55,7 @@ def cache_root(cache_dir: Path | None = None) -> Path:
     """Folder for derived assets: `cache_dir`, else `$LORAFA_CACHE`, else `~/.cache/lorafa`."""
     if cache_dir is not None:
         return Path(cache_dir)
-    return Path(os.environ.get("LORAFA_CACHE", "~/.cache/lorafa")).expanduser()
+    return Path(os.environ.get("LORAFA_CACHE") or "~/.cache/lorafa").expanduser()  # set but empty: the default
 
 
 def minilm_path() -> Path:
@@ -97,8 +97,13 @@ def _atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
     """Create folder `target` by filling a temporary sibling with `write`, then renaming it into place."""
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:
+        raise OSError(
+            f"cannot write lorafa's asset cache {target.parent} ({e.strerror}); set LORAFA_CACHE to a writable folder"
+        ) from e
     tmp.chmod(0o755)  # mkdtemp's 0700 would survive the rename
     try:
         write(tmp)

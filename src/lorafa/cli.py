@@ -175,7 +175,7 @@ def _train(args: argparse.Namespace) -> int:
     if len(configs) > 1:
         raise ValueError(f"expected at most one CONFIG.yaml before the key=value overrides, got {configs}")
     if configs:
-        cfg = load_config(configs[0], overrides)
+        cfg = _in_its_run_folder(Path(configs[0]), load_config(configs[0], overrides), overrides)
     elif any(o.split("=", 1)[0].strip() == "model" for o in overrides):
         cfg = load_config(None, overrides)  # a run described entirely on the command line
     else:
@@ -212,6 +212,24 @@ def _train(args: argparse.Namespace) -> int:
     if main_process:
         print(summary(cfg, metrics))
     return 0
+
+
+def _in_its_run_folder(path: Path, cfg: Any, overrides: list[str]) -> Any:
+    """A run's own config.yaml, in a folder the run was moved or copied to, writes to that folder, not to the
+    output_dir it names (the original place, which a resume or a repeat would otherwise overwrite)."""
+    from lorafa.train import is_run_folder
+
+    folder = path.expanduser().resolve().parent
+    if any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides) or not is_run_folder(folder):
+        return cfg
+    if Path(cfg.output_dir).expanduser().resolve() == folder:
+        return cfg
+    print(
+        f"lorafa: {path} belongs to the run in {folder}, moved or copied from {cfg.output_dir}: writing to {folder} "
+        "(set output_dir= to choose)",
+        file=sys.stderr,
+    )
+    return replace(cfg, output_dir=str(folder))
 
 
 def _count(n: float) -> str:

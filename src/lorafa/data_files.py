@@ -9,8 +9,12 @@ path exists, a Hub dataset `OWNER/NAME[:CONFIG][@SPLIT]`; errors name the config
 from __future__ import annotations
 
 import csv
+import errno
 import logging
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, cast
 
@@ -155,7 +159,13 @@ def _read(reader: str, path: Path, field: str, cache_dir: str | None, kwargs: di
     """`datasets.Dataset.from_<reader>(path)`; a ValueError naming the file and the parser's reason."""
     import datasets
 
-    cache = {} if reader == "file" else {"cache_dir": cache_dir}
+    cache: dict[str, Any] = {} if reader == "file" else {"cache_dir": cache_dir}
+    scratch = None
+    if reader != "file" and path.stat().st_mtime < _NORMALIZED_MTIME:
+        # datasets keys its cache on (path, mtime): a file with a normalised mtime (Nix, reproducible archives)
+        # could be replaced by another with the same key, and its old rows served. Read such files afresh.
+        scratch = tempfile.mkdtemp(prefix="lorafa-data-")
+        cache = {"cache_dir": scratch, "keep_in_memory": True}
     try:
         ds = getattr(datasets.Dataset, f"from_{reader}")(str(path), **cache, **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types; all mean "bad file" here
@@ -164,6 +174,12 @@ def _read(reader: str, path: Path, field: str, cache_dir: str | None, kwargs: di
             chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
         if any(isinstance(c, UnicodeDecodeError) for c in chain):
             _refuse_non_utf8(path, field)
+        unwritable = next((c for c in chain if isinstance(c, OSError) and c.errno in (errno.EROFS, errno.EACCES)), None)
+        if unwritable is not None and Path(str(unwritable.filename or "")) != path:
+            raise ValueError(
+                f"{field}: datasets could not write its cache while reading {path} ({one_line(unwritable)}); set "
+                "data.cache_dir (or HF_DATASETS_CACHE) to a writable folder"
+            ) from e
         cause = f" ({one_line(e.__cause__)})" if isinstance(e.__cause__, Exception) else ""
         raise ValueError(
             f"{field}: could not read {path} as {reader} (is it empty or malformed?): {one_line(e)}{cause}"
@@ -175,7 +191,13 @@ def _read(reader: str, path: Path, field: str, cache_dir: str | None, kwargs: di
             ds.data.table.validate(full=True)
         except pa.ArrowInvalid:
             _refuse_non_utf8(path, field)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)  # the rows are in memory
     return ds
+
+
+# Modification times before 2000-01-01: normalised ones (0, 1, SOURCE_DATE_EPOCH-style), not an edit's.
+_NORMALIZED_MTIME = 946684800
 
 
 def _refuse_non_utf8(path: Path, field: str) -> None:
@@ -301,7 +323,7 @@ def _load_hub(spec: str, hub: tuple[str, str | None, str | None], field: str, ca
         what = ", ".join(f"{k} {v!r}" for k, v in parts.items() if v is not None)
         raise FileNotFoundError(
             f"{field}: no local file or folder named {spec!r}, and loading it as a Hugging Face Hub dataset "
-            f"({what}) failed: {one_line(e)} (without a network, set HF_HUB_OFFLINE=1 to skip the Hub's retries)"
+            f"({what}) failed: {one_line(e)}{offline_hint()}"
         ) from e
     if isinstance(loaded, datasets.DatasetDict):
         hint = f"; name one as {name}{f':{config}' if config else ''}@SPLIT"
@@ -460,6 +482,13 @@ def max_token(ds: Any, column: str) -> int:
 
     top = pc.max(pc.list_flatten(ds.with_format("arrow")[column])).as_py()
     return -1 if top is None else int(top)
+
+
+def offline_hint() -> str:
+    """' (without a network, set HF_HUB_OFFLINE=1 ...)', unless it is set already."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return ""
+    return " (without a network, set HF_HUB_OFFLINE=1 to skip the Hub's retries)"
 
 
 def one_line(e: Exception, limit: int = 300, with_type: bool = True) -> str:

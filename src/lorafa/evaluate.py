@@ -264,7 +264,7 @@ def load_trained(
     Raises:
         FileNotFoundError: no run or adapter at `source`. ValueError: what is needed cannot be determined.
     """
-    folder = Path(source)
+    folder = Path(source).expanduser()
     adapter = folder / "adapter"
     # A run's adapter, or a checkpoint's: the run knows its task, classes and data columns. With another base model
     # (--model) RUN/adapter is read as a bare adapter folder.

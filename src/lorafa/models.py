@@ -20,7 +20,7 @@ from torch import nn
 
 from lorafa.assets import resolve
 from lorafa.config import LoRAFAConfig
-from lorafa.data_files import max_token, one_line, parse_hub_id, token_lengths
+from lorafa.data_files import max_token, offline_hint, one_line, parse_hub_id, token_lengths
 from lorafa.heads import NEW_KEYS_ATTR, classification_head_names, new_module_names
 from lorafa.inject import add_lorafa
 
@@ -104,9 +104,7 @@ def from_pretrained(loader: Any, model: str, **kwargs: Any) -> Any:
         return loader.from_pretrained(path, **kwargs)
     # transformers' "not a local folder and not on the Hub", offline and "no weights" errors are OSErrors
     except OSError as e:
-        offline = (
-            "" if Path(path).expanduser().exists() else " (without a network, set HF_HUB_OFFLINE=1 to skip retries)"
-        )
+        offline = "" if Path(path).expanduser().exists() else offline_hint()
         raise FileNotFoundError(f"model {model!r}: {one_line(e)}{offline}") from e
     except ValueError as e:
         if "trust_remote_code" not in str(e) or kwargs["trust_remote_code"]:

@@ -25,7 +25,7 @@ import torch
 import yaml
 from torch import nn
 
-from lorafa.adapter import save_adapter
+from lorafa.adapter import readable, save_adapter
 from lorafa.checkpoint import (
     TrainState,
     find_checkpoint,
@@ -206,7 +206,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     if checkpoint is not None and state.step >= total_steps and (out / "metrics.json").is_file():
         logger.warning("%s already reached step %d of %d: nothing to train; metrics.json kept", checkpoint,
                        state.step, total_steps)  # fmt: skip
-        return dict(json.loads((out / "metrics.json").read_text()))
+        return _read_metrics(out / "metrics.json")
     started = time.perf_counter()
     tokens_before = state.tokens_seen
     step_time, tokens_since_log, time_since_log = 0.0, 0, 0.0
@@ -303,7 +303,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             log.write({"step": state.step, **run_eval()})
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             folder = out / "checkpoints" / f"checkpoint-{state.step}"
-            extra = {"total_steps": total_steps, "config": cfg.to_dict(), "processes": world}
+            # Paths absolute: a resume from another working folder compares the same files.
+            extra = {"total_steps": total_steps, "config": cfg.with_absolute_paths().to_dict(), "processes": world}
             save_checkpoint(
                 folder, model, cfg.method == "full", optimizer, scheduler, state, rank, main,
                 accelerator.wait_for_everyone, extra=extra,
@@ -343,7 +344,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         }
     )
     if main:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         plot_losses(out / "train_log.jsonl", out / "loss.png")
     log.close()
     accelerator.wait_for_everyone()
@@ -608,6 +609,7 @@ def save_trained(model: nn.Module, cfg: TrainConfig, folder: Path, tokenizer: An
     shutil.rmtree(tmp, ignore_errors=True)
     cast(Any, model).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    readable(tmp)  # safetensors writes its files 0600
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -642,6 +644,8 @@ def check_output_dir(out: Path, checkpoint: Path | None) -> None:
     folder that cannot be written, an unfinished run with checkpoints (rerunning a command without `resume` would
     delete them), and a folder that is not a run but holds names a run writes (adapter/, config.yaml, ...).
     """
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"output_dir: {out} is a symbolic link to nothing ({os.readlink(out)})")
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir: {out} is a file, not a folder")
     existing = out
@@ -665,6 +669,20 @@ def check_output_dir(out: Path, checkpoint: Path | None) -> None:
             f"output_dir: {out} is not a lorafa run folder but holds {clash}, which a run writes; choose a new or "
             "empty folder"
         )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary sibling and rename it over `path`: a failed write leaves the old file or none."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_metrics(path: Path) -> dict[str, float]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it to let the run write it again") from None
 
 
 def check_tensorboard(cfg: TrainConfig) -> None:
@@ -739,9 +757,15 @@ class TrainLog:
         """Drop records of steps after a resumed checkpoint (the resumed run writes them again)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [
-            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-        ]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line) if line else None
+            except json.JSONDecodeError:
+                logger.warning("%s: dropped a line that is not JSON (an interrupted write?): %.60s", self.path, line)
+                continue
+            if isinstance(record, dict) and record.get("step", step + 1) <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
