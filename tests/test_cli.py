@@ -712,3 +712,10 @@ def test_the_summary_counts_one_step_in_the_singular():
     idle = summary(cfg, {**metrics, "tokens_per_s": 0.0, "train_runtime_s": 0.0})
     assert "Nothing left to train" in idle and "Speed" not in idle and "Peak process memory" in idle
     assert "(2 optimizer steps)." in summary(cfg, {**metrics, "steps": 2})
+
+
+def test_generate_names_a_missing_local_folder_without_asking_the_hub(tmp_path, monkeypatch, capsys):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "runs/typo", "hi"]) == 2
+    assert "no such run, adapter or model folder: runs/typo" in capsys.readouterr().err

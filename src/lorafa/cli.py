@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import warnings
 from dataclasses import replace
@@ -292,7 +293,7 @@ def summary(cfg: Any, metrics: dict[str, float]) -> str:
         f"Speed {metrics['tokens_per_s']:.0f} tokens/s; {memory}." if trained else f"{memory[0].upper()}{memory[1:]}.",
         f"Outputs in {cfg.output_dir}/: adapter/ metrics.json train_log.jsonl loss.png config.yaml"
         + (" labels.json" if cfg.task == "classification" else ""),
-        f"Next: lorafa eval {cfg.output_dir}",
+        f"Next: lorafa eval {shlex.quote(str(cfg.output_dir))}",
     ]
     return "\n".join(lines)
 
@@ -346,7 +347,10 @@ def _generate(args: argparse.Namespace) -> int:
     from lorafa.evaluate import generate, is_run_dir, load_trained
     from lorafa.models import load_model, load_tokenizer
 
-    source = Path(args.source)
+    source = Path(args.source).expanduser()
+    if not source.exists() and (source.parent.name and source.parent.is_dir() or args.source.startswith((".", "/", "~"))):
+        # runs/typo: a local path that is not there (a Hub id has no existing folder as its owner)
+        raise FileNotFoundError(f"no such run, adapter or model folder: {source}")
     if is_run_dir(source) or (source / "adapter_config.json").is_file():
         model, tokenizer, cfg = load_trained(source, model=args.model, task=args.task)
         if cfg is not None and cfg.task not in ("sft", "clm", "seq2seq"):
