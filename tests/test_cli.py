@@ -718,4 +718,28 @@ def test_generate_names_a_missing_local_folder_without_asking_the_hub(tmp_path, 
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "runs/typo", "hi"]) == 2
-    assert "no such run, adapter or model folder: runs/typo" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no such" in err and "folder: runs/typo" in err, err
+
+
+def test_only_a_runs_own_config_follows_a_moved_run(toys, tmp_path, monkeypatch, capsys):
+    """A config file in a folder that is not a run (or is not the run's config.yaml) writes where it says."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    args = run_args(toys, "classification", tmp_path / "runs" / "x", "max_steps=1", "eval_before=false")[1:]
+    mine = dict(a.split("=", 1) for a in args)
+    (project / "config.yaml").write_text(yaml.safe_dump({"model": mine["model"], "task": "classification",
+                                                         "method": "lora-fa"}))  # fmt: skip
+    (project / "exp.yaml").write_text(yaml.safe_dump({"model": mine["model"], "task": "classification"}))
+    overrides = [a for a in args if not a.startswith(("model=", "task="))]
+    assert main(["train", str(project / "exp.yaml"), *overrides]) == 0
+    assert "belongs to the run" not in capsys.readouterr().err
+    assert (tmp_path / "runs" / "x" / "metrics.json").is_file() and not (project / "metrics.json").exists()
+
+
+def test_generate_leaves_a_hub_id_to_the_hub_beside_a_plain_owner_folder(tmp_path, monkeypatch, capsys):
+    (tmp_path / "openai-community" / "other").mkdir(parents=True)  # e.g. another model downloaded with --local-dir
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["generate", "openai-community/gpt2", "hi"]) == 2
+    assert "no such run, adapter or model folder" not in capsys.readouterr().err

@@ -232,6 +232,9 @@ def test_target_module_forms():
     both = lorafa.LoRAFAConfig(r=2, target_modules=["q_proj"], exclude_modules=["q_proj"])
     with pytest.raises(ValueError, match=r"matched only modules that exclude_modules=\['q_proj'\] leaves out"):
         lorafa.add_lorafa(tiny("llama"), both)
+    everything = lorafa.LoRAFAConfig(r=2, target_modules="all-linear", exclude_modules=".*")
+    with pytest.raises(ValueError, match=r"e.g. \['model.layers.0.self_attn.q_proj'"):  # excluded targets
+        lorafa.add_lorafa(tiny("llama"), everything)
     model = tiny("bert")
     lorafa.add_lorafa(
         model, lorafa.LoRAFAConfig(r=2, target_modules="all-linear", modules_to_save=["classifier"])

@@ -435,10 +435,14 @@ def test_output_dir_rules_protect_what_a_run_did_not_write(toys, tmp_path, monke
     train(_config(toys, Path("~/project"), "max_steps=2", "eval_before=false"))  # "~" is the home folder
     assert (notes / "notes.txt").read_text() == "keep" and (notes / "metrics.json").is_file()
 
-    # A run that stopped before its first log record (config.yaml and labels.json only) is rerun in place.
+    # A run that stopped before its first log record (an empty log, config.yaml, labels.json) is rerun in place;
+    # a folder holding only someone's config.yaml is not a run (that file would be overwritten).
     early = tmp_path / "early"
     early.mkdir()
     (early / "config.yaml").write_text((run / "config.yaml").read_text())
+    with pytest.raises(ValueError, match=r"not a lorafa run folder but holds \['config.yaml'\]"):
+        train(_config(toys, early, "max_steps=2", "eval_before=false"))
+    (early / "train_log.jsonl").write_text("")  # what a run writes first
     (early / "labels.json").write_text((run / "labels.json").read_text())
     train(_config(toys, early, "max_steps=2", "eval_before=false"))
     assert (early / "metrics.json").is_file()

@@ -136,11 +136,26 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def readable(folder: Path) -> None:
     """Give `folder` and its files the permissions the umask allows (mkdtemp makes 0700 and safetensors writes
     0600, which would keep a saved adapter or model from other users and serving processes)."""
-    mask = os.umask(0)
+    mask = _umask()
+    try:
+        folder.chmod(0o777 & ~mask)
+        for item in folder.rglob("*"):
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+    except OSError:  # a filesystem without permissions (vfat, some network mounts): nothing to widen
+        pass
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system says it (Linux), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for item in folder.rglob("*"):
-        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+    return mask
 
 
 def atomic_write_dir(path: Path, write: Callable[[Path], object]) -> None:

@@ -218,11 +218,10 @@ def _train(args: argparse.Namespace) -> int:
 def _in_its_run_folder(path: Path, cfg: Any, overrides: list[str]) -> Any:
     """A run's own config.yaml, in a folder the run was moved or copied to, writes to that folder, not to the
     output_dir it names (the original place, which a resume or a repeat would otherwise overwrite)."""
-    from lorafa.train import is_run_folder
-
     folder = path.expanduser().resolve().parent
-    if any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides) or not is_run_folder(folder):
-        return cfg
+    ran = any((folder / name).exists() for name in ("train_log.jsonl", "metrics.json", "checkpoints"))
+    if path.name != "config.yaml" or not ran or any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides):
+        return cfg  # only the config.yaml a run wrote into its own folder
     if Path(cfg.output_dir).expanduser().resolve() == folder:
         return cfg
     print(
@@ -231,6 +230,19 @@ def _in_its_run_folder(path: Path, cfg: Any, overrides: list[str]) -> Any:
         file=sys.stderr,
     )
     return replace(cfg, output_dir=str(folder))
+
+
+def _local_typo(given: str, source: Path) -> bool:
+    """Whether a `generate` source that does not exist is a mistyped local path rather than a Hub id: it starts
+    with . / ~, or its parent folder holds runs or adapters (runs/typo)."""
+    if given.startswith((".", "/", "~")):
+        return True
+    from lorafa.evaluate import is_run_dir
+
+    parent = source.parent
+    return bool(parent.name) and parent.is_dir() and any(
+        is_run_dir(child) or (child / "adapter_config.json").is_file() for child in parent.iterdir()
+    )
 
 
 def _count(n: float) -> str:
@@ -348,8 +360,7 @@ def _generate(args: argparse.Namespace) -> int:
     from lorafa.models import load_model, load_tokenizer
 
     source = Path(args.source).expanduser()
-    if not source.exists() and (source.parent.name and source.parent.is_dir() or args.source.startswith((".", "/", "~"))):
-        # runs/typo: a local path that is not there (a Hub id has no existing folder as its owner)
+    if not source.exists() and _local_typo(args.source, source):
         raise FileNotFoundError(f"no such run, adapter or model folder: {source}")
     if is_run_dir(source) or (source / "adapter_config.json").is_file():
         model, tokenizer, cfg = load_trained(source, model=args.model, task=args.task)

@@ -157,8 +157,6 @@ def _refuse_nested_records(ds: Any, path: Path, field: str) -> None:
 
 def _read(reader: str, path: Path, field: str, cache_dir: str | None, kwargs: dict[str, Any]) -> Any:
     """`datasets.Dataset.from_<reader>(path)`; a ValueError naming the file and the parser's reason."""
-    import datasets
-
     cache: dict[str, Any] = {} if reader == "file" else {"cache_dir": cache_dir}
     scratch = None
     if reader != "file" and path.stat().st_mtime < _NORMALIZED_MTIME:
@@ -166,6 +164,17 @@ def _read(reader: str, path: Path, field: str, cache_dir: str | None, kwargs: di
         # could be replaced by another with the same key, and its old rows served. Read such files afresh.
         scratch = tempfile.mkdtemp(prefix="lorafa-data-")
         cache = {"cache_dir": scratch, "keep_in_memory": True}
+    try:
+        return _read_checked(reader, path, field, cache, kwargs)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)  # read into memory, or failed
+
+
+def _read_checked(reader: str, path: Path, field: str, cache: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    """`_read`'s reading and its errors: not UTF-8, a cache that cannot be written, else the parser's reason."""
+    import datasets
+
     try:
         ds = getattr(datasets.Dataset, f"from_{reader}")(str(path), **cache, **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types; all mean "bad file" here
@@ -191,8 +200,6 @@ def _read(reader: str, path: Path, field: str, cache_dir: str | None, kwargs: di
             ds.data.table.validate(full=True)
         except pa.ArrowInvalid:
             _refuse_non_utf8(path, field)
-    if scratch is not None:
-        shutil.rmtree(scratch, ignore_errors=True)  # the rows are in memory
     return ds
 
 

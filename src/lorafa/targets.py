@@ -226,10 +226,11 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
     if not names:
         if any(True for _ in lorafa_layers(model)):
             raise ValueError("the model already has LoRA-FA adapters: add_lorafa was applied twice")
-        if left_out and _matches_any(model, tm, left_out):
+        excluded_targets = [n for n in left_out if _matches_any(model, tm, [n])]
+        if excluded_targets:
             raise ValueError(
                 f"target_modules={tm!r} matched only modules that exclude_modules={cfg.exclude_modules!r} leaves "
-                f"out, e.g. {left_out[:3]}"
+                f"out, e.g. {excluded_targets[:3]}"
             )
         linear = [n for n, m in model.named_modules() if is_linear(m)]
         raise ValueError(

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import yaml
 from torch import nn
 
 from lorafa.adapter import readable, save_adapter
@@ -620,15 +619,9 @@ RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.json", "loss.png", "labels.jso
 
 
 def is_run_folder(out: Path) -> bool:
-    """Whether `out` holds a lorafa run's outputs: a started run writes train_log.jsonl first; a run of an older
-    lorafa may have stopped after writing only its config.yaml (a run's: model, task and method at the top)."""
-    if (out / "train_log.jsonl").is_file() or (out / "metrics.json").is_file():
-        return True
-    try:
-        saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else None
-    except (yaml.YAMLError, OSError, UnicodeDecodeError):
-        return False
-    return isinstance(saved, dict) and {"model", "task", "method"} <= saved.keys()
+    """Whether `out` holds a lorafa run's outputs: a started run writes train_log.jsonl first. (A config.yaml alone
+    does not make one: it may be the user's own, which a run would overwrite.)"""
+    return (out / "train_log.jsonl").is_file() or (out / "metrics.json").is_file()
 
 
 def run_of_checkpoint(checkpoint: Path) -> Path | None:
