@@ -152,7 +152,8 @@ class LoRAFALinearFunction(torch.autograd.Function):
             xa = x if at == dt else x.to(at)  # a transient copy only for a wider adapter dtype
             if dropout_p > 0:
                 mask = dropout_mask(x.shape, seed, dropout_p, x.device, at)
-                u = (xa * mask) @ a.t()  # (N, r); the masked copy of x is transient
+                # the masked copy of x is transient; a wider copy xa is masked in place (one temporary, not two)
+                u = (xa * mask if xa is x else xa.mul_(mask)) @ a.t()  # (N, r)
                 u.mul_(1.0 / q)
             else:
                 u = xa @ a.t()  # (N, r)
