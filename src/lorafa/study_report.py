@@ -5,7 +5,6 @@ summary as plain data for study.json (`results_json`)."""
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import platform
@@ -15,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lorafa.run_folder import read_log
 from lorafa.study import METHODS, Cell, PartResult, RunResult, StudyConfig, _atomic_write
 
 __all__ = [
@@ -400,7 +400,7 @@ def plot_eval_curves(part: PartResult, png: Path) -> bool:
         for r in part.runs:
             if r.method != method or r.lr != cell.lr or r.error:
                 continue
-            for record in _read_log(Path(r.run_dir) / "train_log.jsonl"):
+            for record in read_log(Path(r.run_dir) / "train_log.jsonl"):
                 if "eval_loss" in record:
                     by_step.setdefault(int(record["step"]), []).append(float(record["eval_loss"]))
         if len(by_step) < 2:
@@ -423,12 +423,6 @@ def plot_eval_curves(part: PartResult, png: Path) -> bool:
     ax.legend(fontsize=8)
     _save(fig, png)
     return True
-
-
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _figure() -> tuple[Any, Any]:
