@@ -204,3 +204,9 @@ def test_cli_subcommand_parses_and_rejects_bad_input(capsys):
     bad = parser.parse_args(["bench", "--models", "tiny-llama", "--methods", "nope"])
     assert bench.bench_main(bad) == 2  # rejected before any worker starts
     assert "--methods" in capsys.readouterr().err
+    for extra, message in ((["--threads", "-2"], "--threads must be >= 1"), (["--timeout", "nan"], "finite")):
+        assert bench.bench_main(parser.parse_args(["bench", "--models", "tiny-llama", *extra])) == 2
+        assert message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert bench.bench_main(parser.parse_args(["bench", "--models", "tiny-llama", "--device", "cuda"])) == 2
+        assert "--device cuda: this torch has no CUDA device" in capsys.readouterr().err

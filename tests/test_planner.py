@@ -479,6 +479,9 @@ def test_cli_errors_exit_2_with_a_message(capsys, monkeypatch):
     assert "--preset: unknown preset 'nope'" in capsys.readouterr().err
     assert main(["--preset", "llama-2-7b", "--gpu-memory", "24 GiBs"]) == 2
     assert "24 GiBs" in capsys.readouterr().err
+    from lorafa.planner_args import parse_size
+
+    assert parse_size("80") == 80 * 10**9 and parse_size("1048576", "--offload-min-bytes", bare=1) == 2**20
 
     # A model whose forward reads its inputs' values cannot run on meta (BART's mask check with SDPA): one line.
     def meta_failure(args):
@@ -721,6 +724,14 @@ def test_cli_options(tmp_path, capsys):
     assert main([*common, *flags, "--checkpointing", "off", "--plot", str(png)]) == 0
     assert "chunked loss, cheap recompute, offload" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --targets takes one regex or all-linear as lorafa train does (a list was matched as names: nothing matched)
+    def trainable(*targets: str) -> int:
+        assert main([*common, "--checkpointing", "off", "--json", "--targets", *targets]) == 0
+        return json.loads(capsys.readouterr().out)["methods"][0]["trainable_params"]
+
+    assert trainable("all-linear") == trainable("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj")  # fmt: skip
+    assert trainable(r".*self_attn\.(q|v)_proj") == trainable("q_proj", "v_proj")
     roberta = tmp_path / "roberta.json"
     roberta.write_text(json.dumps(tiny_config("roberta", "sdpa-flash")))
     assert main(["--config", str(roberta), "--seq-len", "8", "--chunked-loss"]) == 2

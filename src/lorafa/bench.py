@@ -164,6 +164,8 @@ def run_benchmark(
     Raises:
         ValueError: An unknown model/method or an invalid setting (the message names the option).
     """
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file, not a folder")  # before hours of workers, not after
     drop = [float(dropout)] if isinstance(dropout, int | float) else [float(p) for p in dropout]
     settings = BenchSettings(
         models=list(models), methods=list(methods), batch=batch, seq=seq, steps=steps, dropout=drop, **options

@@ -3,6 +3,7 @@ malloc environment the `allocator` setting gives every worker (`malloc_env`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +74,12 @@ class BenchSettings:
             raise ValueError("--lora-alpha, --lr and --timeout must be > 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: this torch has no CUDA device (use --device cpu or auto)")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if not math.isfinite(self.timeout) or not math.isfinite(self.lora_alpha):
+            raise ValueError("--lora-alpha and --timeout must be finite")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.allocator not in ALLOCATORS:

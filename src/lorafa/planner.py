@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
@@ -126,7 +127,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     p.add_argument(
-        "--targets", nargs="+", default=None, help="adapted module names (default: per architecture)"
+        "--targets", nargs="+", default=None, help="adapted module names, or one regex or all-linear (default: per architecture)"
     )
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"from {list(METHODS)}")
     p.add_argument("--checkpointing", default=d.checkpointing, help="off, on or both")
@@ -160,6 +161,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _targets(given: list[str] | None) -> list[str] | str | None:
+    """--targets as LoRAFAConfig takes them: one value that is "all-linear" or a regex (not a plain module name)
+    stays a string, as in `lorafa train`; otherwise a list of names/suffixes."""
+    if given and len(given) == 1 and not re.fullmatch(r"[\w\-]+(?:\.[\w\-]+)*", given[0]):
+        return given[0]
+    if given == ["all-linear"]:
+        return "all-linear"
+    return given
+
+
 def add_memory_subparser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `memory` subcommand to an argparse subparsers object; its handler (`run`, also `func`) is `memory_main`."""
     p = subparsers.add_parser(
@@ -184,7 +195,7 @@ def args_from_namespace(ns: argparse.Namespace) -> PlannerArgs:
         r=ns.r,
         lora_alpha=ns.lora_alpha,
         lora_dropout=ns.lora_dropout,
-        target_modules=ns.targets,
+        target_modules=_targets(ns.targets),
         methods=ns.methods,
         checkpointing=ns.checkpointing,
         attention=ns.attention,

@@ -253,7 +253,7 @@ class PlannerArgs:
         reserve = parse_size(self.reserve, "--reserve")
         if self.gpu_memory is not None and reserve >= parse_size(self.gpu_memory, "--gpu-memory"):
             raise ValueError(f"--reserve {self.reserve} leaves nothing of --gpu-memory {self.gpu_memory}")
-        parse_size(self.offload_min_bytes, "--offload-min-bytes")
+        parse_size(self.offload_min_bytes, "--offload-min-bytes", bare=1)
 
 
 def _alpha(args: PlannerArgs) -> float:
@@ -279,8 +279,9 @@ _UNITS = {
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
 
 
-def parse_size(text: str, flag: str = "--gpu-memory") -> int:
-    """Bytes in a size such as "24GB" (10⁹), "24GiB" (2³⁰), "80G" (= GiB, as nvidia-smi and `ls -h`), "0".
+def parse_size(text: str, flag: str = "--gpu-memory", bare: int = 10**9) -> int:
+    """Bytes in a size such as "24GB" (10⁹), "24GiB" (2³⁰), "80G" (= GiB, as nvidia-smi and `ls -h`), "0"; a bare
+    number counts `bare` bytes a unit (GB for memory budgets, bytes for --offload-min-bytes).
 
     Raises:
         ValueError: naming `flag`, for anything else (e.g. "24 GiBs").
@@ -292,7 +293,7 @@ def parse_size(text: str, flag: str = "--gpu-memory") -> int:
             f"{flag}: cannot parse memory size {text!r}; expected a number and one of the units "
             "B, KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB or K, M, G, T (powers of 1024), e.g. 24GB, 80GiB"
         )
-    return int(float(m.group(1)) * _UNITS[str(unit)])
+    return int(float(m.group(1)) * (bare if unit == "" else _UNITS[str(unit)]))
 
 
 def parse_dtype(name: str) -> torch.dtype:

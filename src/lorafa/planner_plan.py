@@ -177,7 +177,7 @@ def _options(args: PlannerArgs) -> dict[str, Any]:
     on_gpu = args.offload and args.device == "cuda"
     return {
         "chunked_loss": args.chunked_loss,
-        "offload_min_bytes": parse_size(args.offload_min_bytes, "--offload-min-bytes") if on_gpu else None,
+        "offload_min_bytes": parse_size(args.offload_min_bytes, "--offload-min-bytes", bare=1) if on_gpu else None,
     }
 
 
