@@ -87,6 +87,8 @@ def test_overrides_are_coerced_to_the_field_types():
     assert load_config(None, ["model=m", "data.train_file=t", "data.prompt_column=q"]).data.prompt_column == "q"
     assert load_config(None, ["model=m", "data.train_file=t", "adapter.target_modules=All-Linear"]).adapter.target_modules == "all-linear"
     assert load_config(None, ["model=m", "data.train_file=t", "resume=no"]).resume is None
+    # null is the architecture's default, not a module named "null"
+    assert load_config(None, ["model=m", "data.train_file=t", "adapter.target_modules=null"]).adapter.target_modules is None
     # In the module fields a plain name or dotted suffix is a name (a regex "o_proj" would match nothing).
     for given, read in (("o_proj", ["o_proj"]), ("self_attn.o_proj", ["self_attn.o_proj"]), (".*o_proj", ".*o_proj")):
         adapter = load_config(None, ["model=m", "data.train_file=t", f"adapter.exclude_modules={given}"]).adapter

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from typing import Any
 
@@ -76,6 +75,7 @@ from lorafa.planner_models import (
 )
 from lorafa.planner_plan import largest_fitting, run_planner
 from lorafa.planner_report import format_table, plot_report
+from lorafa.targets import module_spec
 
 __all__ = [
     "ATTENTIONS",
@@ -127,7 +127,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     p.add_argument(
-        "--targets", nargs="+", default=None, help="adapted module names, or one regex or all-linear (default: per architecture)"
+        "--targets",
+        nargs="+",
+        default=None,
+        help="adapted module names, or one regex or all-linear (default: per architecture)",
     )
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"from {list(METHODS)}")
     p.add_argument("--checkpointing", default=d.checkpointing, help="off, on or both")
@@ -162,13 +165,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _targets(given: list[str] | None) -> list[str] | str | None:
-    """--targets as LoRAFAConfig takes them: one value that is "all-linear" or a regex (not a plain module name)
-    stays a string, as in `lorafa train`; otherwise a list of names/suffixes."""
-    if given and len(given) == 1 and not re.fullmatch(r"[\w\-]+(?:\.[\w\-]+)*", given[0]):
-        return given[0]
-    if given == ["all-linear"]:
-        return "all-linear"
-    return given
+    """--targets as LoRAFAConfig takes them, read as `lorafa train` reads one value (`targets.module_spec`):
+    "all-linear", a plain name, or a regex; several values are names/suffixes."""
+    if given is None or len(given) > 1:
+        return given
+    return module_spec(given[0]) or given[0]
 
 
 def add_memory_subparser(subparsers: Any) -> argparse.ArgumentParser:

@@ -76,6 +76,20 @@ def name_matches(name: str, keys: list[str]) -> bool:
     return any(name == k or name.endswith("." + k) for k in keys)
 
 
+# A module name or dotted suffix (q_proj, self_attn.q_proj); anything else given as one string is a regex.
+_MODULE_NAME = re.compile(r"[\w\-]+(?:\.[\w\-]+)*")
+
+
+def module_spec(text: str) -> list[str] | str | None:
+    """One target_modules / exclude_modules string as configs and command lines give it: "all-linear" (any case),
+    or a plain module name or dotted suffix as a one-name list (as a regex, "o_proj" would have to be a whole
+    top-level name and match nothing); None for anything else, which the caller reads as a regex."""
+    value = text.strip()
+    if value.lower() == "all-linear":
+        return "all-linear"
+    return [value] if _MODULE_NAME.fullmatch(value) else None
+
+
 def excluded(name: str, exclude: list[str] | str) -> bool:
     """Whether `exclude_modules` leaves module `name` out: a regex (str) matches the full name, as in PEFT; a
     list holds names or suffixes."""

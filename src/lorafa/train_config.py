@@ -23,6 +23,7 @@ import yaml
 
 from lorafa.config import LoRAFAConfig
 from lorafa.data import TASKS, DataConfig
+from lorafa.targets import module_spec
 
 METHODS = ("full", "lora", "lora-fa")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -491,9 +492,7 @@ def _check_adapter_method(raw: dict[str, Any], kwargs: dict[str, Any]) -> None:
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 _NONE = {"null", "none", "~", ""}
-_MODULE_FIELDS = ("target_modules", "exclude_modules")
-_MODULE_NAME = re.compile(r"[\w\-]+(?:\.[\w\-]+)*")
-"""A module name or dotted suffix (q_proj, self_attn.q_proj); anything else in those fields is a regex."""
+_MODULE_FIELDS = ("target_modules", "exclude_modules")  # one plain name: a one-name list (targets.module_spec)
 _NAME = re.compile(r"[\w.\-/ ]+")
 """A column or module name; a comma-separated run of them on the command line is a list."""
 
@@ -519,17 +518,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return None  # `resume: false`: start afresh (not a folder named "false")
     if key == "resume" and (value is True or (cli and value.strip().lower() == "true")):
         raise ValueError("resume must be a checkpoint or output folder (or false/null), got true")
-    if key.endswith("target_modules") and isinstance(value, str) and value.strip().lower() == "all-linear":
-        return "all-linear"
-    if (
-        key.endswith(_MODULE_FIELDS)
-        and isinstance(value, str)
-        and _MODULE_NAME.fullmatch(value.strip())
-        and value.strip() != "all-linear"
-    ):
-        # A plain module name is a name (or suffix), not a regex: as a regex, "o_proj" would have to be the whole
-        # name of a top-level module and match nothing. Regexes hold other characters (".*o_proj").
-        return [value.strip()]
+    if key.endswith(_MODULE_FIELDS) and isinstance(value, str) and not (cli and value.strip().lower() in _NONE):
+        spec = module_spec(value)  # "all-linear", or a plain name as a one-name list; else read below
+        if spec is not None:
+            return spec
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if type(None) in args and (value is None or (cli and value.strip().lower() in _NONE)):
