@@ -112,7 +112,8 @@ class LoRAFALinearFunction(torch.autograd.Function):
 
     Forward saves u (and x only when A or W needs a gradient: method "lora", or a base weight the user unfroze);
     never the mask or m ⊙ x. u and the adapters' gradients are computed in `adapter_dtype` (fp32 for fp32 adapters
-    on a 16-bit model without autocast, else the activation dtype); y and ∂L/∂x stay in the activation dtype. Backward, with g = ∂L/∂y (N, d_out) and h = s·g·B (N, r):
+    on a 16-bit model without autocast, else the activation dtype); y and ∂L/∂x stay in the activation dtype.
+    Backward, with g = ∂L/∂y (N, d_out) and h = s·g·B (N, r):
         ∂L/∂x = g·W + (m ⊙ (h·A)) / q            (the mask m regenerated from the forward's seed;
                                                   = g·(W + s·B·A) without dropout, see `_fold_backward`)
         ∂L/∂B = s·gᵀ·u                            (then ·P when a gradient projection P (r, r) is given)
@@ -204,20 +205,17 @@ class LoRAFALinearFunction(torch.autograd.Function):
             # ∂L/∂x = g·(W + s·B·A) without dropout: one (d_out, d_in) temporary, no larger than dx, replaces the
             # two skinny products g·B and h·A (N·(d_out + d_in)·r vs d_out·d_in·r multiply-adds).
             dx = g @ torch.addmm(weight.to(dt), bm, a, alpha=ctx.scaling)  # (N, d_in)
-        elif need_x and wide:
+        elif need_x and (wide or weight is None):
             assert h is not None
             adapter = h @ a if mask is None else (h @ a).mul_(mask)  # (N, d_in) in the adapter dtype
             dx = adapter.to(dt) if weight is None else (g @ weight.to(dt)).add_(adapter)
         elif need_x:
-            assert h is not None
-            if weight is None:
-                dx = h @ a if mask is None else (h @ a).mul_(mask)  # (N, d_in): the adapter's path alone
+            assert h is not None and weight is not None
+            dx = g @ weight.to(dt)  # (N, d_in)
+            if mask is None:
+                dx.addmm_(h, a)  # accumulate in place
             else:
-                dx = g @ weight.to(dt)  # (N, d_in)
-                if mask is None:
-                    dx.addmm_(h, a)  # accumulate in place
-                else:
-                    dx.addcmul_(h @ a, mask)  # the adapter path's gradient passes the same mask (one fused pass)
+                dx.addcmul_(h @ a, mask)  # the adapter path's gradient passes the same mask (one fused pass)
 
         # dB = s·gᵀ·u in the adapter dtype (the activation dtype under autocast); projected in B's dtype.
         dB = None

@@ -88,8 +88,8 @@ def _unmerged_base_weight(module: nn.Module, state_dict: dict[str, Any], prefix:
     """State-dict post-hook: a merged layer's base weight goes out as W, as the base model had it, so a state dict
     reads the same merged or not and loading it into an unmerged model does not add s·B·A twice (PEFT's keys are
     unchanged). It is (W + s·B·A) − s·B·A: W itself up to the rounding of W + s·B·A, which in bf16/fp16 leaves
-    elements off by up to half a unit in the last place of the merged value. `state_dict(keep_vars=True)` asks for the live parameters, which hold W + s·B·A: left as
-    they are."""
+    elements off by up to half a unit in the last place of the merged value. `state_dict(keep_vars=True)` asks for
+    the live parameters, which hold W + s·B·A: left as they are."""
     layer = cast("LoRAFALinear", module)
     key = f"{prefix}base_layer.weight"
     if layer.merged and key in state_dict and not isinstance(state_dict[key], nn.Parameter):
