@@ -96,13 +96,14 @@ def excluded(name: str, exclude: list[str] | str) -> bool:
     return re.fullmatch(exclude, name) is not None if isinstance(exclude, str) else name_matches(name, exclude)
 
 
-def _matches_any(model: nn.Module, tm: list[str] | str, names: list[str]) -> bool:
-    """Whether target_modules `tm` names one of `names` (all-linear: any linear layer among them)."""
+def _named_by(tm: list[str] | str, name: str, module: nn.Module) -> bool:
+    """Whether target_modules `tm` ("all-linear", a regex, or names/suffixes) names module `name` (all-linear: any
+    linear layer; `resolve_targets` then leaves heads, routers and narrow layers out)."""
     if tm == "all-linear":
-        return any(is_linear(model.get_submodule(n)) for n in names)
+        return is_linear(module)
     if isinstance(tm, str):
-        return any(re.fullmatch(tm, n) for n in names)
-    return any(name_matches(n, tm) for n in names)
+        return re.fullmatch(tm, name) is not None
+    return name_matches(name, tm)
 
 
 def _unused_excludes(model: nn.Module, exclude: list[str] | str) -> list[str]:
@@ -163,28 +164,26 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
     mha = _mha_projections(model)
     names: list[str] = []
     passed: dict[str, list[str]] = {"router": [], "narrow": [], "mha": []}
-    left_out: list[str] = []  # modules exclude_modules removed
+    left_out: list[str] = []  # targets that exclude_modules removed
     for name, module in model.named_modules():
         if not name:
             continue
         if excluded(name, cfg.exclude_modules):
-            left_out.append(name)
+            if _named_by(tm, name, module):
+                left_out.append(name)
             continue
         if within(name, saved):
             continue  # a module trained fully (modules_to_save) is not adapted
         if tm == "all-linear" and name in mha:
             passed["mha"].append(name)
             continue
+        hit = _named_by(tm, name, module)
         if tm == "all-linear":
-            hit = is_linear(module) and name not in heads
+            hit = hit and name not in heads
             reason = _left_alone(name, module, cfg.r, experts) if hit else None
             if reason is not None:
                 passed[reason].append(name)
                 continue
-        elif isinstance(tm, str):
-            hit = re.fullmatch(tm, name) is not None
-        else:
-            hit = name_matches(name, tm)
         if not hit:
             continue
         if name in mha:
@@ -240,11 +239,10 @@ def resolve_targets(model: nn.Module, cfg: LoRAFAConfig) -> list[str]:
     if not names:
         if any(True for _ in lorafa_layers(model)):
             raise ValueError("the model already has LoRA-FA adapters: add_lorafa was applied twice")
-        excluded_targets = [n for n in left_out if _matches_any(model, tm, [n])]
-        if excluded_targets:
+        if left_out:
             raise ValueError(
                 f"target_modules={tm!r} matched only modules that exclude_modules={cfg.exclude_modules!r} leaves "
-                f"out, e.g. {excluded_targets[:3]}"
+                f"out, e.g. {left_out[:3]}"
             )
         linear = [n for n, m in model.named_modules() if is_linear(m)]
         raise ValueError(
