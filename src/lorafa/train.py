@@ -104,21 +104,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir).expanduser()
     checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
-    check_output_dir(out, checkpoint)  # before any work: a folder this run may not write ends it now
-    check_tensorboard(cfg)
-    if main and cfg.data.eval_file is not None and same_data_file(cfg.data.train_file, cfg.data.eval_file):
-        logger.warning("data.eval_file is data.train_file (%s): the evaluation is on training rows", cfg.data.eval_file)
+    check_before_loading(cfg, out, checkpoint, warn=main)  # a folder this run may not write ends it now
     set_seed(cfg.seed)
 
     # ---- data, model, optimizer, schedule
-    with remote_code(cfg.trust_remote_code):
-        tokenizer = load_tokenizer(cfg.model)
-        data = build_datasets(cfg.data, tokenizer, cfg.task)
-        model = load_model(
-            cfg.model, cfg.task, data.num_labels, data.id2label, cfg.model_dtype, tokenizer.pad_token_id
-        )
+    tokenizer, data, model = load_inputs(cfg)
     collator = make_collator(cfg.task, tokenizer)
-    check_data_fits(cfg, model, data, tokenizer)
     model = prepare_model(
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
     )
@@ -396,6 +387,29 @@ def refuse_cpu_fp16(cfg: TrainConfig, device_type: str) -> None:
         raise ValueError("mixed_precision: fp16 does nothing on CPU (it would train in fp32); use bf16 or no")
 
 
+def check_before_loading(cfg: TrainConfig, out: Path, checkpoint: Path | None, warn: bool = True) -> None:
+    """What train and dry_run refuse before loading anything (an output folder this run may not write, a missing
+    tensorboard), and, with `warn`, an eval file that is the train file."""
+    check_output_dir(out, checkpoint)
+    check_tensorboard(cfg)
+    if warn and cfg.data.eval_file is not None and same_data_file(cfg.data.train_file, cfg.data.eval_file):
+        logger.warning("data.eval_file is data.train_file (%s): the evaluation is on training rows",
+                       cfg.data.eval_file)  # fmt: skip
+
+
+def load_inputs(cfg: TrainConfig) -> tuple[Any, PreparedData, nn.Module]:
+    """The run's tokenizer, data and model (a checkpoint's own code runs as cfg.trust_remote_code says), checked
+    against each other (`check_data_fits`)."""
+    with remote_code(cfg.trust_remote_code):
+        tokenizer = load_tokenizer(cfg.model)
+        data = build_datasets(cfg.data, tokenizer, cfg.task)
+        model = load_model(
+            cfg.model, cfg.task, data.num_labels, data.id2label, cfg.model_dtype, tokenizer.pad_token_id
+        )
+    check_data_fits(cfg, model, data, tokenizer)
+    return tokenizer, data, model
+
+
 def check_data_fits(cfg: TrainConfig, model: nn.Module, data: PreparedData, tokenizer: Any) -> None:
     """What train and dry_run check once model and data are loaded: token ids inside the embedding table, inputs
     within the model's positions (`lorafa.models`); a warning when eval_every has no eval data."""
@@ -628,7 +642,6 @@ def check_tensorboard(cfg: TrainConfig) -> None:
 
 
 def _diverged_message(loss: float, state: TrainState, out: Path, fp16: bool) -> str:
-
     found = list_checkpoints(out)
     where = (
         f"the last good checkpoint is {found[-1]}; continue from it with resume={found[-1]}"
@@ -670,17 +683,8 @@ def dry_run(cfg: TrainConfig) -> dict[str, Any]:
     """
     refuse_cpu_fp16(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
-    check_output_dir(Path(cfg.output_dir).expanduser(), checkpoint)
-    check_tensorboard(cfg)
-    if cfg.data.eval_file is not None and same_data_file(cfg.data.train_file, cfg.data.eval_file):
-        logger.warning("data.eval_file is data.train_file (%s): the evaluation is on training rows", cfg.data.eval_file)
-    with remote_code(cfg.trust_remote_code):
-        tokenizer = load_tokenizer(cfg.model)
-        data = build_datasets(cfg.data, tokenizer, cfg.task)
-        model = load_model(
-            cfg.model, cfg.task, data.num_labels, data.id2label, cfg.model_dtype, tokenizer.pad_token_id
-        )
-    check_data_fits(cfg, model, data, tokenizer)
+    check_before_loading(cfg, Path(cfg.output_dir).expanduser(), checkpoint)
+    tokenizer, data, model = load_inputs(cfg)
     model = prepare_model(
         model, cfg.method, cfg.task, cfg.adapter, cfg.gradient_checkpointing, cfg.cheap_recompute
     )
