@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorafa.config import LoRAFAConfig
+from lorafa.files import atomic_write_dir
 from lorafa.heads import outermost_modules
 from lorafa.inject import add_lorafa, remove_lorafa, share_groups
 from lorafa.layer import lorafa_layers
@@ -131,50 +129,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for k, v in model.get_submodule(name).state_dict().items():
             state[f"{PREFIX}{name}.{k}"] = v
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-
-
-def readable(folder: Path) -> None:
-    """Give `folder` and its files the permissions the umask allows (mkdtemp makes 0700 and safetensors writes
-    0600, which would keep a saved adapter or model from other users and serving processes)."""
-    mask = _umask()
-    try:
-        folder.chmod(0o777 & ~mask)
-        for item in folder.rglob("*"):
-            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
-    except OSError:  # a filesystem without permissions (vfat, some network mounts): nothing to widen
-        pass
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where the system says it (Linux), else by setting it back."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_dir(path: Path, write: Callable[[Path], object]) -> None:
-    """Write a folder under a temporary name next to `path`, then swap it in, so no half-written folder remains."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        readable(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_adapter(

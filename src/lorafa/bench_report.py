@@ -4,7 +4,6 @@ chart, the raw `benchmarks.json`, and the plain-text table for the terminal."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 
 from lorafa.bench_checks import checks
 from lorafa.bench_models import METHODS, MODELS
+from lorafa.files import atomic_write
 
 __all__ = ["MIB", "format_table", "render_report", "write_chart", "write_report"]
 
@@ -203,14 +203,6 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call write(tmp) on a temporary name next to `path`, then rename it into place (a failed write leaves an
-    earlier file as it was)."""
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(tmp)
-    tmp.replace(path)
 
 
 def write_report(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path) -> Path:

@@ -25,12 +25,12 @@ from lorafa.adapter import (
     CONFIG_NAME,
     PREFIX,
     WEIGHTS_NAME,
-    atomic_write_dir,
     load_adapter,
     read_adapter_config,
 )
 from lorafa.assets import resolve
 from lorafa.data import IGNORE_INDEX, build_datasets, example_lengths, make_collator
+from lorafa.files import atomic_write_dir
 from lorafa.inject import remove_lorafa
 from lorafa.metrics import classification_metrics, regression_metrics
 from lorafa.models import load_model, load_tokenizer, quiet_loading, remote_code, remote_code_trusted

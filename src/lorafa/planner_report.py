@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorafa.bench_report import atomic_write
+from lorafa.files import atomic_write
 from lorafa.planner_args import format_bytes
 
 __all__ = ["format_table", "plot_report"]

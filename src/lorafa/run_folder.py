@@ -68,13 +68,6 @@ def check_output_dir(out: Path, checkpoint: Path | None) -> None:
         )
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling and rename it over `path`: a failed write leaves the old file or none."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def read_metrics(path: Path) -> dict[str, float]:
     try:
         return dict(json.loads(path.read_text()))

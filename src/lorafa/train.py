@@ -24,7 +24,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lorafa.adapter import readable, save_adapter
+from lorafa.adapter import save_adapter
 from lorafa.checkpoint import (
     TrainState,
     find_checkpoint,
@@ -38,6 +38,7 @@ from lorafa.checkpoint import (
 from lorafa.data import PreparedData, build_datasets, example_lengths, make_collator, same_data_file
 from lorafa.data_files import one_line
 from lorafa.evaluate import base_model_path, count_targets, evaluate, rows, write_labels
+from lorafa.files import atomic_write, readable
 from lorafa.gradient_init import gradient_init_budget, init_a_from_gradients
 from lorafa.inject import trainable_parameters
 from lorafa.layer import DATA_INITS
@@ -59,7 +60,6 @@ from lorafa.run_folder import (
     plot_losses,
     read_metrics,
     run_of_checkpoint,
-    write_atomic,
 )
 from lorafa.train_config import TOKEN_TASKS, TrainConfig, config_from_dict
 
@@ -343,7 +343,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         }
     )
     if main:
-        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        text = json.dumps(metrics, indent=2) + "\n"
+        atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(text))
         plot_losses(out / "train_log.jsonl", out / "loss.png")
     log.close()
     accelerator.wait_for_everyone()
