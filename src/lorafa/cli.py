@@ -134,7 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", help="where to save the merged model (save_pretrained)")
     p.add_argument("--model", help="base model of an adapter folder (default: the one it records)")
     p.add_argument("--task", help="task of an adapter folder (default: from its task_type)")
-    p.add_argument("--overwrite", action="store_true", help="replace output_dir if it holds a saved model (config.json + weights, e.g. an earlier merge)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace output_dir if it holds a saved model (config.json + weights, e.g. an earlier merge)",
+    )
     _add_trust_flag(p)
     p.set_defaults(run=_merge)
 

@@ -1,7 +1,7 @@
 """Reading data files and Hub datasets into `datasets.Dataset`s: the first step of `lorafa.data.build_datasets`.
 
-`load_table(path, field)` reads a CSV / TSV / JSON / JSONL / Parquet / Arrow / text file (optionally compressed: .gz, .bz2,
-.xz), a folder of such files (its train split), a `save_to_disk` folder, an `asset:NAME`, or, when no such local
+`load_table(path, field)` reads a CSV / TSV / JSON / JSONL / Parquet / Arrow / text file (optionally compressed:
+.gz, .bz2, .xz), a folder of such files (its train split), a `save_to_disk` folder, an `asset:NAME`, or, when no such local
 path exists, a Hub dataset `OWNER/NAME[:CONFIG][@SPLIT]`; errors name the config field and the file.
 `folder_validation_split` finds a folder's validation split; `one_line` shortens library errors for messages.
 """
@@ -183,7 +183,8 @@ def _read_checked(reader: str, path: Path, field: str, cache: dict[str, Any], kw
             chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
         if any(isinstance(c, UnicodeDecodeError) for c in chain):
             _refuse_non_utf8(path, field)
-        unwritable = next((c for c in chain if isinstance(c, OSError) and c.errno in (errno.EROFS, errno.EACCES)), None)
+        denied = (errno.EROFS, errno.EACCES)
+        unwritable = next((c for c in chain if isinstance(c, OSError) and c.errno in denied), None)
         if unwritable is not None and Path(str(unwritable.filename or "")) != path:
             raise ValueError(
                 f"{field}: datasets could not write its cache while reading {path} ({one_line(unwritable)}); set "
@@ -263,14 +264,10 @@ def _read_csv(path: Path, tsv: bool, field: str, cache_dir: str | None) -> Any:
 def _multiline_cells_quoted_in_file(ds: Any, path: Path) -> bool:
     """Whether every cell of `ds` (a quoted reading of `path`) that spans lines appears in the file as a CSV-quoted
     field: in quotes, inner quotes doubled."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     cells = [
-        v
-        for c in ds.data.table.columns
-        if pa.types.is_string(c.type) or pa.types.is_large_string(c.type)
-        for v in c.filter(pc.fill_null(pc.match_substring(c, "\n"), False)).to_pylist()
+        v for c in _string_columns(ds) for v in c.filter(pc.fill_null(pc.match_substring(c, "\n"), False)).to_pylist()
     ]
     if not cells:
         return True
@@ -297,11 +294,16 @@ def _has_quoted_cells(ds: Any) -> bool:
 
 def _any_cell(ds: Any, pattern: str) -> bool:
     """Whether any string cell of a freshly read Dataset matches the RE2 `pattern` (a scan of its Arrow columns)."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
-    columns = [c for c in ds.data.table.columns if pa.types.is_string(c.type) or pa.types.is_large_string(c.type)]
-    return any(pc.any(pc.match_substring_regex(c, pattern)).as_py() is True for c in columns)
+    return any(pc.any(pc.match_substring_regex(c, pattern)).as_py() is True for c in _string_columns(ds))
+
+
+def _string_columns(ds: Any) -> list[Any]:
+    """The Arrow columns of a freshly read Dataset (no index mapping) that hold strings."""
+    import pyarrow as pa
+
+    return [c for c in ds.data.table.columns if pa.types.is_string(c.type) or pa.types.is_large_string(c.type)]
 
 
 def _refuse_local_typo(name: str, field: str) -> None:
@@ -443,7 +445,9 @@ def _folder_split(resolved: Path, split: str, files: list[Path], field: str, cac
             "%s: split %r of %s is made of %d files, read as one: %s", field, split, resolved, len(files), names
         )
     if not files:
-        raise ValueError(f"{field}: split {split!r} of {resolved} has no data file of a supported type ({_supported()})")
+        raise ValueError(
+            f"{field}: split {split!r} of {resolved} has no data file of a supported type ({_supported()})"
+        )
     if all(_reader_of(f) in ("csv", "text") for f in files):
         return datasets.concatenate_datasets([_read_file(f, field, cache_dir) for f in files])
     try:

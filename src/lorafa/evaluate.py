@@ -305,9 +305,10 @@ def _load_adapter_folder(
 ) -> tuple[nn.Module, Any, None]:
     """A bare adapter folder's base model (`model`, or the one it records) with the adapter, and its tokenizer."""
     if not (folder / CONFIG_NAME).is_file():
+        inner = folder / "adapter"
         raise FileNotFoundError(
             f"{folder} is neither a lorafa run folder (config.yaml + adapter/) nor an adapter folder ({CONFIG_NAME})"
-            + (f"; a checkpoint's adapter is {folder / 'adapter'}" if (folder / "adapter" / CONFIG_NAME).is_file() else "")
+            + (f"; a checkpoint's adapter is {inner}" if (inner / CONFIG_NAME).is_file() else "")
         )
     lora_cfg, peft, _ = read_adapter_config(folder)
     base = model or peft.get("base_model_name_or_path")

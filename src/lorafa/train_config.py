@@ -492,6 +492,7 @@ def _check_adapter_method(raw: dict[str, Any], kwargs: dict[str, Any]) -> None:
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 _NONE = {"null", "none", "~", ""}
+_NO_RESUME = ("false", "no", "off")  # resume: false (not a folder named "false")
 _MODULE_FIELDS = ("target_modules", "exclude_modules")  # one plain name: a one-name list (targets.module_spec)
 _NAME = re.compile(r"[\w.\-/ ]+")
 """A column or module name; a comma-separated run of them on the command line is a list."""
@@ -514,7 +515,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if hint is Any:
         return str(value) if cli else value
-    if key == "resume" and (value is False or (isinstance(value, str) and value.strip().lower() in ("false", "no", "off"))):
+    if key == "resume" and (value is False or (isinstance(value, str) and value.strip().lower() in _NO_RESUME)):
         return None  # `resume: false`: start afresh (not a folder named "false")
     if key == "resume" and (value is True or (cli and value.strip().lower() == "true")):
         raise ValueError("resume must be a checkpoint or output folder (or false/null), got true")
