@@ -3,8 +3,8 @@
 `build_datasets(cfg, tokenizer, task)` reads a CSV / TSV / JSON / JSONL / Parquet / text file (optionally
 compressed: .gz, .bz2, .xz), a folder of such files, a `save_to_disk` folder or a Hugging Face Hub dataset
 (`OWNER/NAME:CONFIG@SPLIT`) through `datasets` (`lorafa.data_files`), checks it (missing file or column, empty
-set, labels that do not parse, eval labels unseen in training), holds out a seeded eval split when no eval file is given, and tokenizes it
-for one task:
+set, labels that do not parse, eval labels unseen in training), holds out a seeded eval split when no eval file is
+given, and tokenizes it for one task:
 
 - `classification`: one text or a text pair → input_ids, attention_mask (token_type_ids), labels = class id
 - `regression`: the same with a float label

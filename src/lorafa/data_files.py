@@ -1,8 +1,8 @@
 """Reading data files and Hub datasets into `datasets.Dataset`s: the first step of `lorafa.data.build_datasets`.
 
 `load_table(path, field)` reads a CSV / TSV / JSON / JSONL / Parquet / Arrow / text file (optionally compressed:
-.gz, .bz2, .xz), a folder of such files (its train split), a `save_to_disk` folder, an `asset:NAME`, or, when no such local
-path exists, a Hub dataset `OWNER/NAME[:CONFIG][@SPLIT]`; errors name the config field and the file.
+.gz, .bz2, .xz), a folder of such files (its train split), a `save_to_disk` folder, an `asset:NAME`, or, when no
+such local path exists, a Hub dataset `OWNER/NAME[:CONFIG][@SPLIT]`; errors name the config field and the file.
 `folder_validation_split` finds a folder's validation split; `one_line` shortens library errors for messages.
 """
 
