@@ -222,8 +222,10 @@ def _train(args: argparse.Namespace) -> int:
 def _in_its_run_folder(path: Path, cfg: Any, overrides: list[str]) -> Any:
     """A run's own config.yaml, in a folder the run was moved or copied to, writes to that folder, not to the
     output_dir it names (the original place, which a resume or a repeat would otherwise overwrite)."""
+    from lorafa.run_folder import is_run_folder
+
     folder = path.expanduser().resolve().parent
-    ran = any((folder / name).exists() for name in ("train_log.jsonl", "metrics.json", "checkpoints"))
+    ran = is_run_folder(folder) or (folder / "checkpoints").exists()
     if path.name != "config.yaml" or not ran or any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides):
         return cfg  # only the config.yaml a run wrote into its own folder
     if Path(cfg.output_dir).expanduser().resolve() == folder:
